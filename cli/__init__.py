@@ -1,0 +1,1 @@
+"""vitprune's command line (click)."""

@@ -1,0 +1,160 @@
+"""``vitprune`` command line: ``inspect`` and ``rewrite``.
+
+User errors print one line, ``vitprune: error: ...``, on stderr and exit with status 2 (usage) or 1
+(anything else vitprune refused); a bug keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from vitprune.errors import VitpruneError
+
+
+def _input_size(value: str | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    try:
+        size = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise click.BadParameter(f"expected C,H,W such as 3,224,224, got {value!r}", param_hint="--input-size")
+    return size  # type: ignore[return-value]
+
+
+def model_options(fn: Callable) -> Callable:
+    """The options every command that reads a MODEL takes."""
+
+    @click.argument("model")
+    @click.option("--arch", metavar="timm:NAME", help="Architecture of a weights-only MODEL file.")
+    @click.option("--weights", type=click.Path(dir_okay=False), help="Weights (safetensors or state dict) for a timm: MODEL.")
+    @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+                  help="Constructor argument for a timm architecture (img_size=32, depth=4, ...). Repeatable.")
+    @click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole-module .pt file (runs code from it).")
+    @click.option("--input-size", metavar="C,H,W", help="Input size when it cannot be read from the model.")
+    @functools.wraps(fn)
+    def wrapper(model, arch, weights, model_args, trust_pickle, input_size, **kwargs):
+        from vitprune.load import load, parse_model_args
+
+        loaded = load(model, arch=arch, weights=weights, model_args=parse_model_args(model_args),
+                      trust_pickle=trust_pickle)
+        inputs = [p for p in (model, weights) if p and not str(p).startswith("timm:")]
+        return fn(loaded, source=model, inputs=inputs, input_size=_input_size(input_size), **kwargs)
+
+    return wrapper
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vitprune")
+def cli() -> None:
+    """Make Vision Transformers spend compute on fewer tokens, by rewriting their graph."""
+
+
+@cli.command()
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+def inspect(model, source, inputs, input_size, as_json) -> None:
+    """Analyse MODEL's graph: patch embedding, prefix tokens, blocks, readout.
+
+    MODEL is timm:NAME, a weights file with --arch, a pickled .pt with --trust-pickle, or a folder
+    written by vitprune.
+    """
+    from vitprune.rewrite import inspect_model
+
+    vit = inspect_model(model, input_size=input_size)
+    meta = getattr(model, "meta", {}).get("vitprune", {}) if hasattr(model, "meta") else {}
+    if as_json:
+        out = vit.to_dict()
+        out["model"] = source
+        if meta:
+            out["recipe"] = meta.get("recipe", [])
+            out["source"] = meta.get("source")
+        _emit_json(out)
+        return
+    click.echo(f"model            {source}")
+    click.echo(vit.describe())
+    for step in meta.get("recipe", []):
+        click.echo(f"recipe           {step['pass']} {step['params']}")
+
+
+def _check_output(output: Path, inputs: list[str]) -> None:
+    for inp in inputs:
+        if Path(inp).exists() and (output.resolve() == Path(inp).resolve()
+                                   or output.exists() and os.path.samefile(output, inp)):
+            raise VitpruneError(f"the output {output} is the input {inp}; choose another -o")
+
+
+@cli.command()
+@model_options
+@click.option("--method", type=click.Choice(["token-drop"]), default="token-drop", show_default=True,
+              help="Which rewrite to apply.")
+@click.option("--keep-rate", type=float, default=0.5, show_default=True,
+              help="Fraction of patch tokens kept, in (0, 1]; the count is fixed at rewrite time.")
+@click.option("--selection", type=click.Choice(["random", "magnitude"]), default="random", show_default=True,
+              help="token-drop: random patches (PatchDropout) or largest L1 norm (PSS magnitude).")
+@click.option("--at-inference", is_flag=True, help="token-drop: also drop tokens in eval mode.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder to write the rewritten model to.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is a model saved by vitprune.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the verification run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def rewrite(model, source, inputs, input_size, method, keep_rate, selection, at_inference, output, overwrite,
+            seed, as_json) -> None:
+    """Rewrite MODEL with METHOD, verify it and save it to OUTPUT."""
+    from vitprune.rewrite import rewrite as do_rewrite
+    from vitprune.save import save
+
+    output = Path(output)
+    _check_output(output, inputs)
+    if not 0.0 < keep_rate <= 1.0:
+        raise click.BadParameter(f"must be in (0, 1], got {keep_rate}", param_hint="--keep-rate")
+    if output.exists() and not overwrite:
+        raise VitpruneError(f"{output} exists; pass --overwrite to replace it")
+    rewritten, report = do_rewrite(model, method, input_size=input_size, seed=seed, keep_rate=keep_rate,
+                                   selection=selection, at_inference=at_inference)
+    report.output = str(output)
+    summary = report.to_dict()
+    summary.pop("analysis")
+    save(rewritten, output, overwrite=overwrite, report=summary)
+    if as_json:
+        summary["model"] = source
+        _emit_json(summary)
+        return
+    d = report.decisions
+    click.echo(f"{method}: keep {d['keep_count']} of {d['num_patches']} patch tokens "
+               f"(+{d['num_prefix_tokens']} prefix) {'in training and inference' if at_inference else 'in training'}")
+    click.echo(f"FLOPs            {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G eval "
+               f"({report.flops_ratio:.3f}x), {report.flops_after_train / 1e9:.3f} G train")
+    click.echo(f"keep-all diff    {report.keep_all_max_abs_diff:.2e} (max abs vs original)")
+    click.echo(f"saved            {output} ({report.seconds:.1f} s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, non-zero exit codes."""
+    try:
+        code = cli.main(args=argv, prog_name="vitprune", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("vitprune: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"vitprune: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except VitpruneError as exc:
+        click.echo(f"vitprune: error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

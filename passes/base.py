@@ -1,0 +1,90 @@
+"""Pass infrastructure: a registry of passes by name and what each needs from the analysis.
+
+Passes build on ``torch.fx.passes.infra.pass_base.PassBase``: ``requires`` checks the pass's needs
+against the :class:`~vitprune.analysis.ViTGraph` the manager hands it, ``call`` rewrites the graph
+and returns a ``PassResult``, ``ensures`` lints the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase
+
+from vitprune.analysis import ViTGraph
+from vitprune.errors import PassError
+
+#: name -> pass class, filled by :func:`register_pass`.
+PASSES: dict[str, type["VitPass"]] = {}
+
+#: What a pass may require of the analysed graph: name -> (holds?, reason it does not).
+REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], str]]] = {
+    "readout_is_position_free": (
+        lambda v: v.readout.kind == "mean"
+        and (v.readout.mean_start or 0) in (0, v.num_prefix_tokens) and v.readout.mean_stop is None
+        or v.readout.kind == "token" and all(i < v.num_prefix_tokens for i in v.readout.token_indices),
+        lambda v: f"the readout ({v.readout.describe(v.num_prefix_tokens)}) reads patch tokens by position, "
+        "which dropping tokens would change",
+    ),
+    "no_token_indexed_tensors": (
+        lambda v: not v.token_indexed,
+        lambda v: "the graph uses tensors indexed by token position after the embedding "
+        f"({', '.join(t['node'] + ' ' + str(t['shape']) for t in v.token_indexed[:3])}): relative position "
+        "bias or RoPE tables, which this pass does not gather yet",
+    ),
+    "no_token_ops": (
+        lambda v: not v.token_ops,
+        lambda v: f"the model already drops tokens ({v.token_ops[0]['module']} at node {v.token_ops[0]['node']!r})",
+    ),
+}
+
+
+def register_pass(cls: type["VitPass"]) -> type["VitPass"]:
+    """Class decorator: register a pass under ``cls.name``."""
+    for need in cls.needs:
+        if need not in REQUIREMENTS:
+            raise ValueError(f"pass {cls.name!r} needs unknown requirement {need!r}")
+    PASSES[cls.name] = cls
+    return cls
+
+
+class VitPass(PassBase):
+    """A vitprune graph pass.
+
+    Subclasses set ``name`` (the ``--method`` users type), ``needs`` (keys of :data:`REQUIREMENTS`)
+    and implement :meth:`rewrite`. The manager sets :attr:`analysis` before calling the pass.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+        self.analysis: ViTGraph | None = None
+        #: what the pass decided (static keep counts, ...), for the report and the saved recipe.
+        self.record: dict[str, Any] = {}
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        if self.analysis is None:
+            raise RuntimeError(f"pass {self.name!r} run without an analysis")
+        for need in self.needs:
+            holds, reason = REQUIREMENTS[need]
+            if not holds(self.analysis):
+                raise PassError(reason(self.analysis))
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        graph_module.graph.lint()
+
+    def rewrite(self, gm: fx.GraphModule, vit: ViTGraph) -> bool:
+        """Rewrite ``gm`` in place; return whether it changed."""
+        raise NotImplementedError
+
+
+def unique_attr_name(gm: fx.GraphModule, base: str) -> str:
+    """A submodule name not yet used on ``gm`` (``base``, ``base_1``, ...)."""
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name

@@ -1,0 +1,56 @@
+"""Run passes in order, re-analysing the graph before each, and name the passes run before a failure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from vitprune.analysis import ViTGraph, analyse
+from vitprune.errors import PassError, VitpruneError
+from vitprune.passes.base import PASSES, VitPass
+
+
+def make_pass(name: str, **params: Any) -> VitPass:
+    """Instantiate the registered pass ``name``.
+
+    Raises:
+        PassError: unknown pass name (the message lists the known ones).
+    """
+    if name not in PASSES:
+        raise PassError(f"unknown method {name!r}; known: {', '.join(sorted(PASSES))}")
+    return PASSES[name](**params)
+
+
+def run_passes(
+    gm: fx.GraphModule, passes: list[VitPass], example_input: torch.Tensor
+) -> tuple[fx.GraphModule, list[ViTGraph]]:
+    """Run ``passes`` on ``gm`` in place.
+
+    Before each pass the graph is analysed again (an earlier pass may have changed it) and the pass's
+    needs are checked against that analysis.
+
+    Returns:
+        ``(gm, analyses)``: the rewritten module and the analysis each pass saw, in order.
+
+    Raises:
+        PassError: a pass refused (its needs do not hold) or failed; the message names the pass and
+            the passes run before it.
+    """
+    done = ["capture", "analyse"]
+    seen: list[ViTGraph] = []
+    for p in passes:
+        try:
+            p.analysis = analyse(gm, example_input)
+            seen.append(p.analysis)
+            result = p(gm)
+        except VitpruneError as exc:
+            raise PassError(f"pass {p.name!r} (after {' -> '.join(done)}) refused: {exc}") from exc
+        except Exception as exc:  # a bug in the pass: keep the traceback, add where it happened
+            raise RuntimeError(f"pass {p.name!r} failed after {' -> '.join(done)}") from exc
+        if isinstance(result, PassResult):
+            gm = result.graph_module
+        done.append(p.name)
+    return gm, seen

@@ -1,0 +1,64 @@
+"""token-drop: PatchDropout (arXiv 2208.07220) with the selection modes of PSS (arXiv 2208.09520).
+
+Inserts one :class:`~vitprune.modules.TokenDrop` leaf right after the graph's token-stream start
+(the later of the position-embedding add and the prefix-token concat), so every block sees
+``num_prefix_tokens + keep_count`` tokens. The keep count is a Python int fixed here:
+``max(1, int(num_patches * keep_rate))`` as PatchDropout computes it.
+
+Needs: a readout that does not read patch tokens by position (CLS index or mean pool), no tensor
+indexed by token position after the drop point (it would keep the old token count), no earlier token op.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from vitprune.analysis import ViTGraph
+from vitprune.errors import PassError
+from vitprune.modules import TokenDrop
+from vitprune.passes.base import VitPass, register_pass, unique_attr_name
+from vitprune.token_ops import SELECTIONS, keep_count_for_rate
+
+
+@register_pass
+class TokenDropPass(VitPass):
+    """Parameters: ``keep_rate`` in (0, 1], ``selection`` (``random`` | ``magnitude``), ``at_inference``."""
+
+    name = "token-drop"
+    needs = ("readout_is_position_free", "no_token_indexed_tensors", "no_token_ops")
+
+    def __init__(self, keep_rate: float = 0.5, selection: str = "random", at_inference: bool = False) -> None:
+        if not 0.0 < float(keep_rate) <= 1.0:
+            raise PassError(f"keep rate must be in (0, 1], got {keep_rate}")
+        if selection not in SELECTIONS:
+            raise PassError(f"unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
+        super().__init__(keep_rate=float(keep_rate), selection=selection, at_inference=bool(at_inference))
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return PassResult(graph_module, self.rewrite(graph_module, self.analysis))
+
+    def rewrite(self, gm: fx.GraphModule, vit: ViTGraph) -> bool:
+        keep_count = keep_count_for_rate(vit.num_patches, self.params["keep_rate"])
+        module = TokenDrop(
+            num_prefix_tokens=vit.num_prefix_tokens,
+            num_patches=vit.num_patches,
+            keep_count=keep_count,
+            selection=self.params["selection"],
+            at_inference=self.params["at_inference"],
+        )
+        name = unique_attr_name(gm, "token_drop")
+        gm.add_submodule(name, module)
+        start = next(n for n in gm.graph.nodes if n.name == vit.token_stream_start)
+        with gm.graph.inserting_after(start):
+            drop = gm.graph.call_module(name, (start,))
+        start.replace_all_uses_with(drop, delete_user_cb=lambda user: user is not drop)
+        gm.recompile()
+        self.record = {
+            "num_patches": vit.num_patches,
+            "num_prefix_tokens": vit.num_prefix_tokens,
+            "keep_count": keep_count,
+            "tokens_per_block": vit.num_prefix_tokens + keep_count,
+            "inserted_after": start.name,
+        }
+        return True

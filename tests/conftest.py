@@ -1,0 +1,47 @@
+"""Shared helpers: small real models of each family, and running the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vitprune
+
+# Small configurations of the families the analysis supports (a few blocks, small inputs).
+FAMILIES = {
+    "vit_cls": ("timm:vit_small_patch16_224", dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)),
+    "deit_distilled": ("timm:deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=4, depth=2)),
+    "registers": ("timm:vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2)),
+    "gap": ("timm:vit_small_patch16_224",
+            dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, class_token=False, global_pool="avg")),
+    "dinov2": ("timm:vit_small_patch14_dinov2", dict(img_size=56, depth=2)),
+}
+
+
+def small_model(family: str) -> torch.nn.Module:
+    source, args = FAMILIES[family]
+    torch.manual_seed(0)
+    return vitprune.load(source, model_args=args)
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``python -m vitprune ARGS`` in a subprocess, as a user's shell would."""
+    return subprocess.run([sys.executable, "-m", "vitprune", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.fixture
+def cli_inprocess(capfd):
+    """Run the CLI entry point in this process; returns (exit code, stdout, stderr)."""
+    from vitprune.cli.main import main
+
+    def run(*args: str):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return exit_info.value.code, out, err
+
+    return run

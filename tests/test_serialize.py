@@ -1,0 +1,335 @@
+"""Pickle-free save/load of GraphModules (vitprune.serialize): exact round trips and refusals."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+import operator
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import fx, nn
+
+from vitprune import token_ops
+from vitprune.capture import capture
+from vitprune.errors import LoadError, SaveError
+from vitprune.modules import TokenDrop
+from vitprune.serialize import _function_name, _resolve_function, load_graph_module, save_graph_module
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+
+
+def _vit(**extra) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", **SMALL, **extra)
+
+
+def _round_trip(gm: fx.GraphModule, tmp_path: Path, metadata=None):
+    save_graph_module(gm, tmp_path, metadata=metadata)
+    return load_graph_module(tmp_path)
+
+
+def _same_graph(a: fx.GraphModule, b: fx.GraphModule) -> None:
+    assert [(n.name, n.op) for n in a.graph.nodes] == [(n.name, n.op) for n in b.graph.nodes]
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("vit_small_patch16_224", SMALL),
+        ("deit_tiny_distilled_patch16_224", SMALL),
+        ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2, embed_dim=64, num_heads=2)),
+    ],
+)
+def test_round_trip_eval_is_exact(tmp_path, name, kwargs):
+    torch.manual_seed(0)
+    gm = capture(timm.create_model(name, **kwargs).eval())
+    loaded, meta = _round_trip(gm, tmp_path, metadata={"source": name, "shape": [1, 3, 32, 32]})
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        assert torch.equal(gm(x), loaded(x))
+    _same_graph(gm, loaded)
+    assert [n.target for n in gm.graph.nodes if n.op != "call_function"] == [
+        n.target for n in loaded.graph.nodes if n.op != "call_function"
+    ]
+    assert meta == {"source": name, "shape": [1, 3, 32, 32]}
+    assert loaded.training is False and type(loaded).__name__ == type(gm).__name__
+    assert sorted(os.listdir(tmp_path)) == ["graph.json", "tensors.safetensors"]
+
+
+def test_round_trip_train_mode_is_exact(tmp_path):
+    gm = capture(_vit(drop_rate=0.1, drop_path_rate=0.1).train())
+    loaded, _ = _round_trip(gm, tmp_path)
+    assert loaded.training is True
+    trained = dict(gm.named_modules())
+    assert all(m.training == trained[path].training for path, m in loaded.named_modules())
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    expected = gm(x)
+    torch.manual_seed(0)
+    assert torch.equal(expected, loaded(x))
+    _same_graph(gm, loaded)
+
+
+def test_token_drop_leaf_round_trips(tmp_path):
+    gm = capture(_vit().eval())
+    add = next(n for n in gm.graph.nodes if n.name == "add")
+    gm.add_submodule("token_drop", TokenDrop(num_prefix_tokens=1, num_patches=16, keep_count=8, at_inference=True))
+    with gm.graph.inserting_after(add):
+        new = gm.graph.call_module("token_drop", (add,))
+    add.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    gm.graph.lint()
+    gm.recompile()
+    loaded, _ = _round_trip(gm, tmp_path)
+    assert isinstance(loaded.token_drop, TokenDrop)
+    assert loaded.token_drop.config() == gm.token_drop.config()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = gm(x)
+        torch.manual_seed(1)
+        assert torch.equal(expected, loaded(x))
+    _same_graph(gm, loaded)
+
+
+_CHILD = """
+import sys, torch
+from safetensors.torch import load_file
+from vitprune.serialize import load_graph_module
+gm, meta = load_graph_module(sys.argv[1])
+expected = load_file(sys.argv[2])
+x = expected.pop("input")
+with torch.no_grad():
+    assert torch.equal(gm(x), expected["output"]), "outputs differ in a fresh process"
+assert meta == {"k": [1, 2.5, None]}
+print("ok")
+"""
+
+
+def test_round_trip_in_fresh_process(tmp_path):
+    gm = capture(_vit().eval())
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_graph_module(gm, model_dir, metadata={"k": [1, 2.5, None]})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        save_file({"input": x, "output": gm(x).contiguous()}, str(tmp_path / "expected.safetensors"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(model_dir), str(tmp_path / "expected.safetensors")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def _not_allowed(x):
+    return x + 1
+
+
+fx.wrap("_not_allowed")
+
+
+class _CallsUnknown(nn.Module):
+    def forward(self, x):
+        return _not_allowed(x) * 2
+
+
+def test_save_refuses_function_outside_allowlist(tmp_path):
+    gm = fx.symbolic_trace(_CallsUnknown())
+    assert any(n.target is _not_allowed for n in gm.graph.nodes)
+    with pytest.raises(SaveError, match="_not_allowed.*without pickle"):
+        save_graph_module(gm, tmp_path)
+
+
+def test_save_refuses_private_getattr_and_missing_folder(tmp_path):
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(builtins.getattr, (x, "_version")))
+    with pytest.raises(SaveError, match="getattr"):
+        save_graph_module(fx.GraphModule(nn.Module(), g), tmp_path)
+    with pytest.raises(SaveError, match="does not exist"):
+        save_graph_module(capture(_vit().eval()), tmp_path / "missing")
+
+
+def test_load_refuses_os_system_without_running_it(tmp_path):
+    gm = capture(_vit().eval())
+    save_graph_module(gm, tmp_path)
+    marker = tmp_path / "pwned"
+    doc = json.loads((tmp_path / "graph.json").read_text())
+    node = next(n for n in doc["nodes"] if n["target"] == "torch.cat")
+    node["target"], node["args"] = "os.system", [f"touch {marker}"]
+    (tmp_path / "graph.json").write_text(json.dumps(doc))
+    with pytest.raises(LoadError, match="os.system"):
+        load_graph_module(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("field", ["input", "kwarg", "path"])
+def test_load_refuses_code_in_names_fx_pastes_into_source(tmp_path, field):
+    # fx writes placeholder names and keyword names verbatim into the forward() it exec()s.
+    gm = capture(_vit().eval())
+    save_graph_module(gm, tmp_path)
+    marker = tmp_path / "pwned"
+    code = f"__import__('os').system('touch {marker}')"
+    doc = json.loads((tmp_path / "graph.json").read_text())
+    if field == "input":
+        doc["nodes"][0]["target"] = f"x={code}"
+    elif field == "kwarg":
+        node = next(n for n in doc["nodes"] if n["target"] == "torch.cat")
+        node["kwargs"] = {f"dim=1, out={code}, z": 1}
+    else:
+        node = next(n for n in doc["nodes"] if n["op"] == "get_attr")
+        node["target"] = f'a"); {code}; ("'
+    (tmp_path / "graph.json").write_text(json.dumps(doc))
+    with pytest.raises(LoadError, match="invalid"):
+        load_graph_module(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "target", ["operator.attrgetter", "builtins.eval", "torch.load", "torch.from_file", "torch.nn.functional.handle_torch_function"]
+)
+def test_load_refuses_dangerous_targets(tmp_path, target):
+    g = fx.Graph()
+    g.output(g.call_function(torch.neg, (g.placeholder("x"),)))
+    save_graph_module(fx.GraphModule(nn.Module(), g), tmp_path)
+    doc = json.loads((tmp_path / "graph.json").read_text())
+    doc["nodes"][1]["target"] = target
+    (tmp_path / "graph.json").write_text(json.dumps(doc))
+    with pytest.raises(LoadError, match="allowlist"):
+        load_graph_module(tmp_path)
+
+
+def test_load_refuses_edited_getattr_method_and_module_class(tmp_path):
+    gm = capture(_vit().eval())
+    save_graph_module(gm, tmp_path)
+    original = (tmp_path / "graph.json").read_text()
+
+    def edited(change) -> None:
+        doc = json.loads(original)
+        change(doc)
+        (tmp_path / "graph.json").write_text(json.dumps(doc))
+        with pytest.raises(LoadError):
+            load_graph_module(tmp_path)
+
+    getattr_node = lambda d: next(n for n in d["nodes"] if n["target"] == "builtins.getattr")
+    edited(lambda d: getattr_node(d).update(args=[getattr_node(d)["args"][0], "__class__"]))
+    method_node = lambda d: next(n for n in d["nodes"] if n["op"] == "call_method")
+    edited(lambda d: method_node(d).update(target="__reduce_ex__"))
+    edited(lambda d: d["modules"]["head"].update({"class": "subprocess:Popen"}))
+    edited(lambda d: d["modules"]["head"].update({"class": "torch.nn.modules.conv:Conv2d"}))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no_tensors", "no_graph", "bad_json", "version", "shape"])
+def test_load_refuses_damaged_files(tmp_path, damage):
+    save_graph_module(capture(_vit().eval()), tmp_path)
+    graph, tensors = tmp_path / "graph.json", tmp_path / "tensors.safetensors"
+    if damage == "truncate":
+        tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    elif damage == "no_tensors":
+        tensors.unlink()
+    elif damage == "no_graph":
+        graph.unlink()
+    elif damage == "bad_json":
+        graph.write_text(graph.read_text()[:-20])
+    else:
+        doc = json.loads(graph.read_text())
+        if damage == "version":
+            doc["version"] = 999
+        else:
+            doc["tensors"]["cls_token"]["shape"] = [1, 1, 65]
+        graph.write_text(json.dumps(doc))
+    with pytest.raises(LoadError):
+        load_graph_module(tmp_path)
+
+
+def test_load_missing_directory(tmp_path):
+    with pytest.raises(LoadError, match="does not exist"):
+        load_graph_module(tmp_path / "nowhere")
+
+
+def test_parameters_buffers_and_constants_keep_their_kind(tmp_path):
+    g = fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(operator.add, (x, g.get_attr("sub.nb")))
+    y = g.call_method("mul", (y, g.get_attr("const")))
+    y = g.call_function(torch.mul, (y, g.get_attr("sub.deep.frozen")))
+    y = g.call_module("lin", (y,))
+    y = g.call_function(torch.sum, (y,), {"dim": -1, "dtype": torch.float64})
+    g.output((y, {"k": [math.inf, slice(1, None), ..., torch.float16, torch.device("cpu")]}))
+    root = nn.Module()
+    root.const = torch.zeros(1)
+    root.sub = nn.Module()
+    root.sub.register_buffer("nb", torch.ones(3), persistent=False)
+    root.sub.deep = nn.Module()
+    root.sub.deep.frozen = nn.Parameter(torch.full((3,), 2.0), requires_grad=False)
+    root.lin = nn.Linear(3, 4, bias=False)
+    gm = fx.GraphModule(root, g)
+    del gm.const
+    gm.const = torch.arange(3.0)  # a plain attribute, not a buffer
+    gm.sub.register_buffer("unused", torch.zeros(2, dtype=torch.int64))
+    gm.lin.weight.requires_grad_(False)
+    gm.lin.train(False)
+
+    loaded, _ = _round_trip(gm, tmp_path)
+    x = torch.randn(2, 3)
+    assert torch.equal(gm(x)[0], loaded(x)[0]) and gm(x)[1] == loaded(x)[1]
+    assert "const" not in loaded._buffers and type(loaded.const) is torch.Tensor
+    assert "nb" in loaded.sub._non_persistent_buffers_set and "unused" in loaded.sub._buffers
+    assert dict(loaded.named_buffers()).keys() == dict(gm.named_buffers()).keys()
+    for name, p in gm.named_parameters():
+        q = loaded.get_parameter(name)
+        assert isinstance(q, nn.Parameter) and q.requires_grad == p.requires_grad and torch.equal(p, q)
+    assert loaded.lin.bias is None and loaded.lin.training is False and loaded.training is True
+
+
+def test_timm_parameters_stay_parameters(tmp_path):
+    gm = capture(_vit().eval())
+    gm.cls_token.requires_grad_(False)
+    loaded, _ = _round_trip(gm, tmp_path)
+    params, again = dict(gm.named_parameters()), dict(loaded.named_parameters())
+    assert params.keys() == again.keys()
+    assert all(isinstance(again[k], nn.Parameter) and again[k].requires_grad == p.requires_grad for k, p in params.items())
+    assert dict(gm.named_buffers()).keys() == dict(loaded.named_buffers()).keys()
+
+
+def test_torch_nn_modules_rebuild_from_attributes(tmp_path):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, bias=False, add_bias_kv=True, batch_first=True)
+            self.ln = nn.LayerNorm(16, bias=False)
+            self.conv = nn.Conv1d(16, 16, 3, padding="same", groups=2)
+
+        def forward(self, x):
+            y = self.ln(self.mha(x, x, x)[0])
+            return self.conv(y.transpose(1, 2))
+
+    gm = fx.symbolic_trace(M().eval())
+    loaded, _ = _round_trip(gm, tmp_path)
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(gm(x), loaded(x))
+    assert loaded.mha.in_proj_bias is None and loaded.mha.bias_k is not None and loaded.ln.bias is None
+    assert loaded.conv.padding == "same" and loaded.conv.kernel_size == (3,)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [operator.add, operator.getitem, builtins.getattr, math.sqrt, torch.cat, torch._assert, torch.flatten,
+     torch._C._nn.scaled_dot_product_attention, F.layer_norm, F.gelu, F.interpolate,
+     torch.fx._symbolic_trace._assert_is_none, token_ops.drop_patch_tokens, token_ops.gather_tokens],
+)
+def test_function_names_resolve_to_the_same_object(fn):
+    name = _function_name(fn)
+    assert _resolve_function(name) is fn
+    assert name.split(".")[0] in {"operator", "math", "builtins", "torch", "vitprune"}

@@ -1,0 +1,30 @@
+"""vitprune: graph transformations that make Vision Transformers spend compute on fewer tokens.
+
+    import vitprune
+    model = vitprune.load("timm:vit_small_patch16_224")
+    rewritten, report = vitprune.rewrite(model, method="token-drop", keep_rate=0.5, at_inference=True)
+    vitprune.save(rewritten, "vit_s_td"); again = vitprune.load("vit_s_td")
+"""
+
+from vitprune.analysis import ViTGraph, analyse
+from vitprune.capture import capture
+from vitprune.errors import (
+    AnalysisError,
+    CaptureError,
+    LoadError,
+    PassError,
+    SaveError,
+    VerificationError,
+    VitpruneError,
+)
+from vitprune.load import load
+from vitprune.rewrite import RewriteReport, inspect_model, rewrite
+from vitprune.save import save  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnalysisError", "CaptureError", "LoadError", "PassError", "RewriteReport", "SaveError",
+    "VerificationError", "ViTGraph", "VitpruneError", "analyse", "capture", "inspect_model", "load",
+    "rewrite", "save",
+]

@@ -1,0 +1,90 @@
+"""Capture a model as a ``torch.fx.GraphModule`` (symbolic trace).
+
+Leaves: torch.nn's own modules (fx's default) and vitprune's inserted modules. Every forward
+argument after the image is fixed to its default (``concrete_args``), so timm blocks whose forward
+takes ``attn_mask`` / ``is_causal`` trace with those fixed, and the captured graph takes one input.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import fx, nn
+
+from vitprune.errors import CaptureError
+from vitprune.modules import LEAF_MODULES
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) in LEAF_MODULES.values():
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _concrete_args(model: nn.Module) -> dict[str, object]:
+    """Every forward parameter after the first, fixed to its default value."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    concrete = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise CaptureError(
+                f"forward argument {p.name!r} has no default: vitprune captures models called with one image tensor"
+            )
+        concrete[p.name] = p.default
+    return concrete
+
+
+def _drop_concrete_placeholders(gm: fx.GraphModule) -> None:
+    """Remove the placeholders fx keeps for concrete args, with the guards it builds on them.
+
+    fx checks a concrete arg at run time (``_assert_is_none(attn_mask)``, ``_assert(is_causal ==
+    False)``); those guard subgraphs have no other consumer, so the placeholder goes with them.
+    """
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        guards: list[fx.Node] = []
+        frontier, seen = [ph], {ph}
+        while frontier:
+            node = frontier.pop()
+            for user in node.users:
+                if user not in seen:
+                    seen.add(user)
+                    guards.append(user)
+                    frontier.append(user)
+        used_outside = any(u not in seen for n in guards for u in n.users)
+        if used_outside or any(n.op == "output" for n in guards):
+            raise CaptureError(f"the traced graph uses forward argument {ph.target!r} beyond a guard")
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for node in sorted(guards, key=order.__getitem__, reverse=True):
+            graph.erase_node(node)
+        graph.erase_node(ph)
+    graph.lint()
+    gm.recompile()
+
+
+def capture(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a GraphModule taking one image ``[B, C, H, W]``.
+
+    A GraphModule (for example a model vitprune loaded or rewrote) is returned as it is.
+
+    Raises:
+        CaptureError: the model's forward cannot be traced (data-dependent control flow, a forward
+            argument without default, ...); the message gives fx's reason.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    concrete = _concrete_args(model)
+    try:
+        graph = _Tracer().trace(model, concrete_args=concrete or None)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, AssertionError...)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.fx could not trace {type(model).__name__}: {reason}") from exc
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    _drop_concrete_placeholders(gm)
+    gm.train(model.training)
+    return gm

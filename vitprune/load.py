@@ -1,0 +1,229 @@
+"""Load a model from what users have: a timm architecture, weights files, a pickled module, a saved model.
+
+Sources (``vitprune.load(source, ...)``):
+
+- ``"timm:NAME"``: ``timm.create_model(NAME, pretrained=False, **model_args)`` (random init; no hub),
+  then ``weights`` (safetensors or a ``torch.save``-d state dict, read with ``weights_only=True``);
+- a safetensors / state-dict file with ``arch="timm:NAME"``;
+- a pickled module file (``torch.save(model)``) only with ``trust_pickle=True``: unpickling runs code;
+- a directory written by :func:`vitprune.save` (no pickle at all);
+- an ``nn.Module`` the caller already holds (returned as it is).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import weakref
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitprune.errors import LoadError, VitpruneError
+
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+_STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def source_of(model: nn.Module) -> dict[str, Any]:
+    """How ``model`` was loaded (recorded in saved recipes); ``{"kind": "module"}`` when unknown."""
+    return dict(_SOURCES.get(model, {"kind": "module", "class": type(model).__qualname__}))
+
+
+def parse_model_args(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["img_size=32", "global_pool=avg"]`` -> ``{"img_size": 32, "global_pool": "avg"}``.
+
+    Values are Python literals when they parse as one (ints, floats, bools, tuples), else strings.
+
+    Raises:
+        LoadError: an item without ``=``.
+    """
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise LoadError(f"model argument {pair!r} is not KEY=VALUE")
+        try:
+            args[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            args[key.strip()] = value.strip()
+    return args
+
+
+def _create_timm(name: str, model_args: dict[str, Any]) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise LoadError(f"unknown timm architecture {name!r}")
+    try:
+        return timm.create_model(name, pretrained=False, **model_args)
+    except TypeError as exc:
+        raise LoadError(f"timm could not build {name!r} with {model_args}: {exc}") from exc
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise LoadError(f"cannot read {path}: not a valid safetensors file ({_first_line(exc)})") from exc
+    obj = _torch_load(path, trust_pickle=False)
+    if isinstance(obj, nn.Module):
+        raise LoadError(f"{path} holds a whole module, not weights")
+    return _as_state_dict(obj, path)
+
+
+def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return obj
+    raise LoadError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise LoadError(
+                f"{path} holds a pickled Python object (a module), and unpickling runs code from the file: "
+                "pass --trust-pickle (Python: trust_pickle=True) only if you trust where it came from"
+            ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise LoadError(f"cannot read {path}: not a PyTorch file or corrupt ({_first_line(exc)})") from exc
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise LoadError(f"cannot unpickle {path}: {_first_line(exc)}") from exc
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike) -> None:
+    """Load a safetensors or state-dict file into ``model`` (strict: every key must match).
+
+    Raises:
+        LoadError: missing or unreadable file, or keys / shapes that do not match the model.
+    """
+    path = Path(weights)
+    if not path.is_file():
+        raise LoadError(f"no such weights file: {path}")
+    state = _read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise LoadError(f"weights in {path} do not match the architecture: {detail[:300]}") from exc
+
+
+def load(
+    source: str | os.PathLike | nn.Module,
+    *,
+    arch: str | None = None,
+    weights: str | os.PathLike | None = None,
+    model_args: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+) -> nn.Module:
+    """Load a model; see the module docstring for the accepted sources.
+
+    Args:
+        source: ``"timm:NAME"``, a file or directory path, or an ``nn.Module``.
+        arch: ``"timm:NAME"`` for a weights-only file.
+        weights: weights to load into a ``timm:`` architecture.
+        model_args: constructor arguments for a ``timm:`` architecture (``img_size``, ``depth``, ...).
+        trust_pickle: allow unpickling a whole module (runs code from the file).
+
+    Returns:
+        The model in eval mode (saved vitprune models come back in the mode they were saved in).
+
+    Raises:
+        LoadError: missing / corrupt file, unknown architecture, weights that do not match, a pickled
+            module without ``trust_pickle``, a weights-only file without ``arch``.
+    """
+    if isinstance(source, nn.Module):
+        return source
+    model_args = dict(model_args or {})
+    text = str(source)
+    if text.startswith("timm:"):
+        model = _create_timm(text[len("timm:"):], model_args)
+        if weights is not None:
+            load_weights(model, weights)
+        _SOURCES[model] = {"kind": "timm", "arch": text, "model_args": model_args,
+                           "weights": str(weights) if weights else None}
+        return model.eval()
+    path = Path(text)
+    if not path.exists():
+        raise LoadError(f"no such file or directory: {path}")
+    if path.is_dir():
+        from vitprune.save import load_saved
+
+        return load_saved(path)
+    if arch is not None:
+        if not arch.startswith("timm:"):
+            raise LoadError(f"--arch must be timm:NAME, got {arch!r}")
+        model = _create_timm(arch[len("timm:"):], model_args)
+        load_weights(model, path)
+        _SOURCES[model] = {"kind": "timm", "arch": arch, "model_args": model_args, "weights": str(path)}
+        return model.eval()
+    if path.suffix == ".safetensors":
+        _read_state_dict(path)  # a corrupt file is reported as corrupt, not as missing --arch
+        raise LoadError(f"{path} holds only weights: pass --arch timm:NAME to say which architecture they belong to")
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        _SOURCES[obj] = {"kind": "pickle", "path": str(path), "class": type(obj).__qualname__}
+        return obj.eval()
+    _as_state_dict(obj, path)
+    raise LoadError(f"{path} holds only weights (a state dict): pass --arch timm:NAME to say which architecture")
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` the model expects.
+
+    From, in order: a saved vitprune model's recorded input; timm's data config (``pretrained_cfg``),
+    with ``H, W`` taken from the patch embedding's ``img_size`` when the model was built with another
+    size (timm does not update ``pretrained_cfg`` for ``img_size=``). This is load metadata, not graph
+    analysis.
+
+    Raises:
+        VitpruneError: none of those is known (pass ``input_size``).
+    """
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and "vitprune" in meta and meta["vitprune"].get("input_shape"):
+        return tuple(meta["vitprune"]["input_shape"][1:])
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        c, h, w = cfg["input_size"]
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(img_size):
+            h, w = img_size
+        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+        if isinstance(proj, nn.Conv2d):
+            c = proj.in_channels
+        return int(c), int(h), int(w)
+    raise VitpruneError(
+        f"cannot tell the input size of {type(model).__name__}: pass --input-size C,H,W (Python: input_size=(C, H, W))"
+    )
+
+
+def example_input(
+    model: nn.Module, input_size: tuple[int, int, int] | None = None, batch: int = 2, seed: int = 0
+) -> torch.Tensor:
+    """A seeded standard-normal image batch ``[batch, C, H, W]`` for shape propagation and verification."""
+    c, h, w = input_size or default_input_size(model)
+    gen = torch.Generator().manual_seed(seed)
+    param = next(model.parameters(), None)
+    x = torch.randn(batch, c, h, w, generator=gen)
+    return x.to(param.device) if param is not None else x

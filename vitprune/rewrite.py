@@ -1,0 +1,125 @@
+"""``vitprune.rewrite``: capture -> analyse -> pass -> verify, on a copy of the model."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from vitprune.analysis import analyse
+from vitprune.capture import capture
+from vitprune.load import example_input as make_example_input
+from vitprune.load import source_of
+from vitprune.passes import make_pass, run_passes
+from vitprune.verify import verify
+
+
+@dataclass
+class RewriteReport:
+    """What a rewrite did and measured. FLOPs are for one forward of the example batch."""
+
+    method: str
+    params: dict[str, Any]
+    decisions: dict[str, Any]  # what the pass fixed at rewrite time (keep counts, insertion point)
+    input_shape: list[int]
+    flops_before: int
+    flops_after: int  # eval mode
+    flops_after_train: int  # train mode
+    keep_all_max_abs_diff: float
+    outputs_finite: bool
+    seconds: float
+    analysis: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_after / self.flops_before
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["flops_ratio"] = self.flops_ratio
+        d["flops_ratio_train"] = self.flops_after_train / self.flops_before
+        return d
+
+
+def rewrite(
+    model: nn.Module,
+    method: str = "token-drop",
+    *,
+    example_input: torch.Tensor | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    tolerance: float = 1e-5,
+    seed: int = 0,
+    **params: Any,
+) -> tuple[fx.GraphModule, RewriteReport]:
+    """Rewrite a ViT so it spends compute on fewer tokens, and verify the result.
+
+    The model is deep-copied first: the rewritten model never shares weights with ``model``.
+
+    Args:
+        model: the ViT (any ``nn.Module`` fx can trace, or a GraphModule vitprune produced).
+        method: a registered pass name (``"token-drop"``).
+        example_input: ``[B, C, H, W]`` batch for analysis and verification; default: a seeded
+            normal batch of 2 at the model's input size.
+        input_size: ``(C, H, W)`` when no ``example_input`` is given and the size cannot be read
+            from the model.
+        tolerance: max abs difference allowed between keep-all and the original output.
+        seed: seed for the random token selection during verification.
+        **params: the method's parameters (token-drop: ``keep_rate``, ``selection``, ``at_inference``).
+
+    Returns:
+        ``(rewritten, report)``: the rewritten ``torch.fx.GraphModule`` (same train/eval mode as
+        ``model``) and a :class:`RewriteReport`.
+
+    Raises:
+        CaptureError, AnalysisError, PassError: the model cannot be captured / is not a ViT vitprune
+            can rewrite / the pass refused (messages give the reason).
+        VerificationError: keep-all is not exact or outputs are not finite.
+    """
+    start = time.perf_counter()
+    if example_input is None:
+        example_input = make_example_input(model, input_size, seed=seed)
+    pass_ = make_pass(method, **params)
+    gm = capture(copy.deepcopy(model))
+    gm, analyses = run_passes(gm, [pass_], example_input)
+    check = verify(model, gm, example_input, tolerance=tolerance, seed=seed)
+    gm.train(model.training)
+
+    previous = copy.deepcopy(getattr(model, "meta", {}).get("vitprune", {}))
+    recipe = previous.get("recipe", []) + [{"pass": method, "params": pass_.params, "decisions": pass_.record}]
+    gm.meta["vitprune"] = {
+        "source": previous.get("source") or source_of(model),
+        "input_shape": list(example_input.shape),
+        "recipe": recipe,
+    }
+    report = RewriteReport(
+        method=method,
+        params=pass_.params,
+        decisions=pass_.record,
+        input_shape=list(example_input.shape),
+        flops_before=check.flops_before,
+        flops_after=check.flops_after,
+        flops_after_train=check.flops_after_train,
+        keep_all_max_abs_diff=check.keep_all_max_abs_diff,
+        outputs_finite=check.outputs_finite,
+        seconds=time.perf_counter() - start,
+        analysis=analyses[0].to_dict(),
+    )
+    return gm, report
+
+
+def inspect_model(
+    model: nn.Module, *, example_input: torch.Tensor | None = None, input_size: tuple[int, int, int] | None = None
+):
+    """Capture and analyse ``model``; returns the :class:`~vitprune.analysis.ViTGraph`.
+
+    Raises:
+        CaptureError, AnalysisError: as :func:`rewrite`.
+    """
+    if example_input is None:
+        example_input = make_example_input(model, input_size)
+    return analyse(capture(model), example_input)
