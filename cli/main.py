@@ -90,6 +90,8 @@ def inspect(model, source, inputs, input_size, as_json) -> None:
 
 
 def _check_output(output: Path, inputs: list[str]) -> None:
+    if not output.parent.is_dir():
+        raise VitpruneError(f"the folder {output.parent} for -o does not exist")
     for inp in inputs:
         if Path(inp).exists() and (output.resolve() == Path(inp).resolve()
                                    or output.exists() and os.path.samefile(output, inp)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ast
 import os
-import pickle
+import pickletools
 import weakref
 import zipfile
 from pathlib import Path
@@ -95,17 +95,46 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _pickled_globals(path: Path) -> list[str] | None:
+    """The classes and functions a pickle file references (read with pickletools: nothing is executed).
+
+    Returns None when the file is not a readable pickle (or torch zip holding one).
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                data = archive.read(name)
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                strings.append(str(arg))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+        return found
+    except Exception:  # pickletools raises ValueError, zipfile BadZipFile, StopIteration, ...
+        return None
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:  # torch raises many types on a corrupt file
+        refs = _pickled_globals(path)
+        if refs is None:
+            raise LoadError(f"cannot read {path}: not a PyTorch file or corrupt ({_first_line(exc)})") from exc
+        objects = [r for r in refs if not r.startswith(("torch._utils.", "collections.OrderedDict", "torch."))]
+        if not objects:
+            raise LoadError(f"cannot read {path}: corrupt PyTorch file ({_first_line(exc)})") from exc
         if not trust_pickle:
             raise LoadError(
-                f"{path} holds a pickled Python object (a module), and unpickling runs code from the file: "
+                f"{path} holds a pickled Python object ({objects[0]}), and unpickling runs code from the file: "
                 "pass --trust-pickle (Python: trust_pickle=True) only if you trust where it came from"
             ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise LoadError(f"cannot read {path}: not a PyTorch file or corrupt ({_first_line(exc)})") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
