@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         "keep_all_at_inference": [str(weights), *arch_args, "--keep-rate", "1.0", "--at-inference"],
         "keep_0.5_training_only": [str(pickled), "--trust-pickle", "--keep-rate", "0.5"],
         "keep_0.5_at_inference": [str(pickled), "--trust-pickle", "--keep-rate", "0.5", "--at-inference"],
+        "keep_0.5_at_inference_magnitude": [str(pickled), "--trust-pickle", "--keep-rate", "0.5", "--at-inference",
+                                            "--selection", "magnitude"],
     }
     for name, run in runs.items():
         target = out / f"digits_{name}"
