@@ -1,4 +1,4 @@
-"""``vitprune`` command line: ``inspect`` and ``rewrite``.
+"""``vitprune`` command line: ``inspect``, ``rewrite`` and ``show``.
 
 User errors print one line, ``vitprune: error: ...``, on stderr and exit with status 2 (usage) or 1
 (anything else vitprune refused); a bug keeps its traceback.
@@ -98,33 +98,50 @@ def _check_output(output: Path, inputs: list[str]) -> None:
             raise VitpruneError(f"the output {output} is the input {inp}; choose another -o")
 
 
+_METHOD_OPTIONS = {
+    "token-drop": ("keep_rate", "selection", "at_inference"),
+    "importance-mask": ("keep", "flops", "mode", "calibration", "first_block"),
+}
+
+
 @cli.command()
 @model_options
-@click.option("--method", type=click.Choice(["token-drop"]), default="token-drop", show_default=True,
+@click.option("--method", type=click.Choice(sorted(_METHOD_OPTIONS)), default="token-drop", show_default=True,
               help="Which rewrite to apply.")
-@click.option("--keep-rate", type=float, default=0.5, show_default=True,
-              help="Fraction of patch tokens kept, in (0, 1]; the count is fixed at rewrite time.")
-@click.option("--selection", type=click.Choice(["random", "magnitude"]), default="random", show_default=True,
-              help="token-drop: random patches (PatchDropout) or largest L1 norm (PSS magnitude).")
-@click.option("--at-inference", is_flag=True, help="token-drop: also drop tokens in eval mode.")
+@click.option("--keep-rate", type=float, help="token-drop: fraction of patch tokens kept, in (0, 1] [default: 0.5].")
+@click.option("--selection", type=click.Choice(["random", "magnitude"]),
+              help="token-drop: random patches (PatchDropout) or largest L1 norm (PSS) [default: random].")
+@click.option("--at-inference", is_flag=True, default=None, help="token-drop: also drop tokens in eval mode.")
+@click.option("--keep", metavar="BLOCK:RATE,...", help="importance-mask: before BLOCK keep RATE of the alive patches.")
+@click.option("--flops", type=float, help="importance-mask: target FLOPs ratio to the original, in (0, 1].")
+@click.option("--mode", type=click.Choice(["dynamic", "static"]), help="importance-mask: per-image top-k "
+              "(dynamic, default) or fixed index sets from calibration images (static).")
+@click.option("--calibration", type=click.Path(), help="importance-mask static: folder of calibration images.")
+@click.option("--first-block", type=int, help="importance-mask with --flops: first pruned block [default: 3].")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder to write the rewritten model to.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is a model saved by vitprune.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the verification run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def rewrite(model, source, inputs, input_size, method, keep_rate, selection, at_inference, output, overwrite,
-            seed, as_json) -> None:
+def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, as_json, **options) -> None:
     """Rewrite MODEL with METHOD, verify it and save it to OUTPUT."""
     from vitprune.rewrite import rewrite as do_rewrite
     from vitprune.save import save
 
     output = Path(output)
     _check_output(output, inputs)
-    if not 0.0 < keep_rate <= 1.0:
-        raise click.BadParameter(f"must be in (0, 1], got {keep_rate}", param_hint="--keep-rate")
+    given = {k: v for k, v in options.items() if v is not None}
+    foreign = sorted(set(given) - set(_METHOD_OPTIONS[method]))
+    if foreign:
+        raise click.UsageError(f"--{foreign[0].replace('_', '-')} does not apply to --method {method}")
+    if method == "token-drop":
+        given.setdefault("keep_rate", 0.5)
+        if not 0.0 < given["keep_rate"] <= 1.0:
+            raise click.BadParameter(f"must be in (0, 1], got {given['keep_rate']}", param_hint="--keep-rate")
+    if given.get("flops") is not None and not 0.0 < given["flops"] <= 1.0:
+        raise click.BadParameter(f"must be in (0, 1], got {given['flops']}", param_hint="--flops")
     if output.exists() and not overwrite:
         raise VitpruneError(f"{output} exists; pass --overwrite to replace it")
-    rewritten, report = do_rewrite(model, method, input_size=input_size, seed=seed, keep_rate=keep_rate,
-                                   selection=selection, at_inference=at_inference)
+    rewritten, report = do_rewrite(model, method, input_size=input_size, seed=seed, **given)
     report.output = str(output)
     summary = report.to_dict()
     summary.pop("analysis")
@@ -134,12 +151,48 @@ def rewrite(model, source, inputs, input_size, method, keep_rate, selection, at_
         _emit_json(summary)
         return
     d = report.decisions
-    click.echo(f"{method}: keep {d['keep_count']} of {d['num_patches']} patch tokens "
-               f"(+{d['num_prefix_tokens']} prefix) {'in training and inference' if at_inference else 'in training'}")
+    if method == "token-drop":
+        when = "in training and inference" if given.get("at_inference") else "in training"
+        click.echo(f"{method}: keep {d['keep_count']} of {d['num_patches']} patch tokens "
+                   f"(+{d['num_prefix_tokens']} prefix) {when}")
+    else:
+        click.echo(f"{method} ({d['score']}): tokens per block {d['tokens_per_block']}")
     click.echo(f"FLOPs            {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G eval "
                f"({report.flops_ratio:.3f}x), {report.flops_after_train / 1e9:.3f} G train")
     click.echo(f"keep-all diff    {report.keep_all_max_abs_diff:.2e} (max abs vs original)")
     click.echo(f"saved            {output} ({report.seconds:.1f} s)")
+
+
+def _floats3(value: str, name: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        values = ()
+    if not values:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {value!r}", param_hint=name)
+    return values
+
+
+@cli.command()
+@model_options
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Picture to write (PNG; the suffix picks another matplotlib format).")
+@click.option("--mean", default="0.5,0.5,0.5", show_default=True, metavar="A,B,C",
+              help="Per-channel mean the model's inputs are normalised with (timm ViT's default).")
+@click.option("--std", default="0.5,0.5,0.5", show_default=True, metavar="A,B,C",
+              help="Per-channel standard deviation of the normalisation.")
+def show(model, source, inputs, input_size, image, output, mean, std) -> None:
+    """Draw IMAGE with the patches MODEL keeps at each pruning stage, one panel a stage.
+
+    MODEL is usually a folder written by `vitprune rewrite`. IMAGE is resized (shorter side) and
+    center-cropped to the model's input size; dropped patches are drawn darkened.
+    """
+    from vitprune.show import show as do_show
+
+    stages = do_show(model, image, output, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"),
+                     input_size=input_size, protect=inputs)
+    click.echo(f"wrote {output} ({len(stages)} stage{'' if len(stages) == 1 else 's'})")
 
 
 def main(argv: list[str] | None = None) -> None:

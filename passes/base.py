@@ -62,6 +62,7 @@ class VitPass(PassBase):
     def __init__(self, **params: Any) -> None:
         self.params = params
         self.analysis: ViTGraph | None = None
+        self.example_input = None  # the [B, C, H, W] batch the manager analysed with
         #: what the pass decided (static keep counts, ...), for the report and the saved recipe.
         self.record: dict[str, Any] = {}
 

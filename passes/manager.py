@@ -44,6 +44,7 @@ def run_passes(
     for p in passes:
         try:
             p.analysis = analyse(gm, example_input)
+            p.example_input = example_input
             seen.append(p.analysis)
             result = p(gm)
         except VitpruneError as exc:

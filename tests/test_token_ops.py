@@ -16,7 +16,8 @@ def test_random_selection_keeps_prefix_and_order_and_differs_per_image():
     torch.manual_seed(0)
     batch, tokens = 16, 9
     x = torch.arange(tokens, dtype=torch.float32).reshape(1, tokens, 1).repeat(batch, 1, 4)  # value = token id
-    out = token_ops.drop_patch_tokens(x, num_prefix_tokens=1, keep_count=4, selection="random")
+    out, kept = token_ops.drop_patch_tokens(x, num_prefix_tokens=1, keep_count=4, selection="random")
+    assert torch.equal(kept + 1, out[:, 1:, 0].long())  # kept indices point at the patch tokens returned
     assert out.shape == (batch, 5, 4)
     assert torch.equal(out[:, 0], x[:, 0])  # the prefix token is kept, first
     ids = out[:, 1:, 0]

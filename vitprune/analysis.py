@@ -55,6 +55,9 @@ class AttentionBlock:
     query_node: str | None  # q [B, H, N, d] for sdpa / matmul attention
     key_node: str | None  # k [B, H, N, d]
     residual_adds: list[str]
+    input_node: str  # the residual stream entering the block, [B, tokens, dim]
+    attention_scale: float | None  # softmax scale of q·kᵀ (sdpa: its `scale`, default head_dim ** -0.5)
+    linear_flops_per_token: int  # FLOPs of the block's linear layers per token (2 · in · out summed)
 
 
 @dataclass
@@ -292,6 +295,9 @@ def _main_stream(g: _Graph, adds: list[tuple[fx.Node, fx.Node, fx.Node]]):
     def root(n: fx.Node) -> fx.Node:
         # back from a stream input through single-data-input ops (norms, dropout, vitprune token ops)
         while n not in by_node:
+            if isinstance(_module(g.gm, n), TokenModule):
+                n = n.args[0]
+                continue
             ins = g.data_inputs(n)
             if len(ins) != 1 or _shape(n) is None or len(_shape(n)) != 3:
                 return n
@@ -310,6 +316,21 @@ def _main_stream(g: _Graph, adds: list[tuple[fx.Node, fx.Node, fx.Node]]):
 
 def _branch_nodes(g: _Graph, stream_in: fx.Node, branch_out: fx.Node) -> set[fx.Node]:
     return {n for n in g.ancestors[branch_out] | {branch_out} if stream_in in g.ancestors[n]}
+
+
+def _linear_flops_per_token(g: _Graph, branch: set[fx.Node]) -> int:
+    """2 · in · out summed over the linear layers of a residual branch (FLOPs per token)."""
+    total = 0
+    for n in branch:
+        mod = _module(g.gm, n)
+        if isinstance(mod, nn.Linear):
+            total += 2 * mod.in_features * mod.out_features
+        elif isinstance(mod, nn.MultiheadAttention):
+            total += 2 * 4 * mod.embed_dim * mod.embed_dim  # in-projection (q, k, v) + out-projection
+        elif _is_call(n, {torch.nn.functional.linear}):
+            w = _shape(_arg(n, 1, "weight"))
+            total += 2 * w[0] * w[1] if w else 0
+    return total
 
 
 def _cat_dim(node: fx.Node, rank: int) -> int:
@@ -504,13 +525,18 @@ def analyse(gm: fx.GraphModule, example_input: torch.Tensor) -> ViTGraph:
             _, heads, head_dim, tokens = _attention_geometry(g, node, kind)
             q = node.args[0] if kind == "sdpa" else None
             k = node.args[1] if kind == "sdpa" else None
+            scale = None
+            if kind == "sdpa":
+                scale = node.kwargs.get("scale") or head_dim ** -0.5
             blocks.append(AttentionBlock(
                 index=len(blocks), attention=kind, heads=heads, head_dim=head_dim, dim=_shape(add)[2],
                 tokens=tokens, attention_node=node.name, query_node=q.name if q is not None else None,
-                key_node=k.name if k is not None else None, residual_adds=[add.name],
+                key_node=k.name if k is not None else None, residual_adds=[add.name], input_node=stream_in.name,
+                attention_scale=scale, linear_flops_per_token=_linear_flops_per_token(g, branch),
             ))
         elif blocks:
             blocks[-1].residual_adds.append(add.name)
+            blocks[-1].linear_flops_per_token += _linear_flops_per_token(g, branch)
         else:
             raise AnalysisError(f"residual add {add.name!r} comes before the first attention block")
     stray = [n.name for n, _ in attn if n not in placed]

@@ -34,8 +34,7 @@ def select_patch_indices(patches: torch.Tensor, keep_count: int, selection: str)
         scores = patches.detach().abs().sum(dim=-1)
     else:
         raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
-    top = torch.topk(scores, keep_count, dim=1, sorted=False).indices
-    return torch.sort(top, dim=1).values
+    return top_patch_indices(scores, keep_count)
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -56,7 +55,7 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 def drop_patch_tokens(
     x: torch.Tensor, num_prefix_tokens: int, keep_count: int, selection: str
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep all prefix tokens and ``keep_count`` patch tokens, in original order.
 
     Args:
@@ -66,11 +65,20 @@ def drop_patch_tokens(
         selection: see :func:`select_patch_indices`.
 
     Returns:
-        ``[B, num_prefix_tokens + keep_count, C]``.
+        ``(tokens [B, num_prefix_tokens + keep_count, C], kept [B, keep_count])``: the kept patch
+        indices, into the input's patch tokens.
+    """
+    return keep_patch_tokens(x, num_prefix_tokens, select_patch_indices(x[:, num_prefix_tokens:], keep_count, selection))
+
+
+def keep_patch_tokens(x: torch.Tensor, num_prefix_tokens: int, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix tokens, then the patch tokens at ``kept`` ``[B, K]`` (indices into the patch tokens).
+
+    Returns:
+        ``(tokens [B, num_prefix_tokens + K, C], kept)``.
     """
     prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-    kept = gather_tokens(patches, select_patch_indices(patches, keep_count, selection))
-    return torch.cat([prefix, kept], dim=1)
+    return torch.cat([prefix, gather_tokens(patches, kept)], dim=1), kept
 
 
 def keep_count_for_rate(num_patches: int, keep_rate: float) -> int:
@@ -82,3 +90,39 @@ def keep_count_for_rate(num_patches: int, keep_rate: float) -> int:
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"keep rate must be in (0, 1], got {keep_rate}")
     return max(1, min(num_patches, int(num_patches * keep_rate + 1e-9)))
+
+
+SCORES = ("cls", "mean-query")
+
+
+def attention_patch_scores(
+    q: torch.Tensor, k: torch.Tensor, num_prefix_tokens: int, scale: float, score: str = "cls", cls_index: int = 0
+) -> torch.Tensor:
+    """Patch importance from one attention row: softmax(q_r · Kᵀ · scale), averaged over heads.
+
+    ``score="cls"``: the row of the CLS query (EViT, arXiv 2202.07800 §3; the top-down score of Patch
+    Slimming, arXiv 2106.02852, uses the same attention). ``score="mean-query"`` (vitprune's choice for
+    models without a CLS token): the row of the mean query, i.e. attention from the average token.
+    One row costs ``O(N · d)`` per head, so the block keeps its fused attention kernel.
+
+    Args:
+        q, k: ``[B, H, N, d]`` queries and keys of the attention block before the pruning point.
+        num_prefix_tokens: prefix tokens at the front (scored keys exclude them).
+        scale: softmax scale of the block (``d ** -0.5`` for standard attention).
+
+    Returns:
+        ``[B, N - num_prefix_tokens]`` scores of the patch tokens (each row sums to at most 1).
+    """
+    if score == "cls":
+        query = q[:, :, cls_index:cls_index + 1]
+    elif score == "mean-query":
+        query = q.mean(dim=2, keepdim=True)
+    else:
+        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
+    attn = torch.softmax((query @ k.transpose(-2, -1)) * scale, dim=-1)  # [B, H, 1, N]
+    return attn.mean(dim=1)[:, 0, num_prefix_tokens:]
+
+
+def top_patch_indices(scores: torch.Tensor, keep_count: int) -> torch.Tensor:
+    """``[B, P]`` scores -> ``[B, keep_count]`` indices of the highest, ascending (original order)."""
+    return torch.sort(torch.topk(scores, keep_count, dim=1, sorted=False).indices, dim=1).values

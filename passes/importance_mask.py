@@ -1,0 +1,220 @@
+"""importance-mask: Patch Slimming (arXiv 2106.02852) with per-layer static keep counts.
+
+Before each pruning block ``b`` (from the keep schedule: ``keep={b: rate}`` or solved from a FLOPs
+target), keep a nested subset of the patch tokens alive there; prefix tokens are always kept.
+
+- ``mode="dynamic"`` (DPS-ViT, input-dependent): each image keeps its top-``k`` patches by the
+  attention of the block just before ``b``: one query row ``softmax(q_cls · Kᵀ · scale)`` averaged over
+  heads (EViT's score, linear cost, so blocks keep their fused SDPA kernel). Without a CLS token the
+  mean query is used (vitprune's choice; see ``token_ops.attention_patch_scores``).
+- ``mode="static"`` (PS-ViT): image-independent index sets, chosen top-down from calibration images:
+  a patch's significance at block ``l`` is its effect on the final features, estimated through the
+  product of later blocks' head-averaged attention maps (with the residual as ``(A + I) / 2``, the
+  paper's approximation, §3.2); the last stage's set is chosen first and each earlier stage's set
+  contains it (nested masks). Sets are baked in as constant gathers: no scoring at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from vitprune.analysis import ViTGraph
+from vitprune.errors import PassError, VitpruneError
+from vitprune.flops import count_flops
+from vitprune.modules import AttentionTopK, StaticTokenSelect
+from vitprune.passes.base import VitPass, register_pass, unique_attr_name
+from vitprune.schedule import counts_from_rates, parse_keep, predicted_ratio, solve_for_flops, tokens_per_block
+
+MODES = ("dynamic", "static")
+
+
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _insert_before_block(gm: fx.GraphModule, vit: ViTGraph, block: int, base: str, module, extra_args=()) -> None:
+    name = unique_attr_name(gm, base)
+    gm.add_submodule(name, module)
+    stream = _node(gm, vit.blocks[block].input_node)
+    with gm.graph.inserting_after(stream):
+        new = gm.graph.call_module(name, (stream, *[_node(gm, a) for a in extra_args]))
+    stream.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+
+class _Record(fx.Interpreter):
+    """Runs the graph and keeps the values of the named nodes."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names, self.values = names, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out
+        return out
+
+
+def _attention_maps(gm: fx.GraphModule, vit: ViTGraph, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Head- and image-averaged attention map ``[N, N]`` of every block over the calibration images."""
+    names = set()
+    for b in vit.blocks:
+        names |= {b.query_node, b.key_node} if b.attention == "sdpa" else {b.attention_node}
+    sums, count = [None] * vit.num_blocks, 0
+    was = gm.training
+    gm.eval()
+    with torch.no_grad():
+        for x in batches:
+            rec = _Record(gm, names)
+            rec.run(x)
+            for i, b in enumerate(vit.blocks):
+                if b.attention == "sdpa":
+                    q, k = rec.values[b.query_node], rec.values[b.key_node]
+                    attn = torch.softmax(q @ k.transpose(-2, -1) * b.attention_scale, dim=-1)
+                else:
+                    attn = rec.values[b.attention_node]
+                m = attn.mean(dim=1).sum(dim=0)  # [N, N], summed over images
+                sums[i] = m if sums[i] is None else sums[i] + m
+            count += x.shape[0]
+    gm.train(was)
+    if count == 0:
+        raise PassError("the calibration data holds no images")
+    return [s / count for s in sums]
+
+
+def significance(vit: ViTGraph, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Top-down token significance ``[N]`` at the input of every block (Patch Slimming §3.2).
+
+    The readout's tokens start with significance 1 (a CLS index) or a uniform share (a mean); each
+    block, last to first, passes it back through ``(A + I) / 2``.
+    """
+    n = vit.num_tokens
+    s = torch.zeros(n)
+    if vit.readout.kind == "token":
+        s[vit.readout.token_indices] = 1.0 / len(vit.readout.token_indices)
+    else:
+        start = vit.readout.mean_start or 0
+        s[start:vit.readout.mean_stop] = 1.0
+        s /= s.sum()
+    out = [None] * vit.num_blocks
+    for i in reversed(range(vit.num_blocks)):
+        s = 0.5 * (s @ maps[i]) + 0.5 * s
+        out[i] = s
+    return out
+
+
+def nested_static_sets(vit: ViTGraph, counts: dict[int, int], sig: list[torch.Tensor]) -> dict[int, list[int]]:
+    """Grid positions kept before each pruning block, chosen last stage first, each set inside the earlier."""
+    blocks = sorted(counts)
+    chosen: dict[int, list[int]] = {}
+    keep: set[int] = set()
+    for b in reversed(blocks):
+        patch_sig = sig[b][vit.num_prefix_tokens:]
+        order = [int(i) for i in torch.argsort(patch_sig, descending=True)]
+        extra = [i for i in order if i not in keep][: counts[b] - len(keep)]
+        keep |= set(extra)
+        chosen[b] = sorted(keep)
+    return chosen
+
+
+@register_pass
+class ImportanceMaskPass(VitPass):
+    """Parameters: ``keep`` (``{block: rate}`` or ``"3:0.7,6:0.7"``) or ``flops`` (target ratio),
+    ``mode`` (``dynamic`` | ``static``), ``first_block`` (first pruned block for ``flops``, default 3),
+    ``calibration`` (static: a folder of images or an iterable of ``[B, C, H, W]`` tensors),
+    ``calibration_limit`` (images read from a folder, default 256)."""
+
+    name = "importance-mask"
+    needs = ("readout_is_position_free", "no_token_indexed_tensors", "no_token_ops")
+
+    def __init__(self, keep: Any = None, flops: float | None = None, mode: str = "dynamic", first_block: int = 3,
+                 calibration: Any = None, calibration_limit: int = 256) -> None:
+        if (keep is None) == (flops is None):
+            raise PassError("give exactly one of a keep schedule (--keep BLOCK:RATE,...) or a FLOPs target (--flops F)")
+        if mode not in MODES:
+            raise PassError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if mode == "static" and calibration is None:
+            raise PassError("static mode needs calibration images (--calibration DIR)")
+        if flops is not None and not 0.0 < float(flops) <= 1.0:
+            raise PassError(f"FLOPs target must be in (0, 1], got {flops}")
+        self._calibration = calibration
+        super().__init__(keep=parse_keep(keep) if keep is not None else None,
+                         flops=float(flops) if flops is not None else None, mode=mode, first_block=int(first_block),
+                         calibration=None if calibration is None else
+                         str(calibration) if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__")
+                         else "<tensors>", calibration_limit=int(calibration_limit))
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return PassResult(graph_module, self.rewrite(graph_module, self.analysis))
+
+    def _counts(self, gm: fx.GraphModule, vit: ViTGraph, total: int) -> dict[int, int]:
+        p = self.params
+        if p["keep"] is not None:
+            counts = counts_from_rates(vit.num_patches, vit.num_blocks, p["keep"])
+        else:
+            counts = solve_for_flops(vit, p["flops"], total, p["first_block"])
+        alive, stages = vit.num_patches, {}
+        for b, k in sorted(counts.items()):  # a stage that keeps every alive patch does nothing: skip it
+            if k < alive:
+                stages[b] = alive = k
+        return stages
+
+    def rewrite(self, gm: fx.GraphModule, vit: ViTGraph) -> bool:
+        gm.eval()
+        total = count_flops(gm, self.example_input) // self.example_input.shape[0]  # per image
+        counts = self._counts(gm, vit, total)
+        if not counts:
+            raise PassError("the schedule keeps every patch token: nothing to prune")
+        alive = vit.num_patches
+        if self.params["mode"] == "dynamic":
+            score = "cls" if vit.readout.kind == "token" and vit.num_prefix_tokens else "mean-query"
+            cls_index = vit.readout.token_indices[0] if score == "cls" else 0
+            for b, k in counts.items():
+                prev = vit.blocks[b - 1]
+                if prev.attention == "sdpa":
+                    args, source = (prev.query_node, prev.key_node), "qk"
+                elif prev.attention == "matmul-softmax":
+                    args, source = (prev.attention_node,), "attn"
+                else:
+                    raise PassError(f"block {b - 1} uses {prev.attention}: its queries and keys are not in the graph")
+                module = AttentionTopK(vit.num_prefix_tokens, alive, k, scale=prev.attention_scale, score=score,
+                                       cls_index=cls_index, source=source)
+                _insert_before_block(gm, vit, b, "importance_topk", module, args)
+                alive = k
+        else:
+            batches = self._calibration_batches(vit)
+            sets = nested_static_sets(vit, counts, significance(vit, _attention_maps(gm, vit, batches)))
+            previous = list(range(vit.num_patches))
+            for b in counts:
+                position = {g: i for i, g in enumerate(previous)}
+                kept = [position[g] for g in sets[b]]
+                _insert_before_block(gm, vit, b, "static_select", StaticTokenSelect(vit.num_prefix_tokens, alive, kept))
+                previous, alive = sets[b], len(sets[b])
+            score = "static"
+        gm.recompile()
+        self.record = {
+            "num_patches": vit.num_patches,
+            "num_prefix_tokens": vit.num_prefix_tokens,
+            "keep_counts": {str(b): k for b, k in counts.items()},
+            "tokens_per_block": tokens_per_block(vit, counts),
+            "predicted_flops_ratio": predicted_ratio(vit, counts, total),
+            "score": score,
+        }
+        return True
+
+    def _calibration_batches(self, vit: ViTGraph) -> Iterable[torch.Tensor]:
+        data = self._calibration
+        if isinstance(data, torch.Tensor):
+            return [data]
+        if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+            from vitprune.images import image_batches
+
+            return list(image_batches(data, tuple(vit.input_shape[1:]), limit=self.params["calibration_limit"]))
+        try:
+            return [x for x in data]
+        except TypeError:
+            raise VitpruneError("calibration must be a folder of images or an iterable of [B, C, H, W] tensors") from None

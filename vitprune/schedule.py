@@ -1,0 +1,109 @@
+"""Keep schedules: how many patch tokens stay alive before each block, as Python ints.
+
+A schedule maps a block index ``b`` to the patch tokens kept before block ``b``; masks are nested
+(a token dropped before block ``b`` is gone for every later block), so counts never increase.
+FLOPs are predicted from the analysed graph: per block ``linear_flops_per_token · N`` plus
+``4 · heads · head_dim · N²`` for attention (what ``torch.utils.flop_counter`` counts), and the rest of
+the model (patch embedding, head) is constant in the token count.
+"""
+
+from __future__ import annotations
+
+from vitprune.analysis import ViTGraph
+from vitprune.errors import VitpruneError
+
+
+def parse_keep(spec: str | dict) -> dict[int, float]:
+    """``"3:0.7,6:0.7"`` -> ``{3: 0.7, 6: 0.7}`` (before block 3 keep 70% of the patches alive there).
+
+    Raises:
+        VitpruneError: malformed spec, or a rate outside (0, 1].
+    """
+    if isinstance(spec, dict):
+        items = [(int(k), float(v)) for k, v in spec.items()]
+    else:
+        items = []
+        for part in str(spec).split(","):
+            block, sep, rate = part.partition(":")
+            try:
+                items.append((int(block), float(rate)))
+            except ValueError:
+                raise VitpruneError(f"keep schedule item {part.strip()!r} is not BLOCK:RATE (e.g. 3:0.7)") from None
+            if not sep:
+                raise VitpruneError(f"keep schedule item {part.strip()!r} is not BLOCK:RATE (e.g. 3:0.7)")
+    for block, rate in items:
+        if not 0.0 < rate <= 1.0:
+            raise VitpruneError(f"keep rate before block {block} must be in (0, 1], got {rate}")
+    return dict(sorted(items))
+
+
+def counts_from_rates(num_patches: int, num_blocks: int, rates: dict[int, float]) -> dict[int, int]:
+    """Nested keep counts: before block ``b`` keep ``max(1, int(alive · rate))`` of the ``alive`` patches.
+
+    Raises:
+        VitpruneError: a block index outside ``1 .. num_blocks - 1`` (before block 0 is token-drop's place).
+    """
+    counts, alive = {}, num_patches
+    for block, rate in sorted(rates.items()):
+        if not 1 <= block < num_blocks:
+            raise VitpruneError(f"pruning before block {block}: the model has blocks 0..{num_blocks - 1}; use 1..{num_blocks - 1}")
+        alive = max(1, int(alive * rate + 1e-9))
+        counts[block] = alive
+    return counts
+
+
+def tokens_per_block(vit: ViTGraph, counts: dict[int, int]) -> list[int]:
+    """Tokens (prefix + patches) each block attends over under ``counts``."""
+    out, patches = [], vit.num_patches
+    for block in range(vit.num_blocks):
+        patches = counts.get(block, patches)
+        out.append(vit.num_prefix_tokens + patches)
+    return out
+
+
+def block_flops(vit: ViTGraph, tokens: list[int]) -> int:
+    """Predicted FLOPs of all blocks when block ``i`` sees ``tokens[i]`` tokens."""
+    return sum(b.linear_flops_per_token * n + 4 * b.heads * (b.head_dim or b.dim // b.heads) * n * n
+               for b, n in zip(vit.blocks, tokens))
+
+
+def predicted_ratio(vit: ViTGraph, counts: dict[int, int], total_flops: int) -> float:
+    """Predicted FLOPs ratio to the original for ``counts``; ``total_flops``: the original's, per image."""
+    full = block_flops(vit, [vit.num_tokens] * vit.num_blocks)
+    fixed = total_flops - full
+    return (fixed + block_flops(vit, tokens_per_block(vit, counts))) / total_flops
+
+
+def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block: int = 3) -> dict[int, int]:
+    """Per-block keep counts whose predicted FLOPs ratio is closest to ``target``.
+
+    vitprune's schedule shape (the paper tunes counts per layer by an error tolerance): blocks before
+    ``first_block`` keep every token; from ``first_block`` on, each block keeps the same fraction ``r`` of
+    the patches alive before it (a geometric decay, nested by construction), ``r`` found by bisection.
+
+    Raises:
+        VitpruneError: ``target`` outside (0, 1], ``first_block`` outside the model, or a target below
+            what keeping one patch from ``first_block`` on can reach.
+    """
+    if not 0.0 < target <= 1.0:
+        raise VitpruneError(f"FLOPs target must be in (0, 1], got {target}")
+    if not 1 <= first_block < vit.num_blocks:
+        raise VitpruneError(f"first pruned block must be in 1..{vit.num_blocks - 1}, got {first_block}")
+
+    def counts_for(r: float) -> dict[int, int]:
+        return counts_from_rates(vit.num_patches, vit.num_blocks, {b: r for b in range(first_block, vit.num_blocks)})
+
+    floor = predicted_ratio(vit, {b: 1 for b in range(first_block, vit.num_blocks)}, total_flops)
+    if target < floor:
+        raise VitpruneError(f"FLOPs target {target} is below {floor:.3f}, the least reachable when blocks "
+                            f"0..{first_block - 1} keep every token")
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if predicted_ratio(vit, counts_for(mid), total_flops) > target:
+            hi = mid
+        else:
+            lo = mid
+    candidates = [counts_for(lo), counts_for(hi)]
+    best = min(candidates, key=lambda c: abs(predicted_ratio(vit, c, total_flops) - target))
+    return {b: k for b, k in best.items() if k < vit.num_patches or b == first_block}
