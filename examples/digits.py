@@ -53,7 +53,7 @@ def build_model() -> torch.nn.Module:
 
 
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0,
-          batch: int = 16, lr: float = 1e-3) -> None:
+          batch: int = 64, lr: float = 2e-3) -> None:
     """AdamW, cosine schedule with one warm-up epoch, random shifts of up to 2 pixels as augmentation."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -100,6 +100,8 @@ def vitprune_cli(*args: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=64, help="training batch size")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
     parser.add_argument("--out", default="examples/out", help="folder for the models and results")
     args = parser.parse_args(argv)
     import vitprune
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model()
     start = time.perf_counter()
-    train(model, x_train, y_train, args.epochs)
+    train(model, x_train, y_train, args.epochs, batch=args.batch, lr=args.lr)
     base_acc = accuracy(model, x_test, y_test)
     print(f"trained {ARCH} {MODEL_ARGS} for {args.epochs} epochs in {time.perf_counter() - start:.0f} s: "
           f"test accuracy {base_acc:.4f} on {len(y_test)} digits")
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     arch_args = ["--arch", ARCH] + [a for k, v in MODEL_ARGS.items() for a in ("--model-arg", f"{k}={v}")]
 
     print(vitprune_cli("inspect", str(pickled), "--trust-pickle"))
-    results = {"epochs": args.epochs, "test_images": len(y_test), "original_accuracy": base_acc, "rewrites": {}}
+    results = {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "test_images": len(y_test), "original_accuracy": base_acc, "rewrites": {}}
     runs = {
         "keep_all_at_inference": [str(weights), *arch_args, "--keep-rate", "1.0", "--at-inference"],
         "keep_0.5_training_only": [str(pickled), "--trust-pickle", "--keep-rate", "0.5"],

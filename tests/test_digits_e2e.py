@@ -9,7 +9,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.py"
 
 
 def test_digits_main_job(tmp_path):
-    done = subprocess.run([sys.executable, str(EXAMPLE), "--epochs", "6", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(EXAMPLE), "--epochs", "6", "--batch", "16", "--lr", "1e-3",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "prefix tokens    1 (cls)" in done.stdout  # `vitprune inspect` on the pickled model

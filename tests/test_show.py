@@ -10,7 +10,7 @@ from PIL import Image
 import vitprune
 from vitprune.load import default_input_size
 from vitprune.modules import TokenDrop
-from vitprune.show import DROPPED_BRIGHTNESS, _panels, draw, kept_patches, load_image
+from vitprune.show import DROPPED_BRIGHTNESS, DROPPED_TINT, _panels, draw, kept_patches, load_image
 
 ARGS = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 CLI_ARGS = [a for k, v in ARGS.items() for a in ("--model-arg", f"{k}={v}")]
@@ -99,7 +99,7 @@ def test_draw_darkens_dropped_patches(tmp_path):
     kept = np.zeros((16, 24), dtype=bool)
     kept[:8, :8] = kept[8:, 16:] = True  # grid positions 0 (row 0, col 0) and 5 (row 1, col 2)
     assert np.allclose(img1[kept], display[kept])
-    assert np.allclose(img1[~kept], display[~kept] * DROPPED_BRIGHTNESS)
+    assert np.allclose(img1[~kept], display[~kept] * DROPPED_BRIGHTNESS + (1 - DROPPED_BRIGHTNESS) * DROPPED_TINT)
     out = draw(display, [2, 3], [8, 8], stages, tmp_path / "d.png")
     assert out.is_file() and [p.name for p in tmp_path.iterdir()] == ["d.png"]  # no temp file left
 

@@ -31,6 +31,8 @@ from vitprune.modules import TokenModule
 
 #: brightness factor of a dropped patch in :func:`draw`.
 DROPPED_BRIGHTNESS = 0.25
+#: colour blended into a dropped patch, so dropped patches of a dark background still show.
+DROPPED_TINT = np.array([0.10, 0.20, 0.55], dtype=np.float32)
 
 
 def _token_modules_in_graph_order(gm: fx.GraphModule) -> list[tuple[str, TokenModule]]:
@@ -142,7 +144,8 @@ def _panels(display: np.ndarray, grid: tuple[int, int], patch_size: tuple[int, i
         patch_mask = np.where(kept.reshape(gh, gw), 1.0, DROPPED_BRIGHTNESS).astype(np.float32)
         mask[: gh * ph, : gw * pw] = np.kron(patch_mask, np.ones((ph, pw), dtype=np.float32))
         title = f"before block {stage['before_block']}: {int(kept.sum())} of {stage['num_patches']} patches"
-        panels.append((display * mask[:, :, None], title))
+        dropped = (1.0 - mask[:, :, None]) / (1.0 - DROPPED_BRIGHTNESS)  # 1 where dropped, 0 where kept
+        panels.append((display * mask[:, :, None] + dropped * (1.0 - DROPPED_BRIGHTNESS) * DROPPED_TINT, title))
     return panels
 
 
@@ -156,7 +159,7 @@ def draw(
     """Draw the image and the patches kept at each stage, side by side, and write it to ``path``.
 
     Panel 0 is the image ("all N patches"); then one panel per stage, dropped patches darkened (times
-    :data:`DROPPED_BRIGHTNESS`), titled "before block b: K of P patches". A faint line marks the patch
+    :data:`DROPPED_BRIGHTNESS`, tinted blue), titled "before block b: K of P patches". A faint line marks the patch
     grid. The file is written to a temporary file in ``path``'s folder then renamed over ``path``, so
     a failure leaves no partial picture. The format follows the suffix (``.png``, ``.jpg``, ``.pdf``,
     ``.svg``, ...; PNG when matplotlib does not know it).
