@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = digits.build_model()
     if args.model is not None and args.model.exists():
         model.load_state_dict(load_file(str(args.model)))
-        trained = f"loaded from {args.model}"
+        trained, epochs = f"loaded from {args.model}", None  # epochs unknown for a cached model
     else:
         digits.train(model, x_train, y_train, args.epochs, seed=args.seed)
-        trained = f"trained {args.epochs} epochs, seed {args.seed}"
+        trained, epochs = f"trained {args.epochs} epochs, seed {args.seed}", args.epochs
         if args.model is not None:
             save_file(model.state_dict(), str(args.model))
     model.eval()
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"first_block={FIRST_BLOCK} (4 blocks); static calibration: train split. token-drop keep count "
               f"chosen by bisection over k on the report's FLOPs ratio (closest to target). Eval mode, seed 0.")
     result = {"torch": torch.__version__, "arch": digits.ARCH, "model_args": digits.MODEL_ARGS,
-              "epochs": args.epochs, "seed": args.seed, "model": trained, "test_images": len(y_test),
+              "epochs": epochs, "seed": args.seed, "model": trained, "test_images": len(y_test),
               "original_accuracy": base_acc, "first_block": FIRST_BLOCK,
               "token_drop_keep_rate": "bisection over keep count on the report's flops_ratio", "rows": rows}
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,127 @@
+"""Labelled image folders for fine-tuning and evaluation (torchvision ``ImageFolder`` layout).
+
+A data folder holds one sub-folder per class, named by the class, with the class's images inside
+(PNG, JPEG, ... anything PIL reads); classes are numbered in sorted name order, as torchvision does.
+
+Preprocessing (``C, H, W`` from the model: :func:`vitprune.load.default_input_size`):
+
+- evaluation: resize the shorter side to ``max(H, W)`` (bicubic), center-crop ``H x W``, scale to
+  ``[0, 1]``, normalise ``(x - mean) / std`` (timm ViT: 0.5, 0.5, 0.5), as :mod:`vitprune.images` does;
+- training: ``RandomResizedCrop(H x W, scale=(0.6, 1))`` (bicubic; a random 60-100 % of the area, aspect
+  3/4-4/3), horizontal flip only when asked (off by default: digits and text are not flip-invariant),
+  then the same scaling and normalisation.
+
+One-channel models get greyscale images, three-channel models RGB.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from vitprune.errors import VitpruneError
+from vitprune.images import DEFAULT_MEAN, DEFAULT_STD, IMAGE_SUFFIXES
+
+DEFAULT_SCALE = (0.6, 1.0)
+
+
+def _norm_args(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float]):
+    c, h, w = (int(v) for v in input_size)
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if c not in (1, 3):
+        raise VitpruneError(f"the model takes {c}-channel images; image folders give 1- or 3-channel images only")
+    if len(mean) != c or len(std) != c:
+        raise VitpruneError(f"--mean and --std need {c} values each for a {c}-channel model, got {len(mean)} and {len(std)}")
+    if min(std) <= 0:
+        raise VitpruneError(f"--std values must be positive, got {std}")
+    return c, h, w, mean, std
+
+
+def eval_transform(input_size: Sequence[int], mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD):
+    """PIL image -> float32 ``[C, H, W]``: resize shorter side, center crop, normalise (module docstring)."""
+    from torchvision import transforms as T
+
+    c, h, w, mean, std = _norm_args(input_size, mean, std)
+    steps = [T.Grayscale(1)] if c == 1 else []
+    steps += [T.Resize(max(h, w), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop((h, w)),
+              T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def train_transform(input_size: Sequence[int], mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
+                    scale: Sequence[float] = DEFAULT_SCALE, hflip: bool = False):
+    """PIL image -> float32 ``[C, H, W]``: random resized crop, optional flip, normalise (module docstring).
+
+    Raises:
+        VitpruneError: ``scale`` is not ``(lo, hi)`` with ``0 < lo <= hi <= 1``; bad ``mean``/``std``.
+    """
+    from torchvision import transforms as T
+
+    c, h, w, mean, std = _norm_args(input_size, mean, std)
+    lo, hi = (float(v) for v in scale)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise VitpruneError(f"--scale must be MIN,MAX with 0 < MIN <= MAX <= 1, got {lo},{hi}")
+    steps = [T.Grayscale(1)] if c == 1 else []
+    steps.append(T.RandomResizedCrop((h, w), scale=(lo, hi), interpolation=T.InterpolationMode.BICUBIC))
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def is_image_file(path: str) -> bool:
+    """Whether ``path`` has an image suffix vitprune reads (:data:`vitprune.images.IMAGE_SUFFIXES`)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_rgb(path: str):
+    """Read an image file as an RGB PIL image.
+
+    Raises:
+        VitpruneError: the file is not an image PIL can read.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VitpruneError(f"cannot read image {path}: {reason}") from exc
+
+
+def check_image_folder(path: str | os.PathLike, option: str = "--data") -> list[str]:
+    """The class names of the ImageFolder at ``path`` (sorted), after checking it is usable.
+
+    Raises:
+        VitpruneError: ``path`` is not a folder, has no class sub-folders, or a class folder has no image.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise VitpruneError(f"{option}: no such folder: {path}")
+    classes = sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise VitpruneError(f"{option}: {path} has no class sub-folders (expected {path}/CLASS/IMAGE.png, one folder a class)")
+    for name in classes:
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in (path / name).rglob("*")):
+            raise VitpruneError(f"{option}: the class folder {path / name} has no images "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return classes
+
+
+def image_folder(path: str | os.PathLike, transform, option: str = "--data"):
+    """A ``torchvision.datasets.ImageFolder`` over ``path`` (checked with :func:`check_image_folder`).
+
+    Items are ``(image [C, H, W] float32, class index)``.
+
+    Raises:
+        VitpruneError: see :func:`check_image_folder`.
+    """
+    from torchvision.datasets import ImageFolder
+
+    check_image_folder(path, option)
+    try:
+        return ImageFolder(str(path), transform=transform, loader=load_rgb, is_valid_file=is_image_file)
+    except (FileNotFoundError, OSError) as exc:
+        raise VitpruneError(f"{option}: cannot read {path}: {str(exc).splitlines()[0]}") from exc
