@@ -1,4 +1,4 @@
-"""``vitprune`` command line: ``inspect``, ``rewrite`` and ``show``.
+"""``vitprune`` command line: ``inspect``, ``rewrite``, ``show``, ``export`` and ``bench``.
 
 User errors print one line, ``vitprune: error: ...``, on stderr and exit with status 2 (usage) or 1
 (anything else vitprune refused); a bug keeps its traceback.
@@ -193,6 +193,20 @@ def show(model, source, inputs, input_size, image, output, mean, std) -> None:
     stages = do_show(model, image, output, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"),
                      input_size=input_size, protect=inputs)
     click.echo(f"wrote {output} ({len(stages)} stage{'' if len(stages) == 1 else 's'})")
+
+
+from vitprune.cli.finetune import evaluate_cmd, finetune  # noqa: E402  (needs model_options above)
+cli.add_command(finetune), cli.add_command(evaluate_cmd)
+
+
+def _register_commands() -> None:
+    from vitprune.cli.ship import bench, export
+
+    cli.add_command(export)
+    cli.add_command(bench)
+
+
+_register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

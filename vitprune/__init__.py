@@ -4,10 +4,13 @@
     model = vitprune.load("timm:vit_small_patch16_224")
     rewritten, report = vitprune.rewrite(model, method="token-drop", keep_rate=0.5, at_inference=True)
     vitprune.save(rewritten, "vit_s_td"); again = vitprune.load("vit_s_td")
+    vitprune.finetune(again, "train_dir", "vit_s_td_ft", val="val_dir", epochs=10)   # -> vit_s_td_ft/model
+    vitprune.evaluate("vit_s_td_ft", "val_dir", keep_rates=[1.0, 0.5])
 """
 
 from vitprune.analysis import ViTGraph, analyse
 from vitprune.capture import capture
+from vitprune.compile import compile  # noqa: A004  (vitprune.compile, as the issue names it)
 from vitprune.errors import (
     AnalysisError,
     CaptureError,
@@ -17,6 +20,9 @@ from vitprune.errors import (
     VerificationError,
     VitpruneError,
 )
+from vitprune.evaluate import evaluate
+from vitprune.export import export_onnx
+from vitprune.finetune import finetune
 from vitprune.load import load
 from vitprune.rewrite import RewriteReport, inspect_model, rewrite
 from vitprune.save import save  # noqa: E402
@@ -25,6 +31,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisError", "CaptureError", "LoadError", "PassError", "RewriteReport", "SaveError",
-    "VerificationError", "ViTGraph", "VitpruneError", "analyse", "capture", "inspect_model", "load",
-    "rewrite", "save",
+    "VerificationError", "ViTGraph", "VitpruneError", "analyse", "capture", "compile", "evaluate", "export_onnx", "finetune", "inspect_model",
+    "load", "rewrite", "save",
 ]

@@ -87,4 +87,18 @@ def capture(model: nn.Module) -> fx.GraphModule:
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     _drop_concrete_placeholders(gm)
     gm.train(model.training)
+    _record_origin(model, gm)
     return gm
+
+
+def _record_origin(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Keep what the module knew of its source and input size (timm's data config) on the graph."""
+    from vitprune.errors import VitpruneError
+    from vitprune.load import default_input_size, source_of
+
+    meta = {"source": source_of(model), "recipe": []}
+    try:
+        meta["input_shape"] = [1, *default_input_size(model)]
+    except VitpruneError:
+        pass  # unknown: callers pass an input size
+    gm.meta["vitprune"] = meta

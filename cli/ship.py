@@ -1,0 +1,92 @@
+"""``vitprune export`` (optimised ONNX) and ``vitprune bench`` (speed, memory, accuracy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from vitprune.cli.main import _check_output, _emit_json, _input_size, model_options
+from vitprune.errors import VitpruneError
+
+
+@click.command()
+@model_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="ONNX opset (23 exports attention as one Attention op).")
+@click.option("--no-optimize", is_flag=True, help="Skip onnx-graphsurgeon constant folding and cleanup.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
+def export(model, source, inputs, input_size, output, opset, no_optimize, overwrite, as_json) -> None:
+    """Export MODEL to optimised ONNX (dynamic batch, static token counts), checked against ONNX Runtime."""
+    from vitprune.export import export_onnx
+    from vitprune.load import example_input
+
+    output = Path(output)
+    _check_output(output, inputs)
+    if output.exists() and not overwrite:
+        raise VitpruneError(f"{output} exists; pass --overwrite to replace it")
+    report = export_onnx(model, output, example_input=example_input(model, input_size), opset=opset,
+                         optimize_graph=not no_optimize)
+    if as_json:
+        _emit_json({"model": source, **report.to_dict()})
+        return
+    parity = ", ".join(f"batch {b}: {'n/a (random selection)' if d is None else f'{d:.1e}'}" for b, d in report.parity.items())
+    click.echo(f"wrote {output} ({report.bytes / 2**20:.1f} MiB, opset {opset}, "
+               f"{report.nodes_before_optimize} -> {report.nodes_after_optimize} nodes); ORT vs PyTorch max abs diff {parity}")
+
+
+def _ints(value: str, name: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"expected positive integers such as 1,32, got {value!r}", param_hint=name)
+    return out
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--batch", "batches", default="1,32", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--backend", "backends", default="eager", show_default=True,
+              help="Comma list of eager, compile, onnxruntime.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved timing rounds.")
+@click.option("--iters", type=int, default=3, show_default=True, help="Forward passes per timed run.")
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling whole-module .pt files.")
+@click.option("--input-size", metavar="C,H,W", help="Input size when it cannot be read from the first model.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a Pareto picture (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+def bench(models, batches, backends, repeats, iters, trust_pickle, input_size, plot, as_json, quiet) -> None:
+    """Measure MODELS (timm:NAME, saved folders, ...): params, FLOPs, throughput, latency, peak memory.
+
+    The first model is the baseline for speed-up and FLOPs ratio. Runs of the models are interleaved.
+    """
+    from vitprune.bench import BACKENDS, bench as run_bench, pareto_plot, table
+    from vitprune.load import default_input_size, load
+
+    batches = _ints(batches, "--batch")
+    backends = tuple(b.strip() for b in backends.split(",") if b.strip())
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown or not backends:
+        raise click.BadParameter(f"unknown backend {unknown[0] if unknown else ''!r}; choose from {', '.join(BACKENDS)}",
+                                 param_hint="--backend")
+    if repeats < 1 or iters < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--repeats/--iters")
+    if plot:
+        _check_output(Path(plot), list(models))
+    loaded = {}
+    for spec in models:
+        name = spec if spec not in loaded else f"{spec} #{len(loaded)}"
+        loaded[name] = load(spec, trust_pickle=trust_pickle)
+    size = _input_size(input_size) or default_input_size(next(iter(loaded.values())))
+    rows = run_bench(loaded, size, backends=backends, batches=batches, repeats=repeats, iters=iters, progress=not quiet)
+    if plot:
+        pareto_plot(rows, plot)
+    if as_json:
+        _emit_json([r.to_dict() for r in rows])
+    else:
+        click.echo(table(rows), nl=False)
