@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import tempfile
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
         trained, epochs = f"loaded from {args.model}", None  # epochs unknown for a cached model
     else:
         digits.train(model, x_train, y_train, args.epochs, seed=args.seed)
-        trained, epochs = f"trained {args.epochs} epochs, seed {args.seed}", args.epochs
+        hp = {k: v.default for k, v in inspect.signature(digits.train).parameters.items() if k in ("batch", "lr")}
+        trained, epochs = f"trained {args.epochs} epochs, seed {args.seed}, {hp} (digits.train defaults)", args.epochs
         if args.model is not None:
             save_file(model.state_dict(), str(args.model))
     model.eval()
