@@ -47,6 +47,7 @@ class BenchRow:
     accuracy: float | None = None
     speedup: float | None = None  # vs the first model, same backend and batch
     flops_ratio: float | None = None  # vs the first model
+    efficiency: float | None = None  # speed-up / FLOPs-ideal speed-up (= speed-up · FLOPs ratio)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +213,7 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
                 r.flops_ratio = r.flops_per_image / base.flops_per_image
                 if r.images_per_s and base.images_per_s:
                     r.speedup = r.images_per_s / base.images_per_s
+                    r.efficiency = r.speedup * r.flops_ratio
             rows.extend(group)
     bar.close()
     return rows
@@ -222,16 +224,16 @@ def table(rows: list[BenchRow]) -> str:
     def f(v: Any, fmt: str) -> str:
         return "–" if v is None else format(v, fmt)
 
-    lines = ["| model | backend | batch | params (M) | GFLOPs/img | FLOPs ratio | img/s | speed-up | "
+    lines = ["| model | backend | batch | params (M) | GFLOPs/img | FLOPs ratio | img/s | speed-up | speed-up / ideal | "
              "p50 / p90 ms | peak MB | token ops | accuracy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.model} | {r.backend} | {r.batch} | error: {r.error} |||||||||")
+            lines.append(f"| {r.model} | {r.backend} | {r.batch} | error: {r.error} ||||||||||")
             continue
         lat = f"{f(r.latency_ms_p50, '.1f')} / {f(r.latency_ms_p90, '.1f')}" if r.latency_ms_p50 else "–"
         lines.append(f"| {r.model} | {r.backend} | {r.batch} | {r.params / 1e6:.1f} | {r.flops_per_image / 1e9:.2f} "
-                     f"| {f(r.flops_ratio, '.3f')} | {f(r.images_per_s, '.1f')} | {f(r.speedup, '.2f')}× | {lat} "
+                     f"| {f(r.flops_ratio, '.3f')} | {f(r.images_per_s, '.1f')} | {f(r.speedup, '.2f')}× | {f(r.efficiency, '.2f')} | {lat} "
                      f"| {f(r.peak_memory_bytes and r.peak_memory_bytes / 2**20, '.0f')} | {f(r.token_op_share, '.1%')} "
                      f"| {f(r.accuracy, '.4f')} |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,104 @@
+"""Speed of every method on this machine: eager, torch.compile and ONNX Runtime, vs the FLOPs-ideal speed-up.
+
+For each FLOPs target F (default 0.6 and 0.5) the original timm model (random init; speed does not
+depend on the weights) is rewritten three ways, each at FLOPs ratio ≈ F:
+- token-drop at inference (random selection; keep rate found by bisection on the measured FLOPs ratio),
+- importance-mask dynamic (``flops=F``),
+- importance-mask static (``flops=F``, calibrated on scikit-image's photographs),
+and all models run through :func:`vitprune.bench.bench` (interleaved rounds, median images/s). The
+speed-up / FLOPs-ideal column is the figure of merit: 1.0 means the saved FLOPs all became time.
+
+    python benchmarks/speed.py --model vit_small_patch16_224 --batch 32
+    python benchmarks/speed.py --model vit_base_patch16_224 --batch 8 --repeats 3 --iters 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import vitprune
+from vitprune.bench import bench, table
+from vitprune.load import default_input_size
+
+
+def photos(size: int) -> torch.Tensor:
+    """scikit-image's natural photographs, ``[6, 3, size, size]``, normalised as timm ViTs expect."""
+    from skimage import data, transform
+
+    imgs = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry(),
+            data.colorwheel()]
+    x = torch.stack([torch.tensor(transform.resize(p[..., :3], (size, size), anti_aliasing=True), dtype=torch.float32)
+                     .permute(2, 0, 1) for p in imgs])
+    return (x - 0.5) / 0.5
+
+
+def token_drop_at(model: torch.nn.Module, target: float, x: torch.Tensor):
+    """token-drop at inference whose FLOPs ratio is closest to ``target`` (bisection over the keep count)."""
+    vit = vitprune.inspect_model(model, example_input=x)
+    lo, hi, best = 1, vit.num_patches, None
+    while lo <= hi:
+        k = (lo + hi) // 2
+        gm, rep = vitprune.rewrite(model, "token-drop", keep_rate=k / vit.num_patches, at_inference=True, example_input=x)
+        if best is None or abs(rep.flops_ratio - target) < abs(best[1].flops_ratio - target):
+            best = (gm, rep)
+        lo, hi = (k + 1, hi) if rep.flops_ratio < target else (lo, k - 1)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_small_patch16_224")
+    p.add_argument("--targets", default="0.6,0.5")
+    p.add_argument("--backend", default="eager,compile,onnxruntime")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    original = vitprune.load(f"timm:{args.model}").eval()
+    size = default_input_size(original)
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    calib = photos(size[1])
+    models, reports = {"original": original}, {}
+    for target in (float(t) for t in args.targets.split(",")):
+        gm, rep = token_drop_at(original, target, x)
+        models[f"token-drop@{target}"], reports[f"token-drop@{target}"] = gm, rep
+        for mode in ("dynamic", "static"):
+            kw = {"calibration": calib} if mode == "static" else {}
+            gm, rep = vitprune.rewrite(original, "importance-mask", flops=target, mode=mode, example_input=x, **kw)
+            models[f"importance-mask-{mode}@{target}"], reports[f"importance-mask-{mode}@{target}"] = gm, rep
+    rows = bench(models, size, backends=tuple(args.backend.split(",")), batches=(args.batch,), repeats=args.repeats,
+                 iters=args.iters)
+    result = {
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "loadavg": os.getloadavg()},
+        "config": vars(args) | {"out": str(args.out)},
+        "rewrites": {k: {"flops_ratio": r.flops_ratio, "decisions": r.decisions, "keep_all_max_abs_diff":
+                         r.keep_all_max_abs_diff} for k, r in reports.items()},
+        "rows": [r.to_dict() for r in rows],
+    }
+    md = f"`{args.model}`, batch {args.batch}, {args.repeats} interleaved rounds × {args.iters} forwards, " \
+         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {result['machine']['date']}\n\n" + table(rows)
+    print(md)
+    out = args.out or Path(__file__).parent / "results" / f"speed_{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(result, indent=2, default=str)), (out.with_suffix(".md"), md)):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
