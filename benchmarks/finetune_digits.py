@@ -29,7 +29,7 @@ RandomResizedCrop scale (0.6, 1), no flip), ``--epochs`` epochs, the same seed a
 Torch runs on ``--threads`` threads (default 1: on a CPU shared with other processes, 2 OpenMP threads on
 2 busy cores ran a training step 10x slower than 1 thread). The load average at start and end is recorded.
 
-    python benchmarks/finetune_digits.py                      # ~10 minutes on 1 core
+    python benchmarks/finetune_digits.py                      # ~8 minutes on 1 idle core
     python benchmarks/finetune_digits.py --epochs 2 --recovery-epochs 1 --vit-steps 1 --out /tmp/fd  # smoke
 """
 
@@ -174,7 +174,7 @@ def at_keep_rates(model, folders: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of each training run")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs of each training run")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the from-scratch runs")
     parser.add_argument("--recovery-epochs", type=int, default=5)
     parser.add_argument("--recovery-lr", type=float, default=5e-4)

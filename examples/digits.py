@@ -10,6 +10,7 @@
 
     python examples/digits.py                 # about two minutes on 2 CPU cores
     python examples/digits.py --epochs 5 --out /tmp/digits
+    python examples/digits.py --write-folders /tmp/digits_folders   # only write train/ and val/ PNG folders
 """
 
 from __future__ import annotations
@@ -44,6 +45,40 @@ def digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         torch.arange(len(labels)).numpy(), test_size=0.25, random_state=seed, stratify=labels.numpy()
     )
     return images[idx_train], labels[idx_train], images[idx_test], labels[idx_test]
+
+
+def write_image_folders(out_dir: str | Path, seed: int = 0, max_train: int | None = None,
+                        max_val: int | None = None) -> dict[str, int]:
+    """Write the digits as ImageFolder trees ``out_dir/train/<digit>/*.png`` and ``out_dir/val/<digit>/*.png``.
+
+    The split is :func:`digits_split` (stratified 75/25: 1,347 train / 450 val); each image is the
+    ``IMAGE_SIZE x IMAGE_SIZE`` upsampled digit the training here uses, as an 8-bit greyscale PNG
+    (``(pixel + 1) / 2 * 255``, so ``vitprune finetune``'s default mean/std 0.5 maps it back to ``[-1, 1]``).
+    ``max_train`` / ``max_val`` keep only the first images of each split (the split is shuffled).
+
+    Returns:
+        ``{"train": images written, "val": images written}``.
+
+    Raises:
+        FileExistsError: ``out_dir/train`` or ``out_dir/val`` exists (nothing is overwritten).
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    targets = {"train": out_dir / "train", "val": out_dir / "val"}
+    for path in targets.values():
+        if path.exists():
+            raise FileExistsError(f"{path} exists; choose another folder")
+    x_train, y_train, x_test, y_test = digits_split(seed)
+    counts = {}
+    for name, (x, y, limit) in {"train": (x_train, y_train, max_train), "val": (x_test, y_test, max_val)}.items():
+        pixels = ((x[:limit, 0] + 1.0) / 2.0 * 255.0).round().clamp(0, 255).to(torch.uint8)  # [N, H, W]
+        for i, (img, label) in enumerate(zip(pixels, y[:limit].tolist())):
+            folder = targets[name] / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.numpy()).save(folder / f"{i:04d}.png")
+        counts[name] = len(pixels)
+    return counts
 
 
 def build_model() -> torch.nn.Module:
@@ -103,7 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=64, help="training batch size")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
     parser.add_argument("--out", default="examples/out", help="folder for the models and results")
+    parser.add_argument("--write-folders", metavar="DIR", help="only write the digits as ImageFolder trees "
+                        "DIR/train and DIR/val (PNG) for `vitprune finetune` / `vitprune eval`, then exit")
     args = parser.parse_args(argv)
+    if args.write_folders:
+        counts = write_image_folders(args.write_folders)
+        print(f"wrote {counts['train']} train and {counts['val']} val images under {args.write_folders}")
+        return counts
     import vitprune
     from safetensors.torch import save_file
 

@@ -125,3 +125,35 @@ def image_folder(path: str | os.PathLike, transform, option: str = "--data"):
         return ImageFolder(str(path), transform=transform, loader=load_rgb, is_valid_file=is_image_file)
     except (FileNotFoundError, OSError) as exc:
         raise VitpruneError(f"{option}: cannot read {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def train_val_folders(data, val, input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD, scale=DEFAULT_SCALE, hflip=False):
+    """``(train, val)`` ImageFolders with the training / evaluation transforms (``val`` None when not given).
+
+    Raises:
+        VitpruneError: see :func:`check_image_folder`; ``val``'s classes differ from ``data``'s.
+    """
+    train_ds = image_folder(data, train_transform(input_size, mean, std, scale, hflip), "--data")
+    val_ds = image_folder(val, eval_transform(input_size, mean, std), "--val") if val else None
+    if val_ds is not None and val_ds.classes != train_ds.classes:
+        raise VitpruneError(f"--val's classes {val_ds.classes[:4]}... differ from --data's {train_ds.classes[:4]}...")
+    return train_ds, val_ds
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(torch.initial_seed() % 2**32)  # the worker's torch seed comes from the loader's generator
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def seeded_loader(dataset, batch_size: int, sampler, num_workers: int, seed: int, pin_memory: bool = False):
+    """A DataLoader whose worker seeds (torch, numpy, random) derive from ``seed`` alone."""
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
+                                       pin_memory=pin_memory)

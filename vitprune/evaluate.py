@@ -122,6 +122,8 @@ def accuracy_counts(model: nn.Module, loader, device: torch.device, amp: bool = 
     Top-5 is top-``min(5, K)`` for ``K`` classes. Sums (not means) so ranks can all-reduce them.
     """
     sums = torch.zeros(4, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -130,7 +132,32 @@ def accuracy_counts(model: nn.Module, loader, device: torch.device, amp: bool = 
         hits = top == labels[:, None]
         sums += torch.tensor([float(F.cross_entropy(logits, labels, reduction="sum")), float(hits[:, 0].sum()),
                               float(hits.any(dim=1).sum()), len(labels)], dtype=torch.float64)
+    model.train(was_training)
     return sums
+
+
+def all_reduce_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
+    """``t`` summed over the ``world`` ranks of the default process group (``t`` itself when alone); on CPU."""
+    if world > 1:
+        import torch.distributed as dist
+
+        t = t.to(device)
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def sharded_accuracy(model: nn.Module, dataset, batch_size: int, rank: int, world: int, device: torch.device,
+                     amp: bool = False, seed: int = 0, num_workers: int = 0, prefix: str = "") -> dict[str, Any]:
+    """Eval-mode ``{loss, top1, top5, images}`` (keys prefixed) on ``dataset``; rank ``r`` of ``world`` evaluates
+    images ``r, r + world, ...`` and the sums are all-reduced, so every rank returns the whole dataset's numbers.
+    Random token selection is seeded with ``seed`` (global RNG state is left as it was)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world)),
+                                         num_workers=num_workers)
+    with fork_rng(device):
+        torch.manual_seed(seed)
+        loss, top1, top5, n = all_reduce_sum(accuracy_counts(model, loader, device, amp), world, device).tolist()
+    return {f"{prefix}loss": loss / n, f"{prefix}top1": top1 / n,
+            f"{prefix}top5": top5 / n if len(dataset.classes) >= 5 else None, f"{prefix}images": int(n)}
 
 
 def evaluate(
@@ -157,7 +184,7 @@ def evaluate(
         seed: seeds random token selection, so each row is repeatable.
 
     Returns:
-        ``{"data", "images", "classes", "input_size", "rows": [{"keep_rate", "keep_counts", "top1",
+        ``{"data", "images", "classes", "input_size", "rows": [{"keep_rate", "keep_counts", "top1", "images",
         "top5", "loss", "images_per_s"}]}``; accuracies are fractions in ``[0, 1]``; ``top5`` is None
         with fewer than 5 classes; ``loss`` is the mean cross-entropy (nats).
 
@@ -182,22 +209,18 @@ def evaluate(
     dev = pick_device(device)
     size = tuple(input_size or default_input_size(model))
     dataset = image_folder(data, eval_transform(size, mean, std), "--data")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     was_training = model.training
     model.to(dev).eval()
     rows = []
     try:
         check_classes(model, dataset, dev)
         for rate in keep_rates if keep_rates is not None else [None]:
-            with inference_keep_rate(model, rate), fork_rng(dev):
-                torch.manual_seed(seed)
+            with inference_keep_rate(model, rate):
                 start = time.perf_counter()
-                loss, top1, top5, n = accuracy_counts(model, loader, dev, amp=dev.type == "cuda").tolist()
+                row = sharded_accuracy(model, dataset, batch_size, 0, 1, dev, dev.type == "cuda", seed, num_workers)
                 seconds = time.perf_counter() - start
-                counts = [m.keep_count if (m.at_inference or rate is not None) else m.num_patches for m in drops]
-            rows.append({"keep_rate": rate, "keep_counts": counts, "top1": top1 / n,
-                         "top5": top5 / n if len(dataset.classes) >= 5 else None, "loss": loss / n,
-                         "images_per_s": n / seconds})
+                counts = [m.keep_count if m.at_inference else m.num_patches for m in drops]
+            rows.append({"keep_rate": rate, "keep_counts": counts, **row, "images_per_s": row["images"] / seconds})
     finally:
         model.train(was_training)
     return {"data": str(data), "images": len(dataset), "classes": len(dataset.classes), "input_size": list(size),

@@ -197,8 +197,10 @@ def load(
     if not path.exists():
         raise LoadError(f"no such file or directory: {path}")
     if path.is_dir():
-        from vitprune.save import load_saved
+        from vitprune.save import is_saved_model, load_saved
 
+        if not is_saved_model(path) and is_saved_model(path / "model"):
+            path = path / "model"  # a `vitprune finetune` output folder: model/ beside checkpoints/
         return load_saved(path)
     if arch is not None:
         if not arch.startswith("timm:"):
