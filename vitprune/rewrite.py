@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,11 +15,11 @@ from vitprune.capture import capture
 from vitprune.load import example_input as make_example_input
 from vitprune.load import source_of
 from vitprune.passes import make_pass, run_passes
-from vitprune.verify import verify
+from vitprune.verify import FlopsRatios, verify
 
 
 @dataclass
-class RewriteReport:
+class RewriteReport(FlopsRatios):
     """What a rewrite did and measured. FLOPs are for one forward of the example batch."""
 
     method: str
@@ -34,16 +34,6 @@ class RewriteReport:
     seconds: float
     analysis: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
-
-    @property
-    def flops_ratio(self) -> float:
-        return self.flops_after / self.flops_before
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["flops_ratio"] = self.flops_ratio
-        d["flops_ratio_train"] = self.flops_after_train / self.flops_before
-        return d
 
 
 def rewrite(

@@ -21,8 +21,26 @@ from vitprune.flops import count_flops
 from vitprune.modules import force_keep_all
 
 
+class FlopsRatios:
+    """``flops_ratio`` (eval) and ``flops_ratio_train`` for a dataclass with ``flops_before/after(_train)``."""
+
+    flops_before: int
+    flops_after: int
+    flops_after_train: int
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_after / self.flops_before
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)  # type: ignore[call-overload]
+        d["flops_ratio"] = self.flops_ratio
+        d["flops_ratio_train"] = self.flops_after_train / self.flops_before
+        return d
+
+
 @dataclass
-class Verification:
+class Verification(FlopsRatios):
     """What verification measured. FLOPs are per forward pass of the example batch."""
 
     keep_all_max_abs_diff: float
@@ -31,16 +49,6 @@ class Verification:
     flops_before: int
     flops_after: int  # eval mode (inference)
     flops_after_train: int  # train mode, token ops active
-
-    @property
-    def flops_ratio(self) -> float:
-        return self.flops_after / self.flops_before
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["flops_ratio"] = self.flops_ratio
-        d["flops_ratio_train"] = self.flops_after_train / self.flops_before
-        return d
 
 
 @contextlib.contextmanager
