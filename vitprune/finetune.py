@@ -53,7 +53,13 @@ from vitprune.token_ops import SELECTIONS
 
 CHECKPOINTS, METRICS = "checkpoints", "metrics.jsonl"
 _OUTPUT_ENTRIES = (CHECKPOINTS, METRICS, MODEL_SUBDIR)
-_NO_DECAY = ("pos_embed", "cls_token", "dist_token", "reg_token")
+
+
+def no_decay_names(gm: fx.GraphModule) -> set[str]:
+    """Parameters the graph reads directly (``get_attr``): position embeddings, prefix tokens, norm scales,
+    LayerScale gammas. Found from the graph, not from names; with 1-d parameters they get no weight
+    decay (timm's convention). Weights of linear and conv layers live inside leaf modules and decay."""
+    return {n.target for n in gm.graph.nodes if n.op == "get_attr"}
 
 
 @dataclass
@@ -342,9 +348,10 @@ def finetune(
 
         # Optimiser, schedules, sampler.
         named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        plain = no_decay_names(student)
         opt = torch.optim.AdamW([
-            {"params": [p for n, p in named if p.ndim > 1 and not n.endswith(_NO_DECAY)], "weight_decay": cfg.weight_decay},
-            {"params": [p for n, p in named if p.ndim <= 1 or n.endswith(_NO_DECAY)], "weight_decay": 0.0}], lr=cfg.lr)
+            {"params": [p for n, p in named if p.ndim > 1 and n not in plain], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in named if p.ndim <= 1 or n in plain], "weight_decay": 0.0}], lr=cfg.lr)
         generator = torch.Generator()
         sampler: Any = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed) \
             if world > 1 else torch.utils.data.RandomSampler(train_ds, generator=generator)
