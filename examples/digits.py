@@ -81,9 +81,11 @@ def write_image_folders(out_dir: str | Path, seed: int = 0, max_train: int | Non
     return counts
 
 
-def build_model() -> torch.nn.Module:
+def build_model(seed: int = 0) -> torch.nn.Module:
+    """The example's ViT, randomly initialised from ``seed`` (so runs are repeatable)."""
     import vitprune
 
+    torch.manual_seed(seed)
     return vitprune.load(ARCH, model_args=MODEL_ARGS)
 
 
