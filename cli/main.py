@@ -101,6 +101,7 @@ def _check_output(output: Path, inputs: list[str]) -> None:
 _METHOD_OPTIONS = {
     "token-drop": ("keep_rate", "selection", "at_inference"),
     "importance-mask": ("keep", "flops", "mode", "calibration", "first_block"),
+    "lifespan-gather": ("flops", "after_block", "exact"),
 }
 
 
@@ -118,6 +119,9 @@ _METHOD_OPTIONS = {
               "(dynamic, default) or fixed index sets from calibration images (static).")
 @click.option("--calibration", type=click.Path(), help="importance-mask static: folder of calibration images.")
 @click.option("--first-block", type=int, help="importance-mask with --flops: first pruned block [default: 3].")
+@click.option("--after-block", type=int, help="lifespan-gather: the life regressor sits before this block [default: 3].")
+@click.option("--exact", is_flag=True, default=None, help="lifespan-gather: batch 1, keep exactly the tokens whose "
+              "life > block (variable token counts: no static shapes).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder to write the rewritten model to.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is a model saved by vitprune.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the verification run.")
@@ -137,6 +141,8 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
         given.setdefault("keep_rate", 0.5)
         if not 0.0 < given["keep_rate"] <= 1.0:
             raise click.BadParameter(f"must be in (0, 1], got {given['keep_rate']}", param_hint="--keep-rate")
+    if method == "lifespan-gather":
+        given.setdefault("flops", 0.5)
     if given.get("flops") is not None and not 0.0 < given["flops"] <= 1.0:
         raise click.BadParameter(f"must be in (0, 1], got {given['flops']}", param_hint="--flops")
     if output.exists() and not overwrite:

@@ -48,7 +48,7 @@ from vitprune.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes, logi
                                sharded_accuracy, token_drops)
 from vitprune.images import DEFAULT_MEAN, DEFAULT_STD
 from vitprune.keep_schedule import SCHEDULES, KeepSchedule, keep_count
-from vitprune.modules import force_keep_all, token_modules
+from vitprune.modules import auxiliary_losses, force_keep_all, set_training_progress, token_modules
 from vitprune.token_ops import SELECTIONS
 
 CHECKPOINTS, METRICS = "checkpoints", "metrics.jsonl"
@@ -448,6 +448,7 @@ def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
         else:  # the rewrite's own static count (PatchDropout), or every token
             rate = drops[0].keep_count / drops[0].num_patches if drops else 1.0
         rates[f"{rate:.4g}"] += 1
+        set_training_progress(loop.model, (epoch * loop.spe + i) / max(1, cfg.epochs * loop.spe))  # lifespan tau
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.amp):
             logits = logits_of(loop.model(x)).float()
@@ -457,6 +458,9 @@ def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
                 with torch.no_grad(), loop.teacher_ctx():
                     kd = distillation_loss(logits, logits_of(loop.teacher(x)).float(), cfg.distill_temperature)
             loss = ce + cfg.distill_weight * kd
+            aux = auxiliary_losses(loop.model)  # lifespan-gather's FLOPs budget loss
+            if aux is not None:
+                loss = loss + aux
         loop.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad:

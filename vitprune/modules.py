@@ -201,3 +201,184 @@ class StaticTokenSelect(TokenModule):
         if self.record_kept:
             self.last_kept = torch.tensor(self.kept, device=x.device).expand(x.shape[0], -1)
         return x.index_select(1, self.token_index)
+
+
+@register_leaf
+class LifespanGather(TokenModule):
+    """Life Regression (arXiv 2304.04926): predict every patch token's lifespan once, sort tokens by it.
+
+    The paper's idea: one small regressor early in the network predicts, for each patch token, the
+    number of blocks it stays alive; vitprune counts a life as the blocks that process the token, so it
+    is alive at block ``l`` iff ``life > l``.
+    vitprune's choices (the paper has no public code):
+
+    - life = ``k0 - ½ + (num_blocks - k0 + ½) · sigmoid(a · z + mlp(x) + b)`` blocks (``k0 = first_block``;
+      a life rounding to k0 ends at the regressor's own block), where
+      ``z`` is the per-image standardised log of the patch's attention score from the block just before
+      (the one-row q_cls·Kᵀ score of importance-mask) and ``mlp`` a LayerNorm-Linear-GELU-Linear on the
+      token. ``mlp``'s last layer starts at zero and ``a`` at 4, so before fine-tuning the lives rank
+      patches by attention importance and the rewritten model is already sensible;
+    - the patch tokens are then sorted by life, longest first (prefix tokens stay first), so every later
+      block keeps a *prefix* of fixed length (:class:`PrefixSlice`): one gather, then slices;
+    - in training, :class:`SurvivalGate` scales residual updates by ``sigmoid((life - l) / tau)`` and
+      :meth:`aux_loss` is ``budget_weight · (implied FLOPs ratio - target)²``, the implied token count at
+      block ``l`` being ``prefix + Σ sigmoid((life - l) / tau)``.
+
+    Shapes: ``x [B, prefix + P, C]``, ``q, k [B, H, N, d]`` -> ``(x sorted [B, prefix + P, C], lives [B, P])``
+    with lives sorted descending (``lives[:, i]`` is the life of token ``prefix + i``).
+    """
+
+    def __init__(self, num_prefix_tokens: int, num_patches: int, dim: int, first_block: int, num_blocks: int,
+                 scale: float, score: str = "cls", cls_index: int = 0, hidden: int = 0,
+                 block_linear: list | None = None, block_attention: list | None = None, fixed_flops: float = 0.0,
+                 target: float = 1.0, budget_weight: float = 2.0, tau_start: float = 1.0, tau_end: float = 0.1) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.num_patches, self.dim = int(num_prefix_tokens), int(num_patches), int(dim)
+        self.first_block, self.num_blocks = int(first_block), int(num_blocks)
+        self.scale, self.score, self.cls_index = float(scale), score, int(cls_index)
+        self.hidden = int(hidden) or max(16, dim // 4)
+        self.block_linear = [float(v) for v in (block_linear or [])]
+        self.block_attention = [float(v) for v in (block_attention or [])]
+        self.fixed_flops, self.target, self.budget_weight = float(fixed_flops), float(target), float(budget_weight)
+        self.tau_start, self.tau_end = float(tau_start), float(tau_end)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.score_weight = nn.Parameter(torch.tensor(4.0))
+        self.bias = nn.Parameter(torch.tensor(0.0))
+        self.progress = 0.0  # set by the fine-tuning loop (0 -> 1) to anneal tau
+        self.last_lives: torch.Tensor | None = None
+        self._force_keep_all = False
+
+    def config(self) -> dict[str, Any]:
+        keys = ("num_prefix_tokens", "num_patches", "dim", "first_block", "num_blocks", "scale", "score", "cls_index",
+                "hidden", "block_linear", "block_attention", "fixed_flops", "target", "budget_weight", "tau_start",
+                "tau_end")
+        return {k: getattr(self, k) for k in keys}
+
+    def extra_repr(self) -> str:
+        return f"num_patches={self.num_patches}, lives in [{self.first_block}, {self.num_blocks}], target={self.target}"
+
+    @property
+    def tau(self) -> float:
+        """Temperature of the soft survival, annealed geometrically from ``tau_start`` to ``tau_end``."""
+        return self.tau_start * (self.tau_end / self.tau_start) ** min(max(self.progress, 0.0), 1.0)
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = float(progress)
+
+    def lives(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Predicted lives ``[B, P]`` (in blocks, within ``(first_block - ½, num_blocks)``), in token order."""
+        scores = token_ops.attention_patch_scores(q, k, self.num_prefix_tokens, self.scale, self.score, self.cls_index)
+        z = scores.clamp_min(1e-12).log()
+        z = (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-6)
+        logit = self.score_weight * z + self.mlp(x[:, self.num_prefix_tokens:]).squeeze(-1) + self.bias
+        low = self.first_block - 0.5  # a life that rounds to first_block ends at the regressor's block
+        return low + (self.num_blocks - low) * torch.sigmoid(logit)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lives = self.lives(x, q, k)
+        order = torch.argsort(lives, dim=1, descending=True, stable=True)
+        tokens, _ = token_ops.keep_patch_tokens(x, self.num_prefix_tokens, order)
+        sorted_lives = torch.gather(lives, 1, order)
+        if self.record_kept:
+            self.last_kept, self.last_lives = order.detach(), lives.detach()
+        self._sorted_lives = sorted_lives if self.training else None
+        return tokens, sorted_lives
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Budget loss of the last training forward: ``budget_weight · (implied FLOPs ratio - target)²``."""
+        lives = getattr(self, "_sorted_lives", None)
+        if lives is None or not self.block_linear:
+            return None
+        flops = lives.new_tensor(self.fixed_flops)
+        full = self.fixed_flops
+        n_all = self.num_prefix_tokens + self.num_patches
+        for block, (lin, att) in enumerate(zip(self.block_linear, self.block_attention)):
+            full += lin * n_all + att * n_all * n_all
+            if block < self.first_block:
+                flops = flops + lin * n_all + att * n_all * n_all
+                continue
+            n = self.num_prefix_tokens + torch.sigmoid((lives - block) / self.tau).sum(dim=1)  # [B]
+            flops = flops + (lin * n + att * n * n).mean()
+        return self.budget_weight * (flops / full - self.target) ** 2
+
+
+@register_leaf
+class PrefixSlice(TokenModule):
+    """Keep the first ``num_prefix_tokens + keep_count`` tokens of a life-sorted stream (eval mode).
+
+    Part of lifespan-gather (:class:`LifespanGather`): the tokens are sorted by predicted life once, so
+    the patches still alive at block ``block`` are a prefix; ``keep_count`` is the static per-block budget.
+    ``exact=True`` (batch 1 only) keeps exactly the tokens whose life > ``block``: a data-dependent
+    token count, so no static shapes (torch.compile recompiles per count, ONNX export needs dynamic
+    axes) and batches cannot mix counts without padding. Identity in training (soft survival instead).
+
+    Shapes: ``x [B, N, C]``, ``lives [B, P]`` -> ``[B, num_prefix_tokens + keep_count, C]``.
+    """
+
+    def __init__(self, num_prefix_tokens: int, num_patches: int, keep_count: int, block: int, exact: bool = False) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.num_patches, self.keep_count = int(num_prefix_tokens), int(num_patches), int(keep_count)
+        self.block, self.exact = int(block), bool(exact)
+        self._force_keep_all = False
+
+    def config(self) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches,
+                "keep_count": self.keep_count, "block": self.block, "exact": self.exact}
+
+    def forward(self, x: torch.Tensor, lives: torch.Tensor) -> torch.Tensor:
+        if self.training or self._force_keep_all:
+            return x
+        count = self.keep_count
+        if self.exact:
+            if x.shape[0] != 1:
+                raise ValueError("PrefixSlice(exact=True) takes batch 1: per-image token counts differ")
+            count = int((lives[0] > self.block).sum())
+        if self.record_kept:
+            self.last_kept = torch.arange(min(count, x.shape[1] - self.num_prefix_tokens), device=x.device).expand(x.shape[0], -1)
+        return x[:, : self.num_prefix_tokens + count]
+
+
+@register_leaf
+class SurvivalGate(nn.Module):
+    """Soft survival in training: scale a residual branch's update of each patch token by
+    ``sigmoid((life - block) / tau)`` (prefix tokens: 1). Identity in eval mode. ``tau`` comes from the
+    :class:`LifespanGather` schedule, copied in by :func:`set_training_progress`.
+
+    Shapes: ``update [B, prefix + P, C]``, ``lives [B, P]`` -> ``[B, prefix + P, C]``.
+    """
+
+    def __init__(self, num_prefix_tokens: int, block: int, tau_start: float = 1.0, tau_end: float = 0.1) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.block = int(num_prefix_tokens), int(block)
+        self.tau_start, self.tau_end, self.progress = float(tau_start), float(tau_end), 0.0
+
+    def config(self) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.num_prefix_tokens, "block": self.block,
+                "tau_start": self.tau_start, "tau_end": self.tau_end}
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = float(progress)
+
+    def forward(self, update: torch.Tensor, lives: torch.Tensor) -> torch.Tensor:
+        if not self.training or update.shape[1] != self.num_prefix_tokens + lives.shape[1]:
+            return update
+        tau = self.tau_start * (self.tau_end / self.tau_start) ** min(max(self.progress, 0.0), 1.0)
+        gate = torch.sigmoid((lives - self.block) / tau)
+        gate = torch.cat([gate.new_ones(gate.shape[0], self.num_prefix_tokens), gate], dim=1)
+        return update * gate.unsqueeze(-1)
+
+
+def set_training_progress(model: nn.Module, progress: float) -> None:
+    """Tell every module with a training schedule (lifespan-gather's tau) how far training is (0..1)."""
+    for m in model.modules():
+        if hasattr(m, "set_progress") and type(m) in LEAF_MODULES.values():
+            m.set_progress(progress)
+
+
+def auxiliary_losses(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the vitprune modules' auxiliary losses from the last training forward (lifespan budget)."""
+    losses = [m.aux_loss() for m in model.modules() if hasattr(m, "aux_loss") and type(m) in LEAF_MODULES.values()]
+    losses = [l for l in losses if l is not None]
+    return sum(losses) if losses else None

@@ -122,11 +122,35 @@ def _kept_patches(model: nn.Module, x: torch.Tensor):
         kept = m.last_kept[0].detach().to("cpu", torch.long)
         if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= positions.numel()):
             raise VitpruneError(f"token op {name!r} kept index {int(kept.max())} of {positions.numel()} patch tokens")
+        lives = getattr(m, "last_lives", None)
+        if lives is not None:  # lifespan-gather: one panel of the predicted lives, in grid order
+            grid_lives = torch.empty(num_patches)
+            grid_lives[positions] = lives[0].detach().float().cpu()
+            stages.append({"lives": grid_lives, "range": (m.first_block, m.num_blocks), "num_patches": num_patches})
         positions = positions[kept]
+        if positions.numel() == num_patches:
+            continue  # a reordering (lifespan sort) keeps every patch: nothing to draw
         stages.append({"before_block": int(before.get(name, -1)), "kept": positions.clone(), "num_patches": num_patches})
     if not stages:
         raise VitpruneError("MODEL's token ops drop no tokens in eval mode, so there is nothing to show")
     return stages, vit
+
+
+def _lives_panel(display: np.ndarray, grid: tuple[int, int], patch_size: tuple[int, int],
+                 stage: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """The image under a viridis map of each patch's predicted life (lifespan-gather), scaled to this
+    image's lowest .. highest life (possible lives span ``stage["range"]``)."""
+    from matplotlib import colormaps
+
+    gh, gw = grid
+    ph, pw = patch_size
+    lives = stage["lives"].numpy().reshape(gh, gw)
+    low, high = float(lives.min()), float(lives.max())  # the image's own range, for contrast
+    colours = colormaps["viridis"](np.clip((lives - low) / max(high - low, 1e-6), 0, 1))[..., :3].astype(np.float32)
+    overlay = np.array(display, dtype=np.float32, copy=True)
+    tinted = np.kron(colours, np.ones((ph, pw, 1), dtype=np.float32))
+    overlay[: gh * ph, : gw * pw] = 0.35 * overlay[: gh * ph, : gw * pw] + 0.65 * tinted
+    return overlay, f"predicted life: {low:.1f} (dark) .. {high:.1f} (bright) blocks"
 
 
 def _panels(display: np.ndarray, grid: tuple[int, int], patch_size: tuple[int, int],
@@ -138,6 +162,9 @@ def _panels(display: np.ndarray, grid: tuple[int, int], patch_size: tuple[int, i
     total = gh * gw
     panels = [(display, f"all {total} patches")]
     for stage in stages:
+        if "lives" in stage:
+            panels.append(_lives_panel(display, grid, patch_size, stage))
+            continue
         kept = np.zeros(total, dtype=bool)
         kept[np.asarray(stage["kept"], dtype=np.int64)] = True
         mask = np.full((height, width), DROPPED_BRIGHTNESS, dtype=np.float32)
@@ -190,7 +217,7 @@ def draw(
         raise VitpruneError(f"a {gh}x{gw} grid of {ph}x{pw} patches does not fit a {height}x{width} image")
 
     for stage in stages:
-        kept = np.asarray(stage["kept"], dtype=np.int64)
+        kept = np.asarray(stage.get("kept", []), dtype=np.int64)
         if kept.size and (kept.min() < 0 or kept.max() >= gh * gw):
             raise VitpruneError(f"a kept patch position ({kept.max()}) is outside the {gh}x{gw} patch grid")
     panels = _panels(display, (gh, gw), (ph, pw), stages)

@@ -1,0 +1,159 @@
+"""lifespan-gather: Life Regression (arXiv 2304.04926): predict each patch's lifespan once, keep the living.
+
+Inserts, at the input of block ``after_block`` (k0, default 3), a :class:`~vitprune.modules.LifespanGather`
+that predicts every patch token's life (in blocks, within ``[k0, L]``) from the previous block's q·k
+attention row and the token itself, and sorts the patch tokens by it (prefix tokens stay first). Every
+later block ``l`` then keeps a prefix of ``prefix + K_l`` tokens (:class:`~vitprune.modules.PrefixSlice`,
+a slice, no gather), ``K_l`` a Python int fixed here from the FLOPs target (the schedule shape of
+importance-mask, from block k0 on). A life counts the blocks that process the token: it is alive at
+block ``l`` iff ``life > l`` (so a life of k0 ends at the regressor). In training, every residual update of blocks ``l >= k0`` passes a
+:class:`~vitprune.modules.SurvivalGate` (``sigmoid((life - l) / tau)``) and the regressor's budget loss
+holds the implied FLOPs at the target; ``vitprune finetune`` adds that loss and anneals ``tau``.
+
+The regressor's bias is set here so that, on the example input, the hard lives (alive at ``l`` iff
+``life > l``) imply the FLOPs target: before fine-tuning, lives rank patches by attention importance.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from vitprune.analysis import ViTGraph
+from vitprune.errors import PassError
+from vitprune.flops import count_flops
+from vitprune.modules import LifespanGather, PrefixSlice, SurvivalGate
+from vitprune.passes.base import VitPass, register_pass, unique_attr_name
+from vitprune.passes.importance_mask import _node, _Record
+from vitprune.schedule import block_flops, predicted_ratio, solve_for_flops, tokens_per_block
+
+
+def _is_ancestor(a: fx.Node, b: fx.Node) -> bool:
+    seen, todo = set(), [b]
+    while todo:
+        n = todo.pop()
+        if n is a:
+            return True
+        for i in n.all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return False
+
+
+def _hard_ratio(vit: ViTGraph, lives: torch.Tensor, first_block: int, total: float) -> float:
+    """FLOPs ratio implied by hard lives ``[B, P]`` (token alive at block l iff life > l), batch mean."""
+    counts = {l: float((lives > l).sum(dim=1).float().mean()) for l in range(first_block, vit.num_blocks)}
+    return predicted_ratio(vit, {l: max(1.0, c) for l, c in counts.items()}, total)
+
+
+@register_pass
+class LifespanGatherPass(VitPass):
+    """Parameters: ``flops`` (target FLOPs ratio), ``after_block`` (k0), ``exact`` (batch-1 exact lives),
+    ``budget_weight``, ``tau_start``, ``tau_end``."""
+
+    name = "lifespan-gather"
+    needs = ("readout_is_position_free", "no_token_indexed_tensors", "no_token_ops")
+
+    def __init__(self, flops: float = 0.5, after_block: int = 3, exact: bool = False, budget_weight: float = 2.0,
+                 tau_start: float = 1.0, tau_end: float = 0.1) -> None:
+        if not 0.0 < float(flops) <= 1.0:
+            raise PassError(f"FLOPs target must be in (0, 1], got {flops}")
+        super().__init__(flops=float(flops), after_block=int(after_block), exact=bool(exact),
+                         budget_weight=float(budget_weight), tau_start=float(tau_start), tau_end=float(tau_end))
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return PassResult(graph_module, self.rewrite(graph_module, self.analysis))
+
+    def rewrite(self, gm: fx.GraphModule, vit: ViTGraph) -> bool:
+        p, k0, L = self.params, self.params["after_block"], vit.num_blocks
+        if not 1 <= k0 <= L - 1:
+            raise PassError(f"--after-block must be in 1..{L - 1} for a model with {L} blocks, got {k0}")
+        prev = vit.blocks[k0 - 1]
+        if prev.attention != "sdpa":
+            raise PassError(f"block {k0 - 1} uses {prev.attention}: its queries and keys are not in the graph")
+        gm.eval()
+        x = self.example_input
+        total = count_flops(gm, x) / x.shape[0]
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0)
+        score = "cls" if vit.readout.kind == "token" and vit.num_prefix_tokens else "mean-query"
+        n_all = vit.num_tokens
+        block_lin = [b.linear_flops_per_token for b in vit.blocks]
+        block_att = [4 * b.heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
+        fixed = total - block_flops(vit, [n_all] * L)
+        module = LifespanGather(
+            vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale, score=score,
+            cls_index=vit.readout.token_indices[0] if score == "cls" else 0, block_linear=block_lin,
+            block_attention=block_att, fixed_flops=fixed, target=p["flops"], budget_weight=p["budget_weight"],
+            tau_start=p["tau_start"], tau_end=p["tau_end"])
+        self._calibrate_bias(gm, vit, module, total)
+
+        # soft survival on every residual update of blocks k0.. (training only)
+        gates = []
+        for block in vit.blocks[k0:]:
+            for add_name in block.residual_adds:
+                add = _node(gm, add_name)
+                a, b = add.args[0], add.args[1]
+                branch = b if _is_ancestor(a, b) else a
+                gate_name = unique_attr_name(gm, "survival_gate")
+                gm.add_submodule(gate_name, SurvivalGate(vit.num_prefix_tokens, block.index, p["tau_start"], p["tau_end"]))
+                with gm.graph.inserting_after(branch):
+                    gate = gm.graph.call_module(gate_name, (branch, branch))  # second arg set below
+                add.replace_input_with(branch, gate)
+                gates.append(gate)
+
+        stream = _node(gm, vit.blocks[k0].input_node)
+        name = unique_attr_name(gm, "lifespan_gather")
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_after(stream):
+            lg = gm.graph.call_module(name, (stream, _node(gm, prev.query_node), _node(gm, prev.key_node)))
+        with gm.graph.inserting_after(lg):
+            tokens = gm.graph.call_function(operator.getitem, (lg, 0))
+        with gm.graph.inserting_after(tokens):
+            lives = gm.graph.call_function(operator.getitem, (lg, 1))
+        stream.replace_all_uses_with(tokens, delete_user_cb=lambda u: u is not lg)
+        for gate in gates:
+            gate.args = (gate.args[0], lives)
+
+        alive = vit.num_patches
+        for l, k in counts.items():
+            s = tokens if l == k0 else _node(gm, vit.blocks[l].input_node)
+            ps_name = unique_attr_name(gm, "prefix_slice")
+            gm.add_submodule(ps_name, PrefixSlice(vit.num_prefix_tokens, alive, k, l, exact=p["exact"]))
+            with gm.graph.inserting_after(lives if l == k0 else s):  # after both of its inputs
+                ps = gm.graph.call_module(ps_name, (s, lives))
+            s.replace_all_uses_with(ps, delete_user_cb=lambda u, ps=ps: u is not ps)
+            alive = k
+        gm.graph.lint()
+        gm.recompile()
+        self.record = {
+            "num_patches": vit.num_patches,
+            "num_prefix_tokens": vit.num_prefix_tokens,
+            "after_block": k0,
+            "keep_counts": {str(b): c for b, c in counts.items()},
+            "tokens_per_block": tokens_per_block(vit, counts),
+            "predicted_flops_ratio": predicted_ratio(vit, counts, int(total)),
+            "score": score,
+            "initial_bias": float(module.bias.detach()),
+        }
+        return True
+
+    def _calibrate_bias(self, gm: fx.GraphModule, vit: ViTGraph, module: LifespanGather, total: float) -> None:
+        """Set the regressor's bias so the example input's hard lives imply the FLOPs target."""
+        k0 = self.params["after_block"]
+        prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
+        rec = _Record(gm, {prev.query_node, prev.key_node, block.input_node})
+        with torch.no_grad():
+            rec.run(self.example_input)
+            x, q, k = (rec.values[n] for n in (block.input_node, prev.query_node, prev.key_node))
+            lo, hi = -20.0, 20.0
+            for _ in range(40):
+                module.bias.fill_((lo + hi) / 2)
+                if _hard_ratio(vit, module.lives(x, q, k), k0, total) > self.params["flops"]:
+                    hi = (lo + hi) / 2
+                else:
+                    lo = (lo + hi) / 2
+            module.bias.fill_((lo + hi) / 2)
