@@ -66,6 +66,11 @@ class VitPass(PassBase):
         #: what the pass decided (static keep counts, ...), for the report and the saved recipe.
         self.record: dict[str, Any] = {}
 
+    @property
+    def single_image(self) -> bool:
+        """Whether the rewritten model takes batch 1 only (data-dependent token counts)."""
+        return False
+
     def requires(self, graph_module: fx.GraphModule) -> None:
         if self.analysis is None:
             raise RuntimeError(f"pass {self.name!r} run without an analysis")

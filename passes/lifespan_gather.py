@@ -65,6 +65,10 @@ class LifespanGatherPass(VitPass):
         super().__init__(flops=float(flops), after_block=int(after_block), exact=bool(exact),
                          budget_weight=float(budget_weight), tau_start=float(tau_start), tau_end=float(tau_end))
 
+    @property
+    def single_image(self) -> bool:
+        return self.params["exact"]
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         return PassResult(graph_module, self.rewrite(graph_module, self.analysis))
 

@@ -18,6 +18,7 @@ METHODS = {
     "importance-mask": ("importance-mask", dict(keep="1:0.5,2:0.5")),
     "importance-mask-static": ("importance-mask", dict(keep="1:0.5,2:0.5", mode="static",
                                                        calibration=torch.randn(4, 3, 32, 32))),
+    "lifespan-gather": ("lifespan-gather", dict(flops=0.7, after_block=1)),
 }
 
 
@@ -49,9 +50,11 @@ def test_onnx_export_parity(name, tmp_path):
     tokens = {d.dim_value for v in proto.graph.value_info for d in v.type.tensor_type.shape.dim[1:2]}
     if name.startswith("token-drop") or name.startswith("importance"):
         assert 1 + 8 in tokens  # 16 patches kept to 8 (+1 CLS)
+    if name == "lifespan-gather":
+        assert {1 + k for k in model.meta["vitprune"]["recipe"][0]["decisions"]["keep_counts"].values()} <= tokens
 
 
-@pytest.mark.parametrize("name", ["token-drop-magnitude", "importance-mask", "importance-mask-static"])
+@pytest.mark.parametrize("name", ["token-drop-magnitude", "importance-mask", "importance-mask-static", "lifespan-gather"])
 def test_compile_one_graph_for_every_batch_size(name):
     from torch._dynamo.utils import counters
 

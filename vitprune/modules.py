@@ -278,7 +278,8 @@ class LifespanGather(TokenModule):
 
     def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lives = self.lives(x, q, k)
-        order = torch.argsort(lives, dim=1, descending=True, stable=True)
+        # longest life first; topk over all patches (sorted) exports to ONNX as one TopK (sort does not)
+        order = torch.topk(lives, lives.shape[1], dim=1, largest=True, sorted=True).indices
         tokens, _ = token_ops.keep_patch_tokens(x, self.num_prefix_tokens, order)
         sorted_lives = torch.gather(lives, 1, order)
         if self.record_kept:

@@ -76,14 +76,15 @@ def rewrite(
     pass_ = make_pass(method, **params)
     gm = capture(copy.deepcopy(model))
     gm, analyses = run_passes(gm, [pass_], example_input)
-    check = verify(model, gm, example_input, tolerance=tolerance, seed=seed)
+    # a rewrite with per-image token counts (lifespan-gather exact) runs on one image at a time
+    check = verify(model, gm, example_input[:1] if pass_.single_image else example_input, tolerance=tolerance, seed=seed)
     gm.train(model.training)
 
     previous = copy.deepcopy(getattr(model, "meta", {}).get("vitprune", {}))
     recipe = previous.get("recipe", []) + [{"pass": method, "params": pass_.params, "decisions": pass_.record}]
     gm.meta["vitprune"] = {
         "source": previous.get("source") or source_of(model),
-        "input_shape": list(example_input.shape),
+        "input_shape": [1 if pass_.single_image else example_input.shape[0], *example_input.shape[1:]],
         "recipe": recipe,
     }
     report = RewriteReport(
