@@ -5,6 +5,7 @@ depend on the weights) is rewritten three ways, each at FLOPs ratio ≈ F:
 - token-drop at inference (random selection; keep rate found by bisection on the measured FLOPs ratio),
 - importance-mask dynamic (``flops=F``),
 - importance-mask static (``flops=F``, calibrated on scikit-image's photographs),
+- lifespan-gather (``flops=F``, regressor after block 3, before any fine-tuning),
 and all models run through :func:`vitprune.bench.bench` (interleaved rounds, median images/s). The
 speed-up / FLOPs-ideal column is the figure of merit: 1.0 means the saved FLOPs all became time.
 
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             kw = {"calibration": calib} if mode == "static" else {}
             gm, rep = vitprune.rewrite(original, "importance-mask", flops=target, mode=mode, example_input=x, **kw)
             models[f"importance-mask-{mode}@{target}"], reports[f"importance-mask-{mode}@{target}"] = gm, rep
+        gm, rep = vitprune.rewrite(original, "lifespan-gather", flops=target, example_input=x)
+        models[f"lifespan-gather@{target}"], reports[f"lifespan-gather@{target}"] = gm, rep
     rows = bench(models, size, backends=tuple(args.backend.split(",")), batches=(args.batch,), repeats=args.repeats,
                  iters=args.iters)
     result = {
