@@ -569,7 +569,7 @@ def analyse(gm: fx.GraphModule, example_input: torch.Tensor) -> ViTGraph:
             kinds.append("register")
 
     token_ops = []
-    order_of = {name: g.order[n] for n in g.nodes for name in [n.name]}
+    order_of = {n.name: g.order[n] for n in g.nodes}
     for n in g.nodes:
         mod = _module(gm, n)
         if isinstance(mod, TokenModule):
