@@ -290,3 +290,22 @@ def test_config_rejects_unknown_and_out_of_range_options():
         FinetuneConfig(data="d", lrr=1.0)
     with pytest.raises(vitprune.VitpruneError, match="--label-smoothing"):
         FinetuneConfig(data="d", label_smoothing=1.0).check()
+
+
+def test_finetune_lifespan_gather_trains_lives_with_the_budget_loss(digits, tmp_path):
+    """lifespan-gather's training form: soft survival + budget loss; trained lives saved and reloaded."""
+    model = vitprune.load(ARCH, model_args={**ARGS, "depth": 3})
+    rewritten, _ = vitprune.rewrite(model, "lifespan-gather", flops=0.7, after_block=1)
+    before = {k: v.clone() for k, v in rewritten.state_dict().items() if k.startswith("lifespan_gather")}
+    result = vitprune.finetune(rewritten, digits / "train", tmp_path / "out", val=digits / "val", epochs=1,
+                               batch_size=50, lr=1e-3, progress=False)
+    trained = result.model.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in before)  # the regressor learned
+    lg = next(m for m in result.model.modules() if type(m).__name__ == "LifespanGather")
+    assert lg.progress > 0.5  # tau was annealed along training
+    again = vitprune.load(tmp_path / "out")
+    x = torch.randn(2, 3, 32, 32)
+    result.model.eval()
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(result.model(x), again(x))

@@ -172,7 +172,7 @@ def as_graph_module(model: nn.Module, input_size: Sequence[int] | None = None) -
 def _fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(name.encode() + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
