@@ -7,7 +7,9 @@ later block ``l`` then keeps a prefix of ``prefix + K_l`` tokens (:class:`~vitpr
 a slice, no gather), ``K_l`` a Python int fixed here from the FLOPs target (the schedule shape of
 importance-mask, from block k0 on). A life counts the blocks that process the token: it is alive at
 block ``l`` iff ``life > l`` (so a life of k0 ends at the regressor). In training, every residual update of blocks ``l >= k0`` passes a
-:class:`~vitprune.modules.SurvivalGate` (``sigmoid((life - l) / tau)``) and the regressor's budget loss
+:class:`~vitprune.modules.SurvivalGate` (``sigmoid((life - l) / tau)``), their attention gets the additive
+key mask ``log sigmoid((life - l) / tau)`` (:class:`~vitprune.modules.SurvivalKeyMask`: tokens past their life
+fade out as keys, as they will be absent at inference; vitprune's addition to the paper's soft masks), and the regressor's budget loss
 holds the implied FLOPs at the target; ``vitprune finetune`` adds that loss and anneals ``tau``.
 
 The regressor's bias is set here so that, on the example input, the hard lives (alive at ``l`` iff
@@ -25,7 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from vitprune.analysis import ViTGraph
 from vitprune.errors import PassError
 from vitprune.flops import count_flops
-from vitprune.modules import LifespanGather, PrefixSlice, SurvivalGate
+from vitprune.modules import LifespanGather, PrefixSlice, SurvivalGate, SurvivalKeyMask
 from vitprune.passes.base import VitPass, register_pass, unique_attr_name
 from vitprune.passes.importance_mask import _node, _Record
 from vitprune.schedule import block_flops, predicted_ratio, solve_for_flops, tokens_per_block
@@ -121,6 +123,16 @@ class LifespanGatherPass(VitPass):
         stream.replace_all_uses_with(tokens, delete_user_cb=lambda u: u is not lg)
         for gate in gates:
             gate.args = (gate.args[0], lives)
+        anchor = lives
+        for block in vit.blocks[k0:]:  # keys past their life fade out of attention in training too
+            sdpa = _node(gm, block.attention_node)
+            if block.attention != "sdpa" or sdpa.kwargs.get("attn_mask") is not None or len(sdpa.args) > 3:
+                continue
+            mask_name = unique_attr_name(gm, "survival_key_mask")
+            gm.add_submodule(mask_name, SurvivalKeyMask(vit.num_prefix_tokens, block.index, p["tau_start"], p["tau_end"]))
+            with gm.graph.inserting_after(anchor):
+                anchor = gm.graph.call_module(mask_name, (lives,))
+            sdpa.update_kwarg("attn_mask", anchor)
 
         alive = vit.num_patches
         for l, k in counts.items():

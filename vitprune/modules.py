@@ -371,6 +371,36 @@ class SurvivalGate(nn.Module):
         return update * gate.unsqueeze(-1)
 
 
+@register_leaf
+class SurvivalKeyMask(nn.Module):
+    """Soft survival for attention keys in training: an additive SDPA mask ``log sigmoid((life - block) / tau)``
+    on each patch key (0 on prefix keys), so tokens past their life fade out of other tokens' attention as
+    they will be absent at inference. ``None`` in eval mode (the block keeps its unmasked fused kernel).
+
+    Shapes: ``lives [B, P]`` -> ``[B, 1, 1, prefix + P]`` float, or ``None``.
+    """
+
+    def __init__(self, num_prefix_tokens: int, block: int, tau_start: float = 1.0, tau_end: float = 0.1) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.block = int(num_prefix_tokens), int(block)
+        self.tau_start, self.tau_end, self.progress = float(tau_start), float(tau_end), 0.0
+
+    def config(self) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.num_prefix_tokens, "block": self.block,
+                "tau_start": self.tau_start, "tau_end": self.tau_end}
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = float(progress)
+
+    def forward(self, lives: torch.Tensor) -> torch.Tensor | None:
+        if not self.training:
+            return None
+        tau = self.tau_start * (self.tau_end / self.tau_start) ** min(max(self.progress, 0.0), 1.0)
+        bias = torch.nn.functional.logsigmoid((lives - self.block) / tau)
+        bias = torch.cat([bias.new_zeros(bias.shape[0], self.num_prefix_tokens), bias], dim=1)
+        return bias[:, None, None, :]
+
+
 def set_training_progress(model: nn.Module, progress: float) -> None:
     """Tell every module with a training schedule (lifespan-gather's tau) how far training is (0..1)."""
     for m in model.modules():
