@@ -90,7 +90,7 @@ def build_model(seed: int = 0) -> torch.nn.Module:
 
 
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0,
-          batch: int = 64, lr: float = 2e-3) -> None:
+          batch: int = 32, lr: float = 1e-3) -> None:
     """AdamW, cosine schedule with one warm-up epoch, random shifts of up to 2 pixels as augmentation."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -137,8 +137,8 @@ def vitprune_cli(*args: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=64, help="training batch size")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
+    parser.add_argument("--batch", type=int, default=32, help="training batch size")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
     parser.add_argument("--out", default="examples/out", help="folder for the models and results")
     parser.add_argument("--write-folders", metavar="DIR", help="only write the digits as ImageFolder trees "
                         "DIR/train and DIR/val (PNG) for `vitprune finetune` / `vitprune eval`, then exit")
