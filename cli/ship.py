@@ -57,10 +57,11 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
 @click.option("--iters", type=int, default=3, show_default=True, help="Forward passes per timed run.")
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling whole-module .pt files.")
 @click.option("--input-size", metavar="C,H,W", help="Input size when it cannot be read from the first model.")
+@click.option("--data", type=click.Path(file_okay=False), help="ImageFolder to measure top-1 accuracy on (eager).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a Pareto picture (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def bench(models, batches, backends, repeats, iters, trust_pickle, input_size, plot, as_json, quiet) -> None:
+def bench(models, batches, backends, repeats, iters, trust_pickle, input_size, data, plot, as_json, quiet) -> None:
     """Measure MODELS (timm:NAME, saved folders, ...): params, FLOPs, throughput, latency, peak memory.
 
     The first model is the baseline for speed-up and FLOPs ratio. Runs of the models are interleaved.
@@ -83,7 +84,15 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, input_size, p
         name = spec if spec not in loaded else f"{spec} #{len(loaded)}"
         loaded[name] = load(spec, trust_pickle=trust_pickle)
     size = _input_size(input_size) or default_input_size(next(iter(loaded.values())))
-    rows = run_bench(loaded, size, backends=backends, batches=batches, repeats=repeats, iters=iters, progress=not quiet)
+    accuracy = None
+    if data:
+        from vitprune.evaluate import evaluate
+
+        def accuracy(m):
+            return evaluate(m, data, input_size=size, seed=0)["rows"][0]["top1"]
+
+    rows = run_bench(loaded, size, backends=backends, batches=batches, repeats=repeats, iters=iters,
+                     accuracy=accuracy, progress=not quiet)
     if plot:
         pareto_plot(rows, plot)
     if as_json:

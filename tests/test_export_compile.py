@@ -97,3 +97,25 @@ def test_export_and_bench_cli(cli_inprocess, tmp_path):
     assert code == 2 and "unknown backend" in err
     code, _, err = cli_inprocess("bench", "timm:vit_small_patch16_224", tmp_path / "im", "--batch", "2", "--quiet")
     assert code == 1 and "same input size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_with_data_reports_accuracy(cli_inprocess, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("digits_example", Path(__file__).parents[1] / "examples" / "digits.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.write_image_folders(tmp_path / "d", max_train=10, max_val=40)
+    torch.manual_seed(0)
+    model = vitprune.load("timm:vit_small_patch16_224", model_args={**TINY, "num_classes": 10})
+    vitprune.save(vitprune.capture(model), tmp_path / "orig")
+    rewritten, _ = vitprune.rewrite(model, "token-drop", keep_rate=0.25, at_inference=True)
+    vitprune.save(rewritten, tmp_path / "td")
+    code, out, err = cli_inprocess("bench", tmp_path / "orig", tmp_path / "td", "--batch", "4", "--repeats", "1",
+                                   "--data", tmp_path / "d" / "val", "--json", "--quiet", "--plot", tmp_path / "p.png")
+    assert code == 0, err
+    rows = json.loads(out)
+    expected = vitprune.evaluate(model, tmp_path / "d" / "val", seed=0)["rows"][0]["top1"]
+    assert rows[0]["accuracy"] == expected and 0 <= rows[1]["accuracy"] <= 1
+    assert (tmp_path / "p.png").is_file()
