@@ -21,6 +21,23 @@ FAMILIES = {
 }
 
 
+# The same families at their real 224x224 size (FLOPs targets need realistic token counts).
+FAMILIES_224 = {
+    "vit_small": ("timm:vit_small_patch16_224", {}),
+    "deit_distilled": ("timm:deit_tiny_distilled_patch16_224", {}),
+    "registers": ("timm:vit_small_patch14_reg4_dinov2", {"img_size": 224}),
+    "gap": ("timm:vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
+    "dinov2": ("timm:vit_small_patch14_dinov2", {"img_size": 224}),
+}
+
+
+def rewrite_family(family: str, method: str, **params):
+    """A FAMILIES_224 model (seeded) rewritten by ``method``; returns ``(rewritten, report)``."""
+    source, args = FAMILIES_224[family]
+    torch.manual_seed(0)
+    return vitprune.rewrite(vitprune.load(source, model_args=args), method, **params)
+
+
 def small_model(family: str) -> torch.nn.Module:
     source, args = FAMILIES[family]
     torch.manual_seed(0)

@@ -4,19 +4,13 @@ import pytest
 import torch
 
 import vitprune
+from conftest import FAMILIES_224, rewrite_family
 from vitprune.errors import PassError, VitpruneError
 from vitprune.modules import AttentionTopK, StaticTokenSelect, token_modules
 from vitprune.schedule import counts_from_rates, parse_keep
 from vitprune.show import kept_patches
 from vitprune import token_ops
 
-FAMILIES_224 = {
-    "vit_small": ("timm:vit_small_patch16_224", {}),
-    "deit_distilled": ("timm:deit_tiny_distilled_patch16_224", {}),
-    "registers": ("timm:vit_small_patch14_reg4_dinov2", {"img_size": 224}),
-    "gap": ("timm:vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
-    "dinov2": ("timm:vit_small_patch14_dinov2", {"img_size": 224}),
-}
 
 
 def photos(size=224):
@@ -40,10 +34,7 @@ def test_keep_schedule_is_nested_ints():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES_224))
 def test_flops_target_on_each_family(family):
-    source, args = FAMILIES_224[family]
-    torch.manual_seed(0)
-    model = vitprune.load(source, model_args=args)
-    rewritten, report = vitprune.rewrite(model, "importance-mask", flops=0.6)
+    rewritten, report = rewrite_family(family, "importance-mask", flops=0.6)
     assert 0.57 <= report.flops_ratio <= 0.63, report.flops_ratio
     assert abs(report.flops_ratio - report.decisions["predicted_flops_ratio"]) < 0.01  # the model predicts the counter
     assert report.keep_all_max_abs_diff <= 1e-5

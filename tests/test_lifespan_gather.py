@@ -4,24 +4,15 @@ import pytest
 import torch
 
 import vitprune
+from conftest import FAMILIES_224, rewrite_family
 from vitprune.modules import LifespanGather, PrefixSlice, SurvivalGate, auxiliary_losses, token_modules
 
-FAMILIES_224 = {
-    "vit_small": ("timm:vit_small_patch16_224", {}),
-    "deit_distilled": ("timm:deit_tiny_distilled_patch16_224", {}),
-    "registers": ("timm:vit_small_patch14_reg4_dinov2", {"img_size": 224}),
-    "gap": ("timm:vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
-    "dinov2": ("timm:vit_small_patch14_dinov2", {"img_size": 224}),
-}
 SMALL = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES_224))
 def test_flops_target_on_each_family(family):
-    source, args = FAMILIES_224[family]
-    torch.manual_seed(0)
-    model = vitprune.load(source, model_args=args)
-    rewritten, report = vitprune.rewrite(model, "lifespan-gather", flops=0.5)
+    rewritten, report = rewrite_family(family, "lifespan-gather", flops=0.5)
     assert abs(report.flops_ratio - 0.5) <= 0.03, report.flops_ratio
     assert report.keep_all_max_abs_diff <= 1e-5
     tokens = report.decisions["tokens_per_block"]

@@ -341,8 +341,29 @@ class PrefixSlice(TokenModule):
         return x[:, : self.num_prefix_tokens + count]
 
 
+class _SoftSurvival(nn.Module):
+    """Shared state of the training-only soft-survival modules: the block, and ``tau`` annealed
+    geometrically from ``tau_start`` to ``tau_end`` as :func:`set_training_progress` reports progress."""
+
+    def __init__(self, num_prefix_tokens: int, block: int, tau_start: float = 1.0, tau_end: float = 0.1) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.block = int(num_prefix_tokens), int(block)
+        self.tau_start, self.tau_end, self.progress = float(tau_start), float(tau_end), 0.0
+
+    def config(self) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.num_prefix_tokens, "block": self.block,
+                "tau_start": self.tau_start, "tau_end": self.tau_end}
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = float(progress)
+
+    @property
+    def tau(self) -> float:
+        return self.tau_start * (self.tau_end / self.tau_start) ** min(max(self.progress, 0.0), 1.0)
+
+
 @register_leaf
-class SurvivalGate(nn.Module):
+class SurvivalGate(_SoftSurvival):
     """Soft survival in training: scale a residual branch's update of each patch token by
     ``sigmoid((life - block) / tau)`` (prefix tokens: 1). Identity in eval mode. ``tau`` comes from the
     :class:`LifespanGather` schedule, copied in by :func:`set_training_progress`.
@@ -350,29 +371,16 @@ class SurvivalGate(nn.Module):
     Shapes: ``update [B, prefix + P, C]``, ``lives [B, P]`` -> ``[B, prefix + P, C]``.
     """
 
-    def __init__(self, num_prefix_tokens: int, block: int, tau_start: float = 1.0, tau_end: float = 0.1) -> None:
-        super().__init__()
-        self.num_prefix_tokens, self.block = int(num_prefix_tokens), int(block)
-        self.tau_start, self.tau_end, self.progress = float(tau_start), float(tau_end), 0.0
-
-    def config(self) -> dict[str, Any]:
-        return {"num_prefix_tokens": self.num_prefix_tokens, "block": self.block,
-                "tau_start": self.tau_start, "tau_end": self.tau_end}
-
-    def set_progress(self, progress: float) -> None:
-        self.progress = float(progress)
-
     def forward(self, update: torch.Tensor, lives: torch.Tensor) -> torch.Tensor:
         if not self.training or update.shape[1] != self.num_prefix_tokens + lives.shape[1]:
             return update
-        tau = self.tau_start * (self.tau_end / self.tau_start) ** min(max(self.progress, 0.0), 1.0)
-        gate = torch.sigmoid((lives - self.block) / tau)
+        gate = torch.sigmoid((lives - self.block) / self.tau)
         gate = torch.cat([gate.new_ones(gate.shape[0], self.num_prefix_tokens), gate], dim=1)
         return update * gate.unsqueeze(-1)
 
 
 @register_leaf
-class SurvivalKeyMask(nn.Module):
+class SurvivalKeyMask(_SoftSurvival):
     """Soft survival for attention keys in training: an additive SDPA mask ``log sigmoid((life - block) / tau)``
     on each patch key (0 on prefix keys), so tokens past their life fade out of other tokens' attention as
     they will be absent at inference. ``None`` in eval mode (the block keeps its unmasked fused kernel).
@@ -380,23 +388,10 @@ class SurvivalKeyMask(nn.Module):
     Shapes: ``lives [B, P]`` -> ``[B, 1, 1, prefix + P]`` float, or ``None``.
     """
 
-    def __init__(self, num_prefix_tokens: int, block: int, tau_start: float = 1.0, tau_end: float = 0.1) -> None:
-        super().__init__()
-        self.num_prefix_tokens, self.block = int(num_prefix_tokens), int(block)
-        self.tau_start, self.tau_end, self.progress = float(tau_start), float(tau_end), 0.0
-
-    def config(self) -> dict[str, Any]:
-        return {"num_prefix_tokens": self.num_prefix_tokens, "block": self.block,
-                "tau_start": self.tau_start, "tau_end": self.tau_end}
-
-    def set_progress(self, progress: float) -> None:
-        self.progress = float(progress)
-
     def forward(self, lives: torch.Tensor) -> torch.Tensor | None:
         if not self.training:
             return None
-        tau = self.tau_start * (self.tau_end / self.tau_start) ** min(max(self.progress, 0.0), 1.0)
-        bias = torch.nn.functional.logsigmoid((lives - self.block) / tau)
+        bias = torch.nn.functional.logsigmoid((lives - self.block) / self.tau)
         bias = torch.cat([bias.new_zeros(bias.shape[0], self.num_prefix_tokens), bias], dim=1)
         return bias[:, None, None, :]
 
