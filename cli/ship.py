@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -84,15 +83,13 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, input_size, d
         name = spec if spec not in loaded else f"{spec} #{len(loaded)}"
         loaded[name] = load(spec, trust_pickle=trust_pickle)
     size = _input_size(input_size) or default_input_size(next(iter(loaded.values())))
-    accuracy = None
-    if data:
-        from vitprune.evaluate import evaluate
+    from vitprune.evaluate import evaluate
 
-        def accuracy(m):
-            return evaluate(m, data, input_size=size, seed=0)["rows"][0]["top1"]
+    def accuracy(m):
+        return evaluate(m, data, input_size=size, seed=0)["rows"][0]["top1"]
 
     rows = run_bench(loaded, size, backends=backends, batches=batches, repeats=repeats, iters=iters,
-                     accuracy=accuracy, progress=not quiet)
+                     accuracy=accuracy if data else None, progress=not quiet)
     if plot:
         pareto_plot(rows, plot)
     if as_json:

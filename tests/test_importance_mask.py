@@ -9,7 +9,6 @@ from vitprune.errors import PassError, VitpruneError
 from vitprune.modules import AttentionTopK, StaticTokenSelect, token_modules
 from vitprune.schedule import counts_from_rates, parse_keep
 from vitprune.show import kept_patches
-from vitprune import token_ops
 
 
 

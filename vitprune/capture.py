@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from torch import fx, nn
 
 from vitprune.errors import CaptureError
