@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar
 
-from torch import fx
+from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase
 
 from vitprune.analysis import ViTGraph
@@ -85,6 +85,37 @@ class VitPass(PassBase):
     def rewrite(self, gm: fx.GraphModule, vit: ViTGraph) -> bool:
         """Rewrite ``gm`` in place; return whether it changed."""
         raise NotImplementedError
+
+
+def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The node called ``name`` (analysis results refer to nodes by name)."""
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def insert_on_stream(gm: fx.GraphModule, stream: fx.Node, base: str, module: nn.Module,
+                     extra_args: tuple[fx.Node, ...] = (), after: fx.Node | None = None) -> fx.Node:
+    """Register ``module`` under a fresh name and call it on ``stream`` (plus ``extra_args``) right after
+    ``after`` (default ``stream``); every other use of ``stream`` then reads the module's output."""
+    name = unique_attr_name(gm, base)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(after or stream):
+        new = gm.graph.call_module(name, (stream, *extra_args))
+    stream.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return new
+
+
+class RecordValues(fx.Interpreter):
+    """Runs the graph and keeps the values of the named nodes in :attr:`values`."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names, self.values = names, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out
+        return out
 
 
 def unique_attr_name(gm: fx.GraphModule, base: str) -> str:

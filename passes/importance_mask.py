@@ -26,37 +26,15 @@ from vitprune.analysis import ViTGraph
 from vitprune.errors import PassError, VitpruneError
 from vitprune.flops import count_flops
 from vitprune.modules import AttentionTopK, StaticTokenSelect
-from vitprune.passes.base import VitPass, register_pass, unique_attr_name
+from vitprune.passes.base import RecordValues, VitPass, insert_on_stream, node_named, register_pass
 from vitprune.schedule import counts_from_rates, parse_keep, predicted_ratio, solve_for_flops, tokens_per_block
 
 MODES = ("dynamic", "static")
 
 
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.name == name)
-
-
 def _insert_before_block(gm: fx.GraphModule, vit: ViTGraph, block: int, base: str, module, extra_args=()) -> None:
-    name = unique_attr_name(gm, base)
-    gm.add_submodule(name, module)
-    stream = _node(gm, vit.blocks[block].input_node)
-    with gm.graph.inserting_after(stream):
-        new = gm.graph.call_module(name, (stream, *[_node(gm, a) for a in extra_args]))
-    stream.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-
-
-class _Record(fx.Interpreter):
-    """Runs the graph and keeps the values of the named nodes."""
-
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
-        super().__init__(gm)
-        self.names, self.values = names, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = out
-        return out
+    insert_on_stream(gm, node_named(gm, vit.blocks[block].input_node), base, module,
+                     tuple(node_named(gm, a) for a in extra_args))
 
 
 def _attention_maps(gm: fx.GraphModule, vit: ViTGraph, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -69,7 +47,7 @@ def _attention_maps(gm: fx.GraphModule, vit: ViTGraph, batches: Iterable[torch.T
     gm.eval()
     with torch.no_grad():
         for x in batches:
-            rec = _Record(gm, names)
+            rec = RecordValues(gm, names)
             rec.run(x)
             for i, b in enumerate(vit.blocks):
                 if b.attention == "sdpa":

@@ -28,22 +28,8 @@ from vitprune.analysis import ViTGraph
 from vitprune.errors import PassError
 from vitprune.flops import count_flops
 from vitprune.modules import LifespanGather, PrefixSlice, SurvivalGate, SurvivalKeyMask
-from vitprune.passes.base import VitPass, register_pass, unique_attr_name
-from vitprune.passes.importance_mask import _node, _Record
+from vitprune.passes.base import RecordValues, VitPass, insert_on_stream, node_named, register_pass, unique_attr_name
 from vitprune.schedule import block_flops, predicted_ratio, solve_for_flops, tokens_per_block
-
-
-def _is_ancestor(a: fx.Node, b: fx.Node) -> bool:
-    seen, todo = set(), [b]
-    while todo:
-        n = todo.pop()
-        if n is a:
-            return True
-        for i in n.all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return False
 
 
 def _hard_ratio(vit: ViTGraph, lives: torch.Tensor, first_block: int, total: float) -> float:
@@ -100,10 +86,8 @@ class LifespanGatherPass(VitPass):
         # soft survival on every residual update of blocks k0.. (training only)
         gates = []
         for block in vit.blocks[k0:]:
-            for add_name in block.residual_adds:
-                add = _node(gm, add_name)
-                a, b = add.args[0], add.args[1]
-                branch = b if _is_ancestor(a, b) else a
+            for add_name, branch_name in zip(block.residual_adds, block.residual_branches):
+                add, branch = node_named(gm, add_name), node_named(gm, branch_name)
                 gate_name = unique_attr_name(gm, "survival_gate")
                 gm.add_submodule(gate_name, SurvivalGate(vit.num_prefix_tokens, block.index, p["tau_start"], p["tau_end"]))
                 with gm.graph.inserting_after(branch):
@@ -111,11 +95,11 @@ class LifespanGatherPass(VitPass):
                 add.replace_input_with(branch, gate)
                 gates.append(gate)
 
-        stream = _node(gm, vit.blocks[k0].input_node)
+        stream = node_named(gm, vit.blocks[k0].input_node)
         name = unique_attr_name(gm, "lifespan_gather")
         gm.add_submodule(name, module)
         with gm.graph.inserting_after(stream):
-            lg = gm.graph.call_module(name, (stream, _node(gm, prev.query_node), _node(gm, prev.key_node)))
+            lg = gm.graph.call_module(name, (stream, node_named(gm, prev.query_node), node_named(gm, prev.key_node)))
         with gm.graph.inserting_after(lg):
             tokens = gm.graph.call_function(operator.getitem, (lg, 0))
         with gm.graph.inserting_after(tokens):
@@ -125,7 +109,7 @@ class LifespanGatherPass(VitPass):
             gate.args = (gate.args[0], lives)
         anchor = lives
         for block in vit.blocks[k0:]:  # keys past their life fade out of attention in training too
-            sdpa = _node(gm, block.attention_node)
+            sdpa = node_named(gm, block.attention_node)
             if block.attention != "sdpa" or sdpa.kwargs.get("attn_mask") is not None or len(sdpa.args) > 3:
                 continue
             mask_name = unique_attr_name(gm, "survival_key_mask")
@@ -136,12 +120,9 @@ class LifespanGatherPass(VitPass):
 
         alive = vit.num_patches
         for l, k in counts.items():
-            s = tokens if l == k0 else _node(gm, vit.blocks[l].input_node)
-            ps_name = unique_attr_name(gm, "prefix_slice")
-            gm.add_submodule(ps_name, PrefixSlice(vit.num_prefix_tokens, alive, k, l, exact=p["exact"]))
-            with gm.graph.inserting_after(lives if l == k0 else s):  # after both of its inputs
-                ps = gm.graph.call_module(ps_name, (s, lives))
-            s.replace_all_uses_with(ps, delete_user_cb=lambda u, ps=ps: u is not ps)
+            stream = tokens if l == k0 else node_named(gm, vit.blocks[l].input_node)
+            insert_on_stream(gm, stream, "prefix_slice", PrefixSlice(vit.num_prefix_tokens, alive, k, l, exact=p["exact"]),
+                             (lives,), after=lives if l == k0 else None)  # after both of its inputs
             alive = k
         gm.graph.lint()
         gm.recompile()
@@ -161,7 +142,7 @@ class LifespanGatherPass(VitPass):
         """Set the regressor's bias so the example input's hard lives imply the FLOPs target."""
         k0 = self.params["after_block"]
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
-        rec = _Record(gm, {prev.query_node, prev.key_node, block.input_node})
+        rec = RecordValues(gm, {prev.query_node, prev.key_node, block.input_node})
         with torch.no_grad():
             rec.run(self.example_input)
             x, q, k = (rec.values[n] for n in (block.input_node, prev.query_node, prev.key_node))

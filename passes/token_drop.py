@@ -17,7 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from vitprune.analysis import ViTGraph
 from vitprune.errors import PassError
 from vitprune.modules import TokenDrop
-from vitprune.passes.base import VitPass, register_pass, unique_attr_name
+from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass
 from vitprune.token_ops import SELECTIONS, keep_count_for_rate
 
 
@@ -47,12 +47,8 @@ class TokenDropPass(VitPass):
             selection=self.params["selection"],
             at_inference=self.params["at_inference"],
         )
-        name = unique_attr_name(gm, "token_drop")
-        gm.add_submodule(name, module)
-        start = next(n for n in gm.graph.nodes if n.name == vit.token_stream_start)
-        with gm.graph.inserting_after(start):
-            drop = gm.graph.call_module(name, (start,))
-        start.replace_all_uses_with(drop, delete_user_cb=lambda user: user is not drop)
+        start = node_named(gm, vit.token_stream_start)
+        insert_on_stream(gm, start, "token_drop", module)
         gm.recompile()
         self.record = {
             "num_patches": vit.num_patches,

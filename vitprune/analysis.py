@@ -55,6 +55,7 @@ class AttentionBlock:
     query_node: str | None  # q [B, H, N, d] for sdpa / matmul attention
     key_node: str | None  # k [B, H, N, d]
     residual_adds: list[str]
+    residual_branches: list[str]  # per residual add: the branch output it adds to the stream
     input_node: str  # the residual stream entering the block, [B, tokens, dim]
     attention_scale: float | None  # softmax scale of q·kᵀ (sdpa: its `scale`, default head_dim ** -0.5)
     linear_flops_per_token: int  # FLOPs of the block's linear layers per token (2 · in · out summed)
@@ -531,11 +532,13 @@ def analyse(gm: fx.GraphModule, example_input: torch.Tensor) -> ViTGraph:
             blocks.append(AttentionBlock(
                 index=len(blocks), attention=kind, heads=heads, head_dim=head_dim, dim=_shape(add)[2],
                 tokens=tokens, attention_node=node.name, query_node=q.name if q is not None else None,
-                key_node=k.name if k is not None else None, residual_adds=[add.name], input_node=stream_in.name,
+                key_node=k.name if k is not None else None, residual_adds=[add.name], residual_branches=[branch_out.name],
+                input_node=stream_in.name,
                 attention_scale=scale, linear_flops_per_token=_linear_flops_per_token(g, branch),
             ))
         elif blocks:
             blocks[-1].residual_adds.append(add.name)
+            blocks[-1].residual_branches.append(branch_out.name)
             blocks[-1].linear_flops_per_token += _linear_flops_per_token(g, branch)
         else:
             raise AnalysisError(f"residual add {add.name!r} comes before the first attention block")
