@@ -15,9 +15,9 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from vitprune.errors import VerificationError
-from vitprune.flops import count_flops
 from vitprune.modules import force_keep_all
 
 
@@ -61,13 +61,15 @@ def _mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
         model.train(was)
 
 
-def _run(model: nn.Module, x: torch.Tensor, training: bool, seed: int) -> torch.Tensor:
-    with _mode(model, training), torch.no_grad(), torch.random.fork_rng(devices=[]):
+def _run(model: nn.Module, x: torch.Tensor, training: bool, seed: int) -> tuple[torch.Tensor, int]:
+    """(output, FLOPs) of one seeded forward: the FLOPs are counted on the same pass, not a second one."""
+    counter = FlopCounterMode(display=False)
+    with _mode(model, training), torch.no_grad(), torch.random.fork_rng(devices=[]), counter:
         torch.manual_seed(seed)
         out = model(x)
     if isinstance(out, (tuple, list)):  # e.g. (head, distillation head) in training mode: compare the first
         out = out[0]
-    return out
+    return out, int(counter.get_total_flops())
 
 
 def verify(
@@ -75,18 +77,20 @@ def verify(
 ) -> Verification:
     """Check ``rewritten`` against ``original`` on ``example_input`` ``[B, C, H, W]``.
 
+    Four seeded forwards (original; rewritten keep-all, eval, train); FLOPs are counted on the same passes.
+
     Raises:
         VerificationError: keep-all output differs by more than ``tolerance`` (max abs), an output is
             not finite, or the output shape changed.
     """
-    reference = _run(original, example_input, False, seed)
+    reference, flops_before = _run(original, example_input, False, seed)
     with force_keep_all(rewritten):
-        keep_all = _run(rewritten, example_input, False, seed)
+        keep_all, _ = _run(rewritten, example_input, False, seed)
     if keep_all.shape != reference.shape:
         raise VerificationError(f"keep-all output shape {list(keep_all.shape)} != original {list(reference.shape)}")
     diff = (keep_all - reference).abs().max().item() if reference.numel() else 0.0
-    pruned_eval = _run(rewritten, example_input, False, seed)
-    pruned_train = _run(rewritten, example_input, True, seed)
+    pruned_eval, flops_after = _run(rewritten, example_input, False, seed)
+    pruned_train, flops_after_train = _run(rewritten, example_input, True, seed)
     finite = all(bool(torch.isfinite(t).all()) for t in (keep_all, pruned_eval, pruned_train))
     if not finite:
         raise VerificationError("the rewritten model produces non-finite outputs on the example input")
@@ -96,13 +100,6 @@ def verify(
         raise VerificationError(
             f"keep-all output differs from the original by {diff:.3g} (tolerance {tolerance:g}): the rewrite is not exact"
         )
-    with _mode(original, False):
-        flops_before = count_flops(original, example_input)
-    with _mode(rewritten, False):
-        flops_after = count_flops(rewritten, example_input)
-    with _mode(rewritten, True), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        flops_after_train = count_flops(rewritten, example_input)
     return Verification(
         keep_all_max_abs_diff=float(diff),
         outputs_finite=finite,
