@@ -203,6 +203,11 @@ class StaticTokenSelect(TokenModule):
         return x.index_select(1, self.token_index)
 
 
+def annealed_tau(start: float, end: float, progress: float) -> float:
+    """Soft-survival temperature: geometric from ``start`` to ``end`` as training ``progress`` goes 0 -> 1."""
+    return start * (end / start) ** min(max(progress, 0.0), 1.0)
+
+
 @register_leaf
 class LifespanGather(TokenModule):
     """Life Regression (arXiv 2304.04926): predict every patch token's lifespan once, sort tokens by it.
@@ -262,7 +267,7 @@ class LifespanGather(TokenModule):
     @property
     def tau(self) -> float:
         """Temperature of the soft survival, annealed geometrically from ``tau_start`` to ``tau_end``."""
-        return self.tau_start * (self.tau_end / self.tau_start) ** min(max(self.progress, 0.0), 1.0)
+        return annealed_tau(self.tau_start, self.tau_end, self.progress)
 
     def set_progress(self, progress: float) -> None:
         self.progress = float(progress)
@@ -359,7 +364,7 @@ class _SoftSurvival(nn.Module):
 
     @property
     def tau(self) -> float:
-        return self.tau_start * (self.tau_end / self.tau_start) ** min(max(self.progress, 0.0), 1.0)
+        return annealed_tau(self.tau_start, self.tau_end, self.progress)
 
 
 @register_leaf
