@@ -24,27 +24,17 @@ its error message instead of numbers.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 import vitprune
+from common import ROOT, load_example, token_drop_keep_count, write_atomic
 from vitprune.errors import VitpruneError
 
-ROOT = Path(__file__).resolve().parents[1]
 FIRST_BLOCK = 1
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @torch.no_grad()
@@ -53,25 +43,6 @@ def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     torch.manual_seed(0)
     return torch.cat([model(x[i:i + 256]).argmax(-1) for i in range(0, len(x), 256)])
-
-
-def token_drop_count(model, example, target: float, num_patches: int, ratios: dict[int, float]) -> int:
-    """Bisection over the keep count k in 1..P on the report's FLOPs ratio; the k closest to ``target``.
-    ``ratios`` caches measured ratios by k across targets."""
-
-    def ratio(k: int) -> float:
-        if k not in ratios:
-            _, rep = vitprune.rewrite(model, "token-drop", example_input=example, keep_rate=k / num_patches,
-                                      at_inference=True)
-            ratios[k] = rep.flops_ratio
-        return ratios[k]
-
-    lo, hi = 1, num_patches  # smallest k with ratio(k) >= target lies in [lo, hi]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if ratio(mid) >= target else (mid + 1, hi)
-    best = min({max(1, lo - 1), lo}, key=lambda k: abs(ratio(k) - target))
-    return best
 
 
 def row_for(name: str, target: float, setting: str, build, x_test, y_test, reference, num_blocks: int) -> dict:
@@ -103,18 +74,6 @@ def table(rows: list[dict]) -> str:
                      f"| {r['flops_ratio']:.3f} | {r['keep_all_max_abs_diff']:.1e} "
                      f"| {' '.join(map(str, r['tokens_per_block']))} |")
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -161,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                          mode=mode, first_block=FIRST_BLOCK, **extra),
                                 x_test, y_test, reference, nb))
         try:
-            k = token_drop_count(model, example, target, num_patches, ratios)
+            k = token_drop_keep_count(model, target, example, ratios)
         except VitpruneError as exc:
             rows.append({"method": "token-drop", "setting": "bisection", "target": target, "error": str(exc)})
             continue

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -52,23 +51,9 @@ import torch
 import torch.nn.functional as F
 
 import vitprune
+from common import ROOT, load_example, write_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
 KEEP_RATES = [1.0, 0.8, 0.6, 0.4]
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # -- step cost -------------------------------------------------------------------------------------------------

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 import vitprune
+from common import load_example, write_atomic
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_digits import load_example, write_atomic  # noqa: E402
 
 VARIANTS = {
     "lifespan-gather": ("lifespan-gather", {"flops": 0.5, "after_block": 1}),

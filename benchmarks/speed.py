@@ -21,12 +21,12 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 import vitprune
+from common import token_drop_keep_count, write_atomic
 from vitprune.bench import bench, table
 from vitprune.load import default_input_size
 
@@ -40,19 +40,6 @@ def photos(size: int) -> torch.Tensor:
     x = torch.stack([torch.tensor(transform.resize(p[..., :3], (size, size), anti_aliasing=True), dtype=torch.float32)
                      .permute(2, 0, 1) for p in imgs])
     return (x - 0.5) / 0.5
-
-
-def token_drop_at(model: torch.nn.Module, target: float, x: torch.Tensor):
-    """token-drop at inference whose FLOPs ratio is closest to ``target`` (bisection over the keep count)."""
-    vit = vitprune.inspect_model(model, example_input=x)
-    lo, hi, best = 1, vit.num_patches, None
-    while lo <= hi:
-        k = (lo + hi) // 2
-        gm, rep = vitprune.rewrite(model, "token-drop", keep_rate=k / vit.num_patches, at_inference=True, example_input=x)
-        if best is None or abs(rep.flops_ratio - target) < abs(best[1].flops_ratio - target):
-            best = (gm, rep)
-        lo, hi = (k + 1, hi) if rep.flops_ratio < target else (lo, k - 1)
-    return best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,9 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     size = default_input_size(original)
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     calib = photos(size[1])
+    num_patches = vitprune.inspect_model(original, example_input=x).num_patches
     models, reports = {"original": original}, {}
     for target in (float(t) for t in args.targets.split(",")):
-        gm, rep = token_drop_at(original, target, x)
+        k = token_drop_keep_count(original, target, x)
+        gm, rep = vitprune.rewrite(original, "token-drop", keep_rate=k / num_patches, at_inference=True, example_input=x)
         models[f"token-drop@{target}"], reports[f"token-drop@{target}"] = gm, rep
         for mode in ("dynamic", "static"):
             kw = {"calibration": calib} if mode == "static" else {}
@@ -96,11 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
     out = args.out or Path(__file__).parent / "results" / f"speed_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(result, indent=2, default=str)), (out.with_suffix(".md"), md)):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    write_atomic(out, json.dumps(result, indent=2, default=str))
+    write_atomic(out.with_suffix(".md"), md)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmark scripts (run as ``python benchmarks/NAME.py``, so this imports as ``common``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+import vitprune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example() -> ModuleType:
+    """``examples/digits.py`` as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def token_drop_keep_count(model: torch.nn.Module, target: float, example_input: torch.Tensor,
+                          ratios: dict[int, float] | None = None) -> int:
+    """Keep count ``k`` whose token-drop-at-inference FLOPs ratio (the rewrite report's) is closest to
+    ``target``: bisection over ``k`` in ``1..P``. ``ratios`` caches measured ratios by ``k`` across calls."""
+    ratios = {} if ratios is None else ratios
+    num_patches = vitprune.inspect_model(model, example_input=example_input).num_patches
+
+    def ratio(k: int) -> float:
+        if k not in ratios:
+            _, rep = vitprune.rewrite(model, "token-drop", example_input=example_input, keep_rate=k / num_patches,
+                                      at_inference=True)
+            ratios[k] = rep.flops_ratio
+        return ratios[k]
+
+    lo, hi = 1, num_patches  # smallest k with ratio(k) >= target lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ratio(mid) >= target else (mid + 1, hi)
+    return min({max(1, lo - 1), lo}, key=lambda k: abs(ratio(k) - target))
