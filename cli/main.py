@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -92,9 +91,10 @@ def inspect(model, source, inputs, input_size, as_json) -> None:
 def _check_output(output: Path, inputs: list[str]) -> None:
     if not output.parent.is_dir():
         raise VitpruneError(f"the folder {output.parent} for -o does not exist")
+    from vitprune.load import same_file
+
     for inp in inputs:
-        if Path(inp).exists() and (output.resolve() == Path(inp).resolve()
-                                   or output.exists() and os.path.samefile(output, inp)):
+        if Path(inp).exists() and same_file(output, inp):
             raise VitpruneError(f"the output {output} is the input {inp}; choose another -o")
 
 

@@ -21,28 +21,16 @@ from pathlib import Path
 from typing import Sequence
 
 from vitprune.errors import VitpruneError
-from vitprune.images import DEFAULT_MEAN, DEFAULT_STD, IMAGE_SUFFIXES
+from vitprune.images import DEFAULT_MEAN, DEFAULT_STD, IMAGE_SUFFIXES, check_normalisation, open_image
 
 DEFAULT_SCALE = (0.6, 1.0)
-
-
-def _norm_args(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float]):
-    c, h, w = (int(v) for v in input_size)
-    mean, std = [float(v) for v in mean], [float(v) for v in std]
-    if c not in (1, 3):
-        raise VitpruneError(f"the model takes {c}-channel images; image folders give 1- or 3-channel images only")
-    if len(mean) != c or len(std) != c:
-        raise VitpruneError(f"--mean and --std need {c} values each for a {c}-channel model, got {len(mean)} and {len(std)}")
-    if min(std) <= 0:
-        raise VitpruneError(f"--std values must be positive, got {std}")
-    return c, h, w, mean, std
 
 
 def eval_transform(input_size: Sequence[int], mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD):
     """PIL image -> float32 ``[C, H, W]``: resize shorter side, center crop, normalise (module docstring)."""
     from torchvision import transforms as T
 
-    c, h, w, mean, std = _norm_args(input_size, mean, std)
+    c, h, w, mean, std = check_normalisation(input_size, mean, std)
     steps = [T.Grayscale(1)] if c == 1 else []
     steps += [T.Resize(max(h, w), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop((h, w)),
               T.ToTensor(), T.Normalize(mean, std)]
@@ -58,7 +46,7 @@ def train_transform(input_size: Sequence[int], mean: Sequence[float] = DEFAULT_M
     """
     from torchvision import transforms as T
 
-    c, h, w, mean, std = _norm_args(input_size, mean, std)
+    c, h, w, mean, std = check_normalisation(input_size, mean, std)
     lo, hi = (float(v) for v in scale)
     if not 0.0 < lo <= hi <= 1.0:
         raise VitpruneError(f"--scale must be MIN,MAX with 0 < MIN <= MAX <= 1, got {lo},{hi}")
@@ -73,22 +61,6 @@ def train_transform(input_size: Sequence[int], mean: Sequence[float] = DEFAULT_M
 def is_image_file(path: str) -> bool:
     """Whether ``path`` has an image suffix vitprune reads (:data:`vitprune.images.IMAGE_SUFFIXES`)."""
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
-
-
-def load_rgb(path: str):
-    """Read an image file as an RGB PIL image.
-
-    Raises:
-        VitpruneError: the file is not an image PIL can read.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VitpruneError(f"cannot read image {path}: {reason}") from exc
 
 
 def check_image_folder(path: str | os.PathLike, option: str = "--data") -> list[str]:
@@ -122,7 +94,7 @@ def image_folder(path: str | os.PathLike, transform, option: str = "--data"):
 
     check_image_folder(path, option)
     try:
-        return ImageFolder(str(path), transform=transform, loader=load_rgb, is_valid_file=is_image_file)
+        return ImageFolder(str(path), transform=transform, loader=open_image, is_valid_file=is_image_file)
     except (FileNotFoundError, OSError) as exc:
         raise VitpruneError(f"{option}: cannot read {path}: {str(exc).splitlines()[0]}") from exc
 

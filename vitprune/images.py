@@ -40,25 +40,13 @@ def load_image(
         VitpruneError: the file is missing or not an image PIL can read; ``C`` is not 1 or 3; ``mean`` /
             ``std`` do not have ``C`` values, or a ``std`` is not positive.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    c, h, w = (int(v) for v in input_size)
-    if c not in (1, 3):
-        raise VitpruneError(f"the model takes {c}-channel images; vitprune show draws 1- or 3-channel images only")
-    mean, std = [float(v) for v in mean], [float(v) for v in std]
-    if len(mean) != c or len(std) != c:
-        raise VitpruneError(f"--mean and --std need {c} values each for a {c}-channel model, got {len(mean)} and {len(std)}")
-    if min(std) <= 0:
-        raise VitpruneError(f"--std values must be positive, got {std}")
+    c, h, w, mean, std = check_normalisation(input_size, mean, std)
     path = Path(path)
     if not path.is_file():
         raise VitpruneError(f"no such image file: {path}")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB" if c == 3 else "L")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VitpruneError(f"cannot read image {path}: {reason}") from exc
+    img = open_image(path, "RGB" if c == 3 else "L")
 
     scale = max(h / img.height, w / img.width)
     size = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
@@ -73,6 +61,39 @@ def load_image(
     x = (x - torch.tensor(mean).view(c, 1, 1)) / torch.tensor(std).view(c, 1, 1)
     display = np.repeat(pixels, 3, axis=2) if c == 1 else pixels
     return x.unsqueeze(0).contiguous(), np.clip(display, 0.0, 1.0)
+
+
+def check_normalisation(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float]):
+    """``(C, H, W, mean, std)`` as ints and float lists, after checking they fit together.
+
+    Raises:
+        VitpruneError: ``C`` is not 1 or 3; ``mean`` / ``std`` do not have ``C`` values; a ``std`` is not positive.
+    """
+    c, h, w = (int(v) for v in input_size)
+    if c not in (1, 3):
+        raise VitpruneError(f"the model takes {c}-channel images; vitprune reads 1- or 3-channel images only")
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != c or len(std) != c:
+        raise VitpruneError(f"--mean and --std need {c} values each for a {c}-channel model, got {len(mean)} and {len(std)}")
+    if min(std) <= 0:
+        raise VitpruneError(f"--std values must be positive, got {std}")
+    return c, h, w, mean, std
+
+
+def open_image(path: str | os.PathLike, mode: str = "RGB"):
+    """An image file as a PIL image in ``mode`` (``"RGB"`` or ``"L"``), read fully.
+
+    Raises:
+        VitpruneError: the file is not an image PIL can read.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VitpruneError(f"cannot read image {path}: {reason}") from exc
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:

@@ -29,6 +29,14 @@ _SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakK
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file (same resolved path, or the same inode through a link)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
 def source_of(model: nn.Module) -> dict[str, Any]:
     """How ``model`` was loaded (recorded in saved recipes); ``{"kind": "module"}`` when unknown."""
     return dict(_SOURCES.get(model, {"kind": "module", "class": type(model).__qualname__}))

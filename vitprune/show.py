@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from vitprune.errors import VitpruneError
 from vitprune.images import DEFAULT_MEAN, DEFAULT_STD, load_image  # noqa: F401  (re-exported)
+from vitprune.load import same_file
 from vitprune.modules import TokenModule
 
 #: brightness factor of a dropped patch in :func:`draw`.
@@ -256,12 +257,6 @@ def draw(
     return path
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    return a.exists() and b.exists() and os.path.samefile(a, b)
-
-
 def show(
     model: nn.Module,
     image: str | os.PathLike,
@@ -296,7 +291,7 @@ def show(
 
     output, image = Path(output), Path(image)
     for other in [image, *map(Path, protect)]:
-        if _same_file(output, other):
+        if same_file(output, other):
             raise VitpruneError(f"the output {output} is the input {other}; choose another -o")
     if output.is_dir():
         raise VitpruneError(f"the output {output} is a folder; -o takes an image file name")
