@@ -4,7 +4,8 @@ Pipeline: ``torch.onnx.export(dynamo=True)`` with the batch dimension dynamic (t
 static ints fixed at rewrite time) -> onnx-graphsurgeon constant folding + cleanup + toposort ->
 ``onnx.shape_inference.infer_shapes(strict_mode=True)`` -> ``onnx.checker.check_model(full_check=True)``
 -> ONNX Runtime parity against PyTorch at batch 1 and 8. vitprune's gathers are flat ``index_select``
-calls, so they export as one ``Gather`` (measured faster in ORT than TopK + Expand + GatherElements).
+calls, so they export as one ``Gather`` (faster in ORT than TopK + Expand + GatherElements, as measured in
+``shared/DESIGN.md``: 6.8 ms vs 15.2 ms at B=32, N=196).
 
 Random token selection (token-drop ``selection="random"``) draws from ORT's generator in the exported
 graph, so its outputs cannot match PyTorch's draw: parity is then reported as not comparable, and the
