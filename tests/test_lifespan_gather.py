@@ -121,3 +121,18 @@ def test_refusals():
         vitprune.rewrite(model, "lifespan-gather", flops=0.5, after_block=6)
     with pytest.raises(vitprune.PassError, match="below"):
         vitprune.rewrite(model, "lifespan-gather", flops=0.1, after_block=3)
+
+
+def test_show_draws_predicted_lives(tmp_path):
+    from vitprune.show import kept_patches
+
+    rewritten, report = _small()
+    x = torch.randn(1, 3, 64, 64)
+    stages = kept_patches(rewritten, x)
+    lives = [s for s in stages if "lives" in s]
+    assert len(lives) == 1 and lives[0]["lives"].shape == (64,)
+    kept = [s for s in stages if "kept" in s]
+    assert [len(s["kept"]) for s in kept] == list(report.decisions["keep_counts"].values())
+    # the patches kept at the last stage are the longest-lived ones
+    top = set(lives[0]["lives"].topk(len(kept[-1]["kept"])).indices.tolist())
+    assert set(kept[-1]["kept"].tolist()) == top
