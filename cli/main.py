@@ -55,8 +55,34 @@ def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+#: the distributions whose versions decide what vitprune computes (FLOPs counting, capture, export).
+STACK = ("vitprune", "torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "onnx_graphsurgeon")
+
+
+def stack_versions() -> dict[str, str | None]:
+    """Installed version of each :data:`STACK` distribution (``None`` when it is missing); no imports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in STACK:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _print_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    for name, v in stack_versions().items():
+        click.echo(f"{name:<18} {v or 'not installed'}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="vitprune")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
+              help="Show the versions of vitprune, torch, timm, onnx and onnxruntime, then exit.")
 def cli() -> None:
     """Make Vision Transformers spend compute on fewer tokens, by rewriting their graph."""
 

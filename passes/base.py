@@ -33,6 +33,12 @@ REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], s
         f"({', '.join(t['node'] + ' ' + str(t['shape']) for t in v.token_indexed[:3])}): relative position "
         "bias or RoPE tables, which this pass does not gather yet",
     ),
+    "every_reader_known": (
+        lambda v: not v.stream_readers,
+        lambda v: f"node {v.stream_readers[0]['node']!r} ({v.stream_readers[0]['op']}) "
+        f"{v.stream_readers[0]['what']}: dropping tokens would change what it reads"
+        + (f" ({len(v.stream_readers) - 1} more such reader(s))" if len(v.stream_readers) > 1 else ""),
+    ),
     "no_token_ops": (
         lambda v: not v.token_ops,
         lambda v: f"the model already drops tokens ({v.token_ops[0]['module']} at node {v.token_ops[0]['node']!r})",

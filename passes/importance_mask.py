@@ -107,7 +107,7 @@ class ImportanceMaskPass(VitPass):
     ``calibration_limit`` (images read from a folder, default 256)."""
 
     name = "importance-mask"
-    needs = ("readout_is_position_free", "no_token_indexed_tensors", "no_token_ops")
+    needs = ("readout_is_position_free", "every_reader_known", "no_token_indexed_tensors", "no_token_ops")
 
     def __init__(self, keep: Any = None, flops: float | None = None, mode: str = "dynamic", first_block: int = 3,
                  calibration: Any = None, calibration_limit: int = 256) -> None:

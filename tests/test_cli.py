@@ -94,3 +94,13 @@ def test_bad_input_in_a_real_shell(files):
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "unpickling runs code" in done.stderr
     assert not (files / "out").exists()
+
+
+def test_version_names_the_stack_it_runs_with(cli_inprocess):
+    import timm
+
+    code, out, _ = cli_inprocess("--version")
+    assert code == 0
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert lines["torch"] == torch.__version__.split("+")[0] or lines["torch"] == torch.__version__
+    assert lines["timm"] == timm.__version__ and lines["vitprune"] and lines["onnxruntime"]

@@ -15,7 +15,12 @@ from one example input; no class or attribute name of the model is read:
 - **readout**: from the last residual add through per-token ops (final norm) to the ops that remove
   the token axis: a token index (``x[:, 0]``) or a mean over a token range;
 - **token-indexed tensors**: image-independent tensors with a token-sized axis used after the point
-  where tokens can be dropped (relative position bias, RoPE tables): a token pass must gather them.
+  where tokens can be dropped (relative position bias, RoPE tables): a token pass must gather them;
+- **other readers of the token stream**: every node after the drop point that reads the stream yet
+  neither flows back into it (a block's branch, the chain between blocks) nor is the readout or after
+  it: a second output that reads an intermediate block's tokens, a grid reshape for a dense head, a
+  fixed token index (``x[:, 40]``); also token-axis indexing inside a block that reaches past the prefix
+  tokens. Dropping tokens would silently change what they read, so passes refuse them by name.
 
 A graph that does not fit gets :class:`~vitprune.errors.AnalysisError` with the reason.
 """
@@ -31,7 +36,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from vitprune.errors import AnalysisError
-from vitprune.modules import TokenModule
+from vitprune.modules import LEAF_MODULES, TokenModule
 
 _ADD_TARGETS = {operator.add, torch.add, operator.iadd}
 _SOFTMAX_TARGETS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
@@ -102,6 +107,7 @@ class ViTGraph:
     final_ops: list[str]  # per-token ops between the last block and the readout (final norm)
     token_indexed: list[dict[str, Any]]  # image-independent tensors with a token axis after the start
     token_ops: list[dict[str, Any]]  # vitprune token modules already in the graph
+    stream_readers: list[dict[str, Any]] = field(default_factory=list)  # readers a pass cannot follow
 
     @property
     def num_blocks(self) -> int:
@@ -142,6 +148,8 @@ class ViTGraph:
             lines.append(f"token op         {op['module']} before block {op['before_block']}: {op['config']}")
         for t in self.token_indexed:
             lines.append(f"token-indexed    {t['node']} {t['shape']} used by {t['used_by']}")
+        for r in self.stream_readers:
+            lines.append(f"other reader     {r['node']} ({r['op']}) {r['what']}")
         return "\n".join(lines)
 
 
@@ -479,6 +487,88 @@ def _token_indexed(g: _Graph, start: fx.Node, counts: set[int]) -> list[dict[str
     return found
 
 
+def _describe_node(node: fx.Node) -> str:
+    target = getattr(node.target, "__name__", node.target)
+    if node.target is operator.getitem and isinstance(node.args[1], tuple):
+        parts = []
+        for i in node.args[1]:
+            if isinstance(i, slice):
+                parts.append(f"{'' if i.start is None else i.start}:{'' if i.stop is None else i.stop}")
+            else:
+                parts.append(repr(i))
+        return f"x[{', '.join(parts)}]"
+    return f"{node.op} {target}"
+
+
+def _indexes_past_prefix(g: _Graph, node: fx.Node, num_prefix: int) -> bool:
+    """Whether ``node`` indexes the token axis (dim 1 of a ``[B, N, ...]`` stream tensor) beyond the
+    prefix tokens: an int index or a partial slice that reads patch tokens by position."""
+    source = node.args[0] if node.args else None
+    shape = _shape(source)
+    if shape is None or len(shape) < 3 or shape[0] != g.batch:
+        return False
+    n = shape[1]
+    if _is_call(node, {operator.getitem}):
+        idx = node.args[1]
+        if not (isinstance(idx, tuple) and len(idx) >= 2 and idx[0] == slice(None)):
+            return False
+        sel = idx[1]
+    elif _is_call(node, {torch.select}, "select") or _is_call(node, {torch.narrow}, "narrow"):
+        if _arg(node, 1, "dim") not in (1, 1 - len(shape)):
+            return False
+        start = _arg(node, 2, "index" if node.target in ("select", torch.select) else "start")
+        sel = start if node.target in ("select", torch.select) else slice(start, start + _arg(node, 3, "length"))
+    else:
+        return False
+    if isinstance(sel, int):
+        return not -n <= sel < num_prefix - n and not 0 <= sel < num_prefix
+    if isinstance(sel, slice):
+        if sel.step not in (None, 1) or not all(isinstance(v, (int, type(None))) for v in (sel.start, sel.stop)):
+            return True
+        start, stop, _ = sel.indices(n)
+        return not (start, stop) == (0, n) and not stop <= num_prefix and not (start == num_prefix and stop == n)
+    return True  # a tensor or list index on the token axis
+
+
+def _stream_readers(g: _Graph, start: fx.Node, stream_end: fx.Node, readout_nodes: list[fx.Node],
+                    blocks: list[AttentionBlock], num_prefix: int) -> list[dict[str, Any]]:
+    """Readers of the token stream after ``start`` that a token pass cannot follow (see module doc)."""
+    by_name = {n.name: n for n in g.nodes}
+    after_readout = set(readout_nodes)
+    for n in g.nodes:  # topological order: everything downstream of the readout
+        if any(i in after_readout for i in n.all_input_nodes):
+            after_readout.add(n)
+    feeds_stream = g.ancestors[stream_end] | {stream_end}
+    block_starts = [g.order[by_name[b.residual_adds[0]]] for b in blocks]
+
+    def after_block(n: fx.Node) -> int:
+        return sum(1 for o in block_starts if o < g.order[n]) - 1
+
+    found = []
+    for n in g.nodes:
+        if n not in g.data or n in after_readout or n.op == "output" or start not in g.ancestors[n]:
+            continue
+        if not _is_tensor_valued(n):
+            continue  # x.shape / x.size(): symbolic-trace graphs re-read shapes, so they follow the kept tokens
+        if type(_module(g.gm, n)) in LEAF_MODULES.values():
+            continue  # vitprune's own token ops (and their outputs below) follow the kept tokens
+        if n.target is operator.getitem and type(_module(g.gm, n.args[0])) in LEAF_MODULES.values():
+            continue
+        if n in feeds_stream:
+            if _indexes_past_prefix(g, n, num_prefix):
+                found.append({"node": n.name, "op": _describe_node(n), "after_block": after_block(n),
+                              "what": f"indexes the token axis by position inside block {after_block(n)}"})
+            continue
+        sources = [i for i in g.data_inputs(n) if i in feeds_stream]
+        if not sources:
+            continue  # downstream of another reader: that one is reported
+        block = after_block(n)
+        found.append({"node": n.name, "op": _describe_node(n), "after_block": block,
+                      "what": f"reads the token stream ({sources[0].name!r}, after block {block}) outside "
+                              "the blocks and the readout"})
+    return found
+
+
 def analyse(gm: fx.GraphModule, example_input: torch.Tensor) -> ViTGraph:
     """Describe the ViT that ``gm`` computes.
 
@@ -581,6 +671,9 @@ def analyse(gm: fx.GraphModule, example_input: torch.Tensor) -> ViTGraph:
                               "config": mod.config()})
 
     insert_after = emb["insert_after"]
+    stream_end = final_ops[-1] if final_ops else stream[-1][0]
+    readout_nodes = [n for n in g.nodes if n.name in set(readout.nodes)]
+    readers = _stream_readers(g, insert_after, stream_end, readout_nodes, blocks, num_prefix)
     return ViTGraph(
         input_shape=list(example_input.shape),
         num_patches=num_patches,
@@ -599,4 +692,5 @@ def analyse(gm: fx.GraphModule, example_input: torch.Tensor) -> ViTGraph:
         final_ops=[n.name for n in final_ops],
         token_indexed=_token_indexed(g, insert_after, {num_patches, num_prefix + num_patches}),
         token_ops=token_ops,
+        stream_readers=readers,
     )

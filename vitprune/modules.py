@@ -285,6 +285,8 @@ class LifespanGather(TokenModule):
         lives = self.lives(x, q, k)
         # longest life first; topk over all patches (sorted) exports to ONNX as one TopK (sort does not)
         order = torch.topk(lives, lives.shape[1], dim=1, largest=True, sorted=True).indices
+        if self._force_keep_all:  # verification: the gathers run, every token stays in its place
+            order = order.sort(dim=1).values
         tokens, _ = token_ops.keep_patch_tokens(x, self.num_prefix_tokens, order)
         sorted_lives = torch.gather(lives, 1, order)
         if self.record_kept:

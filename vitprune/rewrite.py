@@ -29,7 +29,10 @@ class RewriteReport(FlopsRatios):
     flops_before: int
     flops_after: int  # eval mode
     flops_after_train: int  # train mode
-    keep_all_max_abs_diff: float
+    keep_all_max_abs_diff: float  # over every output
+    keep_all_nodes_compared: int  # original nodes found equal in the rewritten graph, every token kept
+    keep_all_worst_node: str | None
+    keep_all_worst_node_diff: float
     outputs_finite: bool
     seconds: float
     analysis: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +99,9 @@ def rewrite(
         flops_after=check.flops_after,
         flops_after_train=check.flops_after_train,
         keep_all_max_abs_diff=check.keep_all_max_abs_diff,
+        keep_all_nodes_compared=check.keep_all_nodes_compared,
+        keep_all_worst_node=check.keep_all_worst_node,
+        keep_all_worst_node_diff=check.keep_all_worst_node_diff,
         outputs_finite=check.outputs_finite,
         seconds=time.perf_counter() - start,
         analysis=analyses[0].to_dict(),
