@@ -11,7 +11,7 @@ from typing import Callable
 
 import click
 
-from vitprune.cli.main import _emit_json, _floats3, model_options
+from vitprune.cli.main import _emit_json, _floats3, model_options, normalisation_options, say_preprocessing
 from vitprune.evaluate import resolve_model_path
 from vitprune.finetune import FinetuneConfig
 from vitprune.keep_schedule import SCHEDULES
@@ -79,14 +79,15 @@ def _summary(history: list[dict]) -> str:
 @click.option("--keep-start", type=float, default=_DEFAULTS["keep_start"], show_default=True,
               help="Schedule's keep rate at the start (cyclic: at each epoch's start and end).")
 @click.option("--keep-end", type=float, default=_DEFAULTS["keep_end"], show_default=True,
-              help="Schedule's keep rate at the end (cyclic: mid-epoch); rates are clipped to (0, 1].")
+              help="Schedule's keep rate at the end (cyclic: mid-epoch). Any number: each step's rate is rounded "
+              "to --bucket, then clipped to [bucket, 1] (to (0, 1] with --bucket 0), so the default 0.0 means "
+              "the fewest tokens: 20% with --bucket 0.2, one token with --bucket 0.")
 @click.option("--cooldown-epochs", type=int, default=_DEFAULTS["cooldown_epochs"], show_default=True,
               help="Last epochs at keep rate 1.0.")
 @click.option("--bucket", type=float, default=_DEFAULTS["bucket"], show_default=True,
               help="Round keep rates to multiples of this (few token counts); 0: no rounding.")
 @click.option("--selection", type=click.Choice(SELECTIONS), help="Override the TokenDrop selection (random / magnitude).")
-@click.option("--mean", default="0.5,0.5,0.5", show_default=True, metavar="A,B,C", help="Normalisation mean.")
-@click.option("--std", default="0.5,0.5,0.5", show_default=True, metavar="A,B,C", help="Normalisation std.")
+@normalisation_options
 @click.option("--scale", default="0.6,1.0", show_default=True, metavar="MIN,MAX",
               help="RandomResizedCrop area range (fractions of the image).")
 @click.option("--hflip", is_flag=True, help="Random horizontal flips (off: digits and text are not flip-invariant).")
@@ -139,8 +140,7 @@ def finetune(model, source, inputs, input_size, data, val, teacher, no_distill, 
 @click.option("--keep-rate", "keep_rates", metavar="R,R,...", help="Token-drop models: inference keep rates, "
               "one row each (1.0 = every token) [default: the model as saved].")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--mean", default="0.5,0.5,0.5", show_default=True, metavar="A,B,C", help="Normalisation mean.")
-@click.option("--std", default="0.5,0.5,0.5", show_default=True, metavar="A,B,C", help="Normalisation std.")
+@normalisation_options
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loader processes.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random token selection.")
@@ -150,14 +150,15 @@ def evaluate_cmd(model, source, inputs, input_size, data, keep_rates, batch_size
     """Top-1 / top-5 accuracy of MODEL on the image folder DATA, per inference keep rate.
 
     MODEL may be a `vitprune finetune` output folder. Images are resized (shorter side), center-cropped
-    to the model's input size and normalised with --mean / --std.
+    to the model's input size and normalised with the model's own mean / std (override: --mean / --std).
     """
     from vitprune.evaluate import evaluate
 
     rates = _floats(keep_rates, "--keep-rate")
+    mean, std = _floats(mean, "--mean"), _floats(std, "--std")
     result = evaluate(model, data, keep_rates=rates, batch_size=batch_size, input_size=input_size,
-                      mean=_floats(mean, "--mean"), std=_floats(std, "--std"), num_workers=workers, device=device,
-                      seed=seed)
+                      mean=mean, std=std, num_workers=workers, device=device, seed=seed)
+    say_preprocessing(model, mean, std, input_size)  # after the work: a refused command's error stays one line
     result["model"] = source
     if as_json:
         _emit_json(result)

@@ -51,8 +51,34 @@ def model_options(fn: Callable) -> Callable:
     return wrapper
 
 
+#: version of every ``--json`` document's layout; bump it when a field changes meaning or goes away.
+JSON_SCHEMA_VERSION = 1
+
+
+def normalisation_options(fn: Callable) -> Callable:
+    """``--mean`` / ``--std``: override the normalisation the model records (:mod:`vitprune.preprocess`)."""
+    fn = click.option("--std", metavar="A,B,C", help="Per-channel std of the input normalisation "
+                      "[default: the model's own]")(fn)
+    return click.option("--mean", metavar="A,B,C", help="Per-channel mean of the input normalisation [default: the "
+                        "model's own: what a vitprune model recorded, else timm's pretrained_cfg, else 0.5]")(fn)
+
+
+def say_preprocessing(model: Any, mean: Any, std: Any, input_size: Any) -> None:
+    """Tell the user (stderr) which normalisation the command feeds the model with, and from where."""
+    from vitprune.load import default_input_size
+    from vitprune.preprocess import resolve_preprocessing
+
+    channels = (input_size or default_input_size(model))[0]
+    click.echo(f"preprocessing    {resolve_preprocessing(model, mean, std, channels).describe()}", err=True)
+
+
 def _emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    """Print ``obj`` as the command's JSON document: ``schema`` (``vitprune.COMMAND/VERSION``) and the
+    ``versions`` of the stack first, then the command's fields (a list goes under ``rows``)."""
+    command = click.get_current_context().info_name
+    doc = {"schema": f"vitprune.{command}/{JSON_SCHEMA_VERSION}", "versions": stack_versions()}
+    doc.update(obj if isinstance(obj, dict) else {"rows": obj})
+    click.echo(json.dumps(doc, indent=2, default=str))
 
 
 #: the distributions whose versions decide what vitprune computes (FLOPs counting, capture, export).
@@ -80,17 +106,35 @@ def _print_versions(ctx: click.Context, _param: click.Parameter, value: bool) ->
     ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
               help="Show the versions of vitprune, torch, timm, onnx and onnxruntime, then exit.")
-def cli() -> None:
-    """Make Vision Transformers spend compute on fewer tokens, by rewriting their graph."""
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Make Vision Transformers spend compute on fewer tokens, by rewriting their graph.
+
+    MODEL (every command) is timm:NAME (random init; --model-arg KEY=VALUE to size it), a weights file
+    with --arch timm:NAME, a pickled .pt with --trust-pickle, or a folder vitprune wrote.
+
+    Examples:
+
+    \b
+      vitprune inspect timm:vit_small_patch16_224
+      vitprune rewrite timm:vit_small_patch16_224 --method token-drop --keep-rate 0.5 -o vit_s_td
+      vitprune show vit_s_td photo.png -o kept.png
+
+    `vitprune COMMAND --help` explains a command.
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @cli.command()
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
-def inspect(model, source, inputs, input_size, as_json) -> None:
+@click.option("--frontend", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True,
+              help="Capture with torch.fx symbolic trace, torch.export, or trace and export when tracing fails.")
+def inspect(model, source, inputs, input_size, as_json, frontend) -> None:
     """Analyse MODEL's graph: patch embedding, prefix tokens, blocks, readout.
 
     MODEL is timm:NAME, a weights file with --arch, a pickled .pt with --trust-pickle, or a folder
@@ -98,7 +142,7 @@ def inspect(model, source, inputs, input_size, as_json) -> None:
     """
     from vitprune.rewrite import inspect_model
 
-    vit = inspect_model(model, input_size=input_size)
+    vit = inspect_model(model, input_size=input_size, frontend=frontend)
     meta = getattr(model, "meta", {}).get("vitprune", {}) if hasattr(model, "meta") else {}
     if as_json:
         out = vit.to_dict()
@@ -114,14 +158,13 @@ def inspect(model, source, inputs, input_size, as_json) -> None:
         click.echo(f"recipe           {step['pass']} {step['params']}")
 
 
-def _check_output(output: Path, inputs: list[str]) -> None:
-    if not output.parent.is_dir():
-        raise VitpruneError(f"the folder {output.parent} for -o does not exist")
-    from vitprune.load import same_file
+def _check_output(output: Path, inputs: list[str], overwrite: bool = False, kind: str = "file",
+                  what: str = "-o") -> None:
+    """Before any work: ``output`` is not, in or around an input, its folder is writable, and an existing
+    one is replaced only with --overwrite (a folder only if vitprune saved a model to it); see vitprune.outputs."""
+    from vitprune.outputs import check_output_path
 
-    for inp in inputs:
-        if Path(inp).exists() and same_file(output, inp):
-            raise VitpruneError(f"the output {output} is the input {inp}; choose another -o")
+    check_output_path(output, inputs, what=what, overwrite=overwrite, kind=kind)
 
 
 _METHOD_OPTIONS = {
@@ -140,7 +183,8 @@ _METHOD_OPTIONS = {
               help="token-drop: random patches (PatchDropout) or largest L1 norm (PSS) [default: random].")
 @click.option("--at-inference", is_flag=True, default=None, help="token-drop: also drop tokens in eval mode.")
 @click.option("--keep", metavar="BLOCK:RATE,...", help="importance-mask: before BLOCK keep RATE of the alive patches.")
-@click.option("--flops", type=float, help="importance-mask: target FLOPs ratio to the original, in (0, 1].")
+@click.option("--flops", type=float, help="importance-mask and lifespan-gather: target eval FLOPs as a fraction of "
+              "the original's, in (0, 1] [lifespan-gather default: 0.5; importance-mask: --flops or --keep].")
 @click.option("--mode", type=click.Choice(["dynamic", "static"]), help="importance-mask: per-image top-k "
               "(dynamic, default) or fixed index sets from calibration images (static).")
 @click.option("--calibration", type=click.Path(), help="importance-mask static: folder of calibration images.")
@@ -151,14 +195,25 @@ _METHOD_OPTIONS = {
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder to write the rewritten model to.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is a model saved by vitprune.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the verification run.")
+@click.option("--frontend", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True,
+              help="Capture with torch.fx symbolic trace, torch.export, or trace and export when tracing fails "
+              "(or when the method needs the queries and keys an nn.MultiheadAttention module hides).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, as_json, **options) -> None:
-    """Rewrite MODEL with METHOD, verify it and save it to OUTPUT."""
+def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, frontend, as_json,
+            **options) -> None:
+    """Rewrite MODEL with METHOD, verify it and save it to OUTPUT.
+
+    MODEL is one of: timm:NAME (random init, sized with --model-arg KEY=VALUE), a weights file
+    (.safetensors or a state-dict .pt) with --arch timm:NAME, a pickled whole-module .pt with
+    --trust-pickle (unpickling runs code from the file), or a folder vitprune wrote (rewrite again).
+
+    OUTPUT is a new folder; --overwrite replaces it only if vitprune saved a model there.
+    """
     from vitprune.rewrite import rewrite as do_rewrite
     from vitprune.save import save
 
     output = Path(output)
-    _check_output(output, inputs)
+    _check_output(output, inputs, overwrite, kind="model")
     given = {k: v for k, v in options.items() if v is not None}
     foreign = sorted(set(given) - set(_METHOD_OPTIONS[method]))
     if foreign:
@@ -173,7 +228,7 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
         raise click.BadParameter(f"must be in (0, 1], got {given['flops']}", param_hint="--flops")
     if output.exists() and not overwrite:
         raise VitpruneError(f"{output} exists; pass --overwrite to replace it")
-    rewritten, report = do_rewrite(model, method, input_size=input_size, seed=seed, **given)
+    rewritten, report = do_rewrite(model, method, input_size=input_size, seed=seed, frontend=frontend, **given)
     report.output = str(output)
     summary = report.to_dict()
     summary.pop("analysis")
@@ -195,7 +250,9 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
     click.echo(f"saved            {output} ({report.seconds:.1f} s)")
 
 
-def _floats3(value: str, name: str) -> tuple[float, ...]:
+def _floats3(value: str | None, name: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
     try:
         values = tuple(float(v) for v in value.split(","))
     except ValueError:
@@ -205,16 +262,25 @@ def _floats3(value: str, name: str) -> tuple[float, ...]:
     return values
 
 
+def _check_picture_suffix(output: str, what: str) -> None:
+    """A picture's file name must end in a format matplotlib writes (.png, .jpg, .pdf, .svg, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = sorted(FigureCanvasAgg.get_supported_filetypes())
+    suffix = Path(output).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise click.BadParameter(f"{output!r} does not end in a picture format matplotlib writes "
+                                 f"(.png, .jpg, .pdf, .svg, ...: {', '.join(formats)})", param_hint=what)
+
+
 @cli.command()
 @model_options
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Picture to write (PNG; the suffix picks another matplotlib format).")
-@click.option("--mean", default="0.5,0.5,0.5", show_default=True, metavar="A,B,C",
-              help="Per-channel mean the model's inputs are normalised with (timm ViT's default).")
-@click.option("--std", default="0.5,0.5,0.5", show_default=True, metavar="A,B,C",
-              help="Per-channel standard deviation of the normalisation.")
-def show(model, source, inputs, input_size, image, output, mean, std) -> None:
+              help="Picture to write; its suffix is the format: .png, .jpg, .pdf, .svg (any matplotlib saves).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@normalisation_options
+def show(model, source, inputs, input_size, image, output, overwrite, mean, std) -> None:
     """Draw IMAGE with the patches MODEL keeps at each pruning stage, one panel a stage.
 
     MODEL is usually a folder written by `vitprune rewrite`. IMAGE is resized (shorter side) and
@@ -222,8 +288,11 @@ def show(model, source, inputs, input_size, image, output, mean, std) -> None:
     """
     from vitprune.show import show as do_show
 
-    stages = do_show(model, image, output, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"),
-                     input_size=input_size, protect=inputs)
+    _check_picture_suffix(output, "-o")
+    _check_output(Path(output), [image, *inputs], overwrite)
+    mean, std = _floats3(mean, "--mean"), _floats3(std, "--std")
+    stages = do_show(model, image, output, mean=mean, std=std, input_size=input_size, protect=inputs)
+    say_preprocessing(model, mean, std, input_size)  # after the work: a refused command's error stays one line
     click.echo(f"wrote {output} ({len(stages)} stage{'' if len(stages) == 1 else 's'})")
 
 
@@ -252,9 +321,21 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"vitprune: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except VitpruneError as exc:
-        click.echo(f"vitprune: error: {exc}", err=True)
+        click.echo(f"vitprune: error: {_one_line(str(exc))}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # the file system refused (permissions, full disk, a path under a file): the user's
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"vitprune: error: {exc.strerror or type(exc).__name__}{where}", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(message: str) -> str:
+    """An error message as one line (a data-loader worker's error carries the worker's traceback: its last line)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
 
 
 if __name__ == "__main__":

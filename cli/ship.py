@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from vitprune.cli.main import _check_output, _emit_json, _input_size, model_options
-from vitprune.errors import VitpruneError
 
 
 @click.command()
@@ -24,9 +23,7 @@ def export(model, source, inputs, input_size, output, opset, no_optimize, overwr
     from vitprune.load import example_input
 
     output = Path(output)
-    _check_output(output, inputs)
-    if output.exists() and not overwrite:
-        raise VitpruneError(f"{output} exists; pass --overwrite to replace it")
+    _check_output(output, inputs, overwrite)
     report = export_onnx(model, output, example_input=example_input(model, input_size), opset=opset,
                          optimize_graph=not no_optimize)
     if as_json:
@@ -55,18 +52,22 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
 @click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved timing rounds.")
 @click.option("--iters", type=int, default=3, show_default=True, help="Forward passes per timed run.")
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling whole-module .pt files.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Constructor argument for every timm: MODEL (img_size=32, depth=4, ...). Repeatable.")
 @click.option("--input-size", metavar="C,H,W", help="Input size when it cannot be read from the first model.")
 @click.option("--data", type=click.Path(file_okay=False), help="ImageFolder to measure top-1 accuracy on (eager).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a Pareto picture (PNG).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a Pareto picture (a .png file).")
+@click.option("--overwrite", is_flag=True, help="Replace the --plot picture if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def bench(models, batches, backends, repeats, iters, trust_pickle, input_size, data, plot, as_json, quiet) -> None:
+def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, input_size, data, plot, overwrite,
+          as_json, quiet) -> None:
     """Measure MODELS (timm:NAME, saved folders, ...): params, FLOPs, throughput, latency, peak memory.
 
     The first model is the baseline for speed-up and FLOPs ratio. Runs of the models are interleaved.
     """
     from vitprune.bench import BACKENDS, bench as run_bench, pareto_plot, table
-    from vitprune.load import default_input_size, load
+    from vitprune.load import default_input_size, load, parse_model_args
 
     batches = _ints(batches, "--batch")
     backends = tuple(b.strip() for b in backends.split(",") if b.strip())
@@ -77,11 +78,13 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, input_size, d
     if repeats < 1 or iters < 1:
         raise click.BadParameter("must be >= 1", param_hint="--repeats/--iters")
     if plot:
-        _check_output(Path(plot), list(models))
+        if Path(plot).suffix.lower() != ".png":
+            raise click.BadParameter(f"{plot!r}: the Pareto picture is a PNG; name it NAME.png", param_hint="--plot")
+        _check_output(Path(plot), list(models), overwrite, what="--plot")
     loaded = {}
     for spec in models:
         name = spec if spec not in loaded else f"{spec} #{len(loaded)}"
-        loaded[name] = load(spec, trust_pickle=trust_pickle)
+        loaded[name] = load(spec, trust_pickle=trust_pickle, model_args=parse_model_args(model_args))
     size = _input_size(input_size) or default_input_size(next(iter(loaded.values())))
     from vitprune.evaluate import evaluate
 

@@ -21,9 +21,9 @@ PASSES: dict[str, type["VitPass"]] = {}
 #: What a pass may require of the analysed graph: name -> (holds?, reason it does not).
 REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], str]]] = {
     "readout_is_position_free": (
-        lambda v: v.readout.kind == "mean"
-        and (v.readout.mean_start or 0) in (0, v.num_prefix_tokens) and v.readout.mean_stop is None
-        or v.readout.kind == "token" and all(i < v.num_prefix_tokens for i in v.readout.token_indices),
+        lambda v: all(i < v.num_prefix_tokens for i in v.readout.token_indices)
+        and (v.readout.kind == "token"
+             or (v.readout.mean_start or 0) in (0, v.num_prefix_tokens) and v.readout.mean_stop is None),
         lambda v: f"the readout ({v.readout.describe(v.num_prefix_tokens)}) reads patch tokens by position, "
         "which dropping tokens would change",
     ),
@@ -64,6 +64,12 @@ class VitPass(PassBase):
 
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def needs_visible_attention(self) -> bool:
+        """Whether the pass reads queries and keys (or attention maps), which an opaque
+        ``nn.MultiheadAttention`` leaf hides: ``vitprune.rewrite`` then captures with ``torch.export``."""
+        return False
 
     def __init__(self, **params: Any) -> None:
         self.params = params

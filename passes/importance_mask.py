@@ -67,17 +67,18 @@ def _attention_maps(gm: fx.GraphModule, vit: ViTGraph, batches: Iterable[torch.T
 def significance(vit: ViTGraph, maps: list[torch.Tensor]) -> list[torch.Tensor]:
     """Top-down token significance ``[N]`` at the input of every block (Patch Slimming §3.2).
 
-    The readout's tokens start with significance 1 (a CLS index) or a uniform share (a mean); each
+    The readout's tokens start with significance 1 (a CLS index) or a uniform share (a mean; half each
+    when the head reads both); each
     block, last to first, passes it back through ``(A + I) / 2``.
     """
     n = vit.num_tokens
     s = torch.zeros(n)
-    if vit.readout.kind == "token":
+    if vit.readout.kind != "mean":
         s[vit.readout.token_indices] = 1.0 / len(vit.readout.token_indices)
-    else:
-        start = vit.readout.mean_start or 0
-        s[start:vit.readout.mean_stop] = 1.0
-        s /= s.sum()
+    if vit.readout.kind != "token":  # a mean pool, alone or beside the CLS token (half each)
+        mean = torch.zeros(n)
+        mean[vit.readout.mean_start or 0:vit.readout.mean_stop] = 1.0
+        s = mean / mean.sum() if vit.readout.kind == "mean" else 0.5 * s + 0.5 * mean / mean.sum()
     out = [None] * vit.num_blocks
     for i in reversed(range(vit.num_blocks)):
         s = 0.5 * (s @ maps[i]) + 0.5 * s
@@ -126,6 +127,10 @@ class ImportanceMaskPass(VitPass):
                          str(calibration) if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__")
                          else "<tensors>", calibration_limit=int(calibration_limit))
 
+    @property
+    def needs_visible_attention(self) -> bool:
+        return True  # dynamic: q·kᵀ of the block before; static: every block's attention map
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         return PassResult(graph_module, self.rewrite(graph_module, self.analysis))
 
@@ -149,7 +154,7 @@ class ImportanceMaskPass(VitPass):
             raise PassError("the schedule keeps every patch token: nothing to prune")
         alive = vit.num_patches
         if self.params["mode"] == "dynamic":
-            score = "cls" if vit.readout.kind == "token" and vit.num_prefix_tokens else "mean-query"
+            score = "cls" if vit.readout.token_indices and vit.num_prefix_tokens else "mean-query"
             cls_index = vit.readout.token_indices[0] if score == "cls" else 0
             for b, k in counts.items():
                 prev = vit.blocks[b - 1]

@@ -57,6 +57,10 @@ class LifespanGatherPass(VitPass):
     def single_image(self) -> bool:
         return self.params["exact"]
 
+    @property
+    def needs_visible_attention(self) -> bool:
+        return True  # the regressor reads q·kᵀ of the block before it
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         return PassResult(graph_module, self.rewrite(graph_module, self.analysis))
 
@@ -71,7 +75,7 @@ class LifespanGatherPass(VitPass):
         x = self.example_input
         total = count_flops(gm, x) / x.shape[0]
         counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0)
-        score = "cls" if vit.readout.kind == "token" and vit.num_prefix_tokens else "mean-query"
+        score = "cls" if vit.readout.token_indices and vit.num_prefix_tokens else "mean-query"
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
         block_att = [4 * b.heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]

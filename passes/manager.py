@@ -10,6 +10,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from vitprune.analysis import ViTGraph, analyse
 from vitprune.errors import PassError, VitpruneError
+from vitprune.frontends.export import is_exported, respecialise_token_literals
 from vitprune.passes.base import PASSES, VitPass
 
 
@@ -53,5 +54,10 @@ def run_passes(
             raise RuntimeError(f"pass {p.name!r} failed after {' -> '.join(done)}") from exc
         if isinstance(result, PassResult):
             gm = result.graph_module
+        if is_exported(gm):  # aten graphs bake the token count into shape literals
+            try:
+                respecialise_token_literals(gm, p.analysis.num_tokens)
+            except VitpruneError as exc:
+                raise PassError(f"pass {p.name!r} (after {' -> '.join(done)}) refused: {exc}") from exc
         done.append(p.name)
     return gm, seen

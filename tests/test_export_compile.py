@@ -85,7 +85,7 @@ def test_export_and_bench_cli(cli_inprocess, tmp_path):
                                    "--backend", "eager,onnxruntime", "--repeats", "2", "--json", "--quiet",
                                    "--plot", tmp_path / "p.png")
     assert code == 0, err
-    rows = json.loads(out)
+    rows = json.loads(out)["rows"]
     assert len(rows) == 2 * 2 * 2  # models x backends x batches
     by = {(r["model"], r["backend"], r["batch"]): r for r in rows}
     im = by[(str(tmp_path / "im"), "eager", 4)]
@@ -114,7 +114,7 @@ def test_bench_with_data_reports_accuracy(cli_inprocess, tmp_path):
     code, out, err = cli_inprocess("bench", tmp_path / "orig", tmp_path / "td", "--batch", "4", "--repeats", "1",
                                    "--data", tmp_path / "d" / "val", "--json", "--quiet", "--plot", tmp_path / "p.png")
     assert code == 0, err
-    rows = json.loads(out)
+    rows = json.loads(out)["rows"]
     expected = vitprune.evaluate(model, tmp_path / "d" / "val", seed=0)["rows"][0]["top1"]
     assert rows[0]["accuracy"] == expected and 0 <= rows[1]["accuracy"] <= 1
     assert (tmp_path / "p.png").is_file()

@@ -25,6 +25,7 @@ from torch import nn
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_flops
 from vitprune.modules import TokenModule
+from vitprune.native_logs import filtered_native_stderr
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 
@@ -87,7 +88,8 @@ def peak_memory_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Peak of live tensor bytes allocated during one eager forward (profiler memory events)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with filtered_native_stderr(), torch.inference_mode(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(x)
     # each op's self memory is what it allocated minus what it freed; "[memory]" events are frees
     # outside any op. Their running sum in time order is the live-bytes timeline.
@@ -114,7 +116,7 @@ def token_op_share(model: nn.Module, x: torch.Tensor, forwards: int = 2) -> floa
     try:
         with torch.inference_mode():
             model(x)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with filtered_native_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for _ in range(forwards):
                     with torch.profiler.record_function("vitprune::forward"):
                         model(x)
@@ -140,7 +142,7 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
         models: name -> model (eval mode is set here); the first one is the baseline for speed-up.
         input_size: ``(C, H, W)``.
         accuracy: optional ``model -> top-1`` (computed once per model, eager).
-        progress: show a tqdm progress bar over the timing rounds (on stderr).
+        progress: show a tqdm progress bar over the timing rounds (on stderr, when it is a terminal).
 
     Returns:
         One :class:`BenchRow` per model × backend × batch, in that order.
@@ -161,7 +163,8 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
                       "accuracy": accuracy(m) if accuracy else None}
     rows: list[BenchRow] = []
     total_rounds = len(backends) * len(batches) * repeats
-    bar = tqdm(total=total_rounds, desc="bench", unit="round", disable=not progress, leave=False)
+    # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
+    bar = tqdm(total=total_rounds, desc="bench", unit="round", disable=None if progress else True, leave=False)
     for backend in backends:
         fns: dict[str, Any] = {}
         for name, m in models.items():

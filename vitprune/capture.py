@@ -1,6 +1,6 @@
-"""Capture a model as a ``torch.fx.GraphModule`` (symbolic trace).
+"""Capture a model as a ``torch.fx.GraphModule``: symbolic trace, or ``torch.export`` when that fails.
 
-Leaves: torch.nn's own modules (fx's default) and vitprune's inserted modules. Every forward
+Symbolic trace leaves: torch.nn's own modules (fx's default) and vitprune's inserted modules. Every forward
 argument after the image is fixed to its default (``concrete_args``), so timm blocks whose forward
 takes ``attn_mask`` / ``is_causal`` trace with those fixed, and the captured graph takes one input.
 """
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import fx, nn
 
 from vitprune.errors import CaptureError
+from vitprune.frontends.export import capture_export
 from vitprune.modules import LEAF_MODULES
 
 
@@ -66,17 +68,41 @@ def _drop_concrete_placeholders(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def capture(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` into a GraphModule taking one image ``[B, C, H, W]``.
+def capture(model: nn.Module, example_input: torch.Tensor | None = None, frontend: str = "auto") -> fx.GraphModule:
+    """Capture ``model`` as a GraphModule taking one image ``[B, C, H, W]``.
 
-    A GraphModule (for example a model vitprune loaded or rewrote) is returned as it is.
+    ``frontend="fx"``: ``torch.fx`` symbolic trace (torch-level ops, leaves kept). ``"export"``:
+    ``torch.export`` with a dynamic batch (aten-level ops; :mod:`vitprune.frontends.export`), needs
+    ``example_input``. ``"auto"`` (default): symbolic trace, and ``torch.export`` when that fails and an
+    ``example_input`` is given. A GraphModule (a model vitprune loaded, rewrote or captured) is returned as it is.
 
     Raises:
-        CaptureError: the model's forward cannot be traced (data-dependent control flow, a forward
-            argument without default, ...); the message gives fx's reason.
+        CaptureError: the model cannot be captured; the message gives each frontend's reason.
     """
     if isinstance(model, fx.GraphModule):
         return model
+    if frontend not in ("auto", "fx", "export"):
+        raise CaptureError(f"unknown frontend {frontend!r}; expected auto, fx or export")
+    if frontend == "export":
+        if example_input is None:
+            raise CaptureError("the torch.export frontend needs an example input")
+        gm = capture_export(model, example_input)
+    else:
+        try:
+            gm = _symbolic_trace(model)
+        except CaptureError as traced:
+            if frontend == "fx" or example_input is None:
+                raise
+            try:
+                gm = capture_export(model, example_input)
+            except CaptureError as exported:
+                raise CaptureError(f"{traced}; {exported}") from exported
+    gm.train(model.training)
+    _record_origin(model, gm)
+    return gm
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     concrete = _concrete_args(model)
     try:
         graph = _Tracer().trace(model, concrete_args=concrete or None)
@@ -85,8 +111,6 @@ def capture(model: nn.Module) -> fx.GraphModule:
         raise CaptureError(f"torch.fx could not trace {type(model).__name__}: {reason}") from exc
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     _drop_concrete_placeholders(gm)
-    gm.train(model.training)
-    _record_origin(model, gm)
     return gm
 
 
@@ -95,7 +119,9 @@ def _record_origin(model: nn.Module, gm: fx.GraphModule) -> None:
     from vitprune.errors import VitpruneError
     from vitprune.load import default_input_size, source_of
 
-    meta = {"source": source_of(model), "recipe": []}
+    from vitprune.preprocess import metadata
+
+    meta = {"source": source_of(model), "recipe": [], "preprocessing": metadata(model)}
     try:
         meta["input_shape"] = [1, *default_input_size(model)]
     except VitpruneError:

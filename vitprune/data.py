@@ -129,3 +129,56 @@ def seeded_loader(dataset, batch_size: int, sampler, num_workers: int, seed: int
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
                                        pin_memory=pin_memory)
+
+
+def recorded_classes(model) -> list[str] | None:
+    """The class names ``model`` was fine-tuned on (``vitprune finetune`` records them), or None."""
+    meta = getattr(model, "meta", None)
+    names = meta.get("vitprune", {}).get("classes") if isinstance(meta, dict) else None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
+def match_classes(dataset, recorded: Sequence[str] | None, outputs: int, option: str = "--data") -> None:
+    """Check ``dataset``'s class folders against the model's recorded class names and its ``outputs`` logits;
+    when the folders are some of the recorded classes, label each image with its class's index in ``recorded``
+    (so a folder holding only classes 1, 2 and 7 is scored as 1, 2 and 7, not as 0, 1 and 2).
+
+    Raises:
+        VitpruneError: a class folder the model was not trained on, more class folders than outputs, or
+            recorded names that do not fit the model's outputs.
+    """
+    classes = list(dataset.classes)
+    if recorded is None:
+        if len(classes) > outputs:
+            raise VitpruneError(f"{option} has {len(classes)} classes but the model has {outputs} outputs")
+        return
+    recorded = list(recorded)
+    if len(recorded) > outputs:  # fewer is fine: a 1000-way head fine-tuned on 10 classes uses outputs 0..9
+        raise VitpruneError(f"the model records {len(recorded)} class names but has {outputs} outputs; "
+                            "its metadata does not fit its head")
+    unknown = [c for c in classes if c not in recorded]
+    if unknown:
+        shown = ", ".join(recorded[:6]) + (", ..." if len(recorded) > 6 else "")
+        raise VitpruneError(f"{option}: the class folder{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(repr(c) for c in unknown[:3])} {'are' if len(unknown) > 1 else 'is'} not "
+                            f"among the {len(recorded)} classes the model was fine-tuned on ({shown})")
+    if classes != recorded:
+        mapping = {i: recorded.index(c) for i, c in enumerate(classes)}
+        dataset.target_transform = mapping.__getitem__  # a bound dict method: picklable for loader workers
+
+
+def check_images_open(dataset, option: str = "--data") -> None:
+    """Open every image of an ImageFolder (header only: cheap) so an unreadable file fails before a run starts.
+
+    Raises:
+        VitpruneError: a file PIL cannot identify as an image.
+    """
+    from PIL import Image
+
+    for path, _label in dataset.samples:
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018  (the header is parsed on open; nothing is decoded)
+        except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise VitpruneError(f"{option}: cannot read image {path}: {reason}") from None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitprune.errors import VitpruneError
-from vitprune.images import DEFAULT_MEAN, DEFAULT_STD
+from vitprune.preprocess import resolve_preprocessing
 from vitprune.keep_schedule import keep_count
 from vitprune.modules import TokenDrop
 
@@ -167,8 +167,8 @@ def evaluate(
     keep_rates: Sequence[float] | None = None,
     batch_size: int = 64,
     input_size: tuple[int, int, int] | None = None,
-    mean: Sequence[float] = DEFAULT_MEAN,
-    std: Sequence[float] = DEFAULT_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     num_workers: int = 0,
     device: str | torch.device | None = None,
     seed: int = 0,
@@ -178,13 +178,15 @@ def evaluate(
     Args:
         model: a module, or anything :func:`vitprune.load` reads (a ``vitprune finetune`` output folder too).
         data: ImageFolder layout (:mod:`vitprune.data`); images preprocessed for evaluation (resize,
-            center crop, normalise with ``mean``/``std``) at the model's input size.
+            center crop, normalise) at the model's input size; ``mean``/``std`` default to the model's own
+            (:func:`vitprune.preprocess.resolve_preprocessing`).
         keep_rates: inference keep rates in ``(0, 1]``, for models with ``TokenDrop`` modules only;
             ``None``: one row, the model as it is.
         seed: seeds random token selection, so each row is repeatable.
 
     Returns:
-        ``{"data", "images", "classes", "input_size", "rows": [{"keep_rate", "keep_counts", "top1", "images",
+        ``{"data", "images", "classes", "input_size", "preprocessing": {"mean", "std", "source"},
+        "rows": [{"keep_rate", "keep_counts", "top1", "images",
         "top5", "loss", "images_per_s"}]}``; accuracies are fractions in ``[0, 1]``; ``top5`` is None
         with fewer than 5 classes; ``loss`` is the mean cross-entropy (nats).
 
@@ -192,7 +194,7 @@ def evaluate(
         VitpruneError: bad data folder, more classes than the model's outputs, ``keep_rates`` for a
             model without ``TokenDrop``, a rate outside ``(0, 1]``, unreadable model.
     """
-    from vitprune.data import eval_transform, image_folder
+    from vitprune.data import eval_transform, image_folder, match_classes, recorded_classes
     from vitprune.load import default_input_size, load
 
     if not isinstance(model, nn.Module):
@@ -208,12 +210,13 @@ def evaluate(
             keep_count(drops[0].num_patches, r)  # raises on a rate outside (0, 1]
     dev = pick_device(device)
     size = tuple(input_size or default_input_size(model))
-    dataset = image_folder(data, eval_transform(size, mean, std), "--data")
+    prep = resolve_preprocessing(model, mean, std, channels=size[0])
+    dataset = image_folder(data, eval_transform(size, prep.mean, prep.std), "--data")
     was_training = model.training
     model.to(dev).eval()
     rows = []
     try:
-        check_classes(model, dataset, dev)
+        match_classes(dataset, recorded_classes(model), check_classes(model, dataset, dev))
         for rate in keep_rates if keep_rates is not None else [None]:
             with inference_keep_rate(model, rate):
                 start = time.perf_counter()
@@ -224,4 +227,4 @@ def evaluate(
     finally:
         model.train(was_training)
     return {"data": str(data), "images": len(dataset), "classes": len(dataset.classes), "input_size": list(size),
-            "rows": rows}
+            "preprocessing": prep.to_dict(), "rows": rows}

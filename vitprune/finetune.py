@@ -46,7 +46,8 @@ from torch import fx, nn
 from vitprune.errors import VitpruneError
 from vitprune.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes, logits_of, pick_device, resolve_model_path,
                                sharded_accuracy, token_drops)
-from vitprune.images import DEFAULT_MEAN, DEFAULT_STD
+from vitprune.preprocess import metadata as preprocessing_metadata
+from vitprune.preprocess import resolve_preprocessing
 from vitprune.keep_schedule import SCHEDULES, KeepSchedule, keep_count
 from vitprune.modules import auxiliary_losses, force_keep_all, set_training_progress, token_modules
 from vitprune.token_ops import SELECTIONS
@@ -89,8 +90,8 @@ class FinetuneConfig:
     bucket: float = 0.2
     selection: str | None = None  # overrides every TokenDrop's selection: "random" / "magnitude"
     input_size: tuple[int, int, int] | None = None
-    mean: tuple[float, ...] = DEFAULT_MEAN
-    std: tuple[float, ...] = DEFAULT_STD
+    mean: tuple[float, ...] | None = None  # None: from the model (vitprune.preprocess), recorded in OUT/model
+    std: tuple[float, ...] | None = None
     scale: tuple[float, float] = (0.6, 1.0)
     hflip: bool = False
     num_workers: int = 0
@@ -159,12 +160,13 @@ def as_graph_module(model: nn.Module, input_size: Sequence[int] | None = None) -
     """A deep copy of ``model`` as a GraphModule (captured if need be) whose recipe has its input shape,
     so :func:`vitprune.save` can verify and save it like a rewritten model."""
     from vitprune.capture import capture
-    from vitprune.load import default_input_size, source_of
+    from vitprune.load import default_input_size, example_input, source_of
 
     size = list(input_size or default_input_size(model))
-    gm = capture(copy.deepcopy(model))
+    gm = capture(copy.deepcopy(model), example_input(model, tuple(size)))  # export when tracing fails
     meta = dict(getattr(model, "meta", {}).get("vitprune") or {"source": source_of(model), "recipe": []})
     meta.setdefault("input_shape", [1, *size])
+    meta.setdefault("preprocessing", preprocessing_metadata(model))
     gm.meta["vitprune"] = meta
     return gm
 
@@ -196,6 +198,15 @@ def _check_output(out: Path, protect: Sequence[Any], resume: bool, overwrite: bo
                 raise VitpruneError(f"the output {out} overlaps the input {p}; choose another -o")
     if not out.parent.is_dir():
         raise VitpruneError(f"the folder {out.parent} for -o does not exist")
+    from vitprune.outputs import check_writable_folder, refuse_unless_replaceable
+
+    check_writable_folder(out.parent)
+    if out.is_dir():
+        check_writable_folder(out)
+    if (out.parent / "graph.json").is_file() or (out.parent / "vitprune.json").is_file():
+        raise VitpruneError(f"the output {out} is inside the model folder {out.parent}; choose another -o")
+    if out.is_dir() and (out / MODEL_SUBDIR).exists() and (overwrite or resume):
+        refuse_unless_replaceable(out / MODEL_SUBDIR)  # OUT/model is replaced at the end: only if vitprune saved it
     if resume:
         if _last_checkpoint(out) is None:
             raise VitpruneError(f"--resume: no checkpoint in {out / CHECKPOINTS} to resume from")
@@ -306,7 +317,7 @@ def finetune(
             classes than ``val`` or more than the model's outputs; an output refused; ``resume`` without a
             checkpoint or with other options; a schedule or selection without ``TokenDrop``; a non-finite loss.
     """
-    from vitprune.data import seeded_loader, train_val_folders
+    from vitprune.data import check_images_open, match_classes, recorded_classes, seeded_loader, train_val_folders
     from vitprune.load import load
 
     say = log or (lambda _msg: None)
@@ -324,8 +335,22 @@ def finetune(
         torch.manual_seed(cfg.seed)
         student = as_graph_module(model, cfg.input_size)
         size = tuple(student.meta["vitprune"]["input_shape"][1:])
+        prep = resolve_preprocessing(student, cfg.mean, cfg.std, channels=size[0])
+        cfg.mean, cfg.std = prep.mean, prep.std  # what the model is trained with, recorded with it below
+        student.meta["vitprune"]["preprocessing"] = {**prep.to_dict(), "source": "saved model"}
         train_ds, val_ds = train_val_folders(cfg.data, cfg.val, size, cfg.mean, cfg.std, cfg.scale, cfg.hflip)
         outputs = check_classes(student, train_ds, torch.device("cpu"))
+        if len(train_ds.classes) < 2:
+            raise VitpruneError(f"--data: {data} has one class folder ({train_ds.classes[0]!r}); "
+                                "fine-tuning a classifier needs at least two")
+        recorded = recorded_classes(student)
+        match_classes(train_ds, recorded, outputs, "--data")
+        if val_ds is not None:
+            match_classes(val_ds, recorded, outputs, "--val")
+        student.meta["vitprune"]["classes"] = recorded or list(train_ds.classes)  # saved with the model
+        for ds, option in ((train_ds, "--data"), (val_ds, "--val")):
+            if ds is not None:
+                check_images_open(ds, option)
         drops = token_drops(student)
         if (cfg.schedule or cfg.selection) and not drops:
             raise VitpruneError(f"--{'schedule' if cfg.schedule else 'selection'} needs a token-drop model "
@@ -363,10 +388,8 @@ def finetune(
         amp = cfg.amp if cfg.amp is not None else dev.type == "cuda"
         if amp and dev.type != "cuda":
             raise VitpruneError("--amp (bf16 autocast) is for CUDA; this run is on the CPU")
-        barrier()
-        if rank == 0 and not resume:
-            _clear_output(out)
-        barrier()
+        # OUT is made (an earlier run's files removed) only once the first epoch is done: epoch 1 reads every
+        # training and validation image, so a corrupt one fails the run with nothing written.
         ddp = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None) \
             if world > 1 else student
         loop = _Loop(cfg, world, dev, amp, ddp, teacher, teacher_ctx, drops, keep, opt, sched, spe,
@@ -385,6 +408,7 @@ def finetune(
                 os.replace(out / f".{METRICS}.tmp", out / METRICS)
             say(f"resumed from {_last_checkpoint(out)} ({start} of {cfg.epochs} epochs done)")
         if rank == 0:
+            say(f"preprocessing    {prep.describe()}")  # after every check: a refused run's error stays one line
             say(f"training {cfg.epochs - (start or 0)} epochs x {spe} steps of {cfg.batch_size} on {len(train_ds)} images"
                 f"{f' in {world} processes' if world > 1 else ''}, distillation {'on' if teacher is not None else 'off'}")
         for epoch in range(start or 0, cfg.epochs):
@@ -402,6 +426,8 @@ def finetune(
                                                cfg.num_workers, prefix="val_"))
             history.append(record)
             if rank == 0:
+                if not resume and epoch == 0:
+                    _clear_output(out)
                 _save_checkpoint(out, epoch + 1, student, opt, sched, {**expect, "history": history}, cfg.keep_checkpoints)
                 with open(out / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -7,15 +7,22 @@ Sources (``vitprune.load(source, ...)``):
 - a safetensors / state-dict file with ``arch="timm:NAME"``;
 - a pickled module file (``torch.save(model)``) only with ``trust_pickle=True``: unpickling runs code;
 - a directory written by :func:`vitprune.save` (no pickle at all);
+- a Hugging Face folder (``config.json`` + safetensors, as ``save_pretrained`` writes it), built with
+  transformers' own classes (:mod:`vitprune.hf`; the ``hf`` extra), never ``trust_remote_code``;
+- a ``torch.export`` file (``.pt2``, ``torch.export.save``), as an aten-level graph
+  (:mod:`vitprune.frontends.export`);
 - an ``nn.Module`` the caller already holds (returned as it is).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import os
 import pickletools
 import weakref
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,8 @@ import torch
 from torch import nn
 
 from vitprune.errors import LoadError, VitpruneError
+from vitprune.hf import is_hf_folder
+from vitprune.hf import load_folder as load_hf_folder
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -53,8 +62,8 @@ def parse_model_args(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     args: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise LoadError(f"model argument {pair!r} is not KEY=VALUE")
+        if not sep or not key.strip().isidentifier():
+            raise LoadError(f"--model-arg {pair!r} is not KEY=VALUE with a Python name as KEY (img_size=32)")
         try:
             args[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -68,9 +77,16 @@ def _create_timm(name: str, model_args: dict[str, Any]) -> nn.Module:
     if not timm.is_model(name):
         raise LoadError(f"unknown timm architecture {name!r}")
     try:
-        return timm.create_model(name, pretrained=False, **model_args)
-    except TypeError as exc:
-        raise LoadError(f"timm could not build {name!r} with {model_args}: {exc}") from exc
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return timm.create_model(name, pretrained=False, **model_args)
+    except Exception as exc:  # bad --model-arg values: timm raises TypeError, ValueError, AssertionError, ...
+        raise LoadError(f"timm could not build {name!r} with --model-arg {_args_text(model_args)}: "
+                        f"{_first_line(exc)}") from None
+
+
+def _args_text(model_args: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v!r}" for k, v in model_args.items()) or "(none)"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -128,9 +144,16 @@ def _pickled_globals(path: Path) -> list[str] | None:
         return None
 
 
+def _quiet_torch_load(path: Path, weights_only: bool) -> Any:
+    """``torch.load`` without its warnings (pickle protocol, weights_only notices): the user gets one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return _quiet_torch_load(path, weights_only=True)
     except Exception as exc:  # torch raises many types on a corrupt file
         refs = _pickled_globals(path)
         if refs is None:
@@ -144,7 +167,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 "pass --trust-pickle (Python: trust_pickle=True) only if you trust where it came from"
             ) from exc
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        return _quiet_torch_load(path, weights_only=False)
     except Exception as exc:
         raise LoadError(f"cannot unpickle {path}: {_first_line(exc)}") from exc
 
@@ -204,6 +227,14 @@ def load(
     path = Path(text)
     if not path.exists():
         raise LoadError(f"no such file or directory: {path}")
+    if path.is_dir() and is_hf_folder(path):
+        model = load_hf_folder(path)
+        _SOURCES[model] = {"kind": "huggingface", "path": str(path), "class": type(model.model).__name__}
+        return model
+    if path.suffix == ".pt2":
+        model = _load_pt2(path)
+        _SOURCES[model] = {"kind": "torch.export", "path": str(path)}
+        return model
     if path.is_dir():
         from vitprune.save import is_saved_model, load_saved
 
@@ -226,6 +257,32 @@ def load(
         return obj.eval()
     _as_state_dict(obj, path)
     raise LoadError(f"{path} holds only weights (a state dict): pass --arch timm:NAME to say which architecture")
+
+
+def _load_pt2(path: Path) -> nn.Module:
+    """A ``torch.export.save`` file as a plain GraphModule (:mod:`vitprune.frontends.export`); its input
+    size is the program's example input. Masks that mask nothing are dropped as at capture."""
+    from vitprune.frontends.export import drop_noop_attention_masks, plain_graph_module
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path))
+    except Exception as exc:  # corrupt archive, other torch version: several types
+        raise LoadError(f"cannot read the torch.export file {path}: {_first_line(exc)}") from exc
+    inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    if len(inputs) != 1:
+        raise LoadError(f"{path} takes {len(inputs)} inputs; vitprune rewrites models that take one image")
+    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == inputs[0].arg.name)
+    shape = [int(v) if isinstance(v, int) or str(v).isdigit() else 2 for v in placeholder.meta["val"].shape]
+    if len(shape) != 4:
+        raise LoadError(f"{path} takes an input of shape {shape}; vitprune rewrites models that take [B, C, H, W]")
+    gm = plain_graph_module(program, class_name="ExportedProgram")
+    example = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0))
+    drop_noop_attention_masks(gm, example)
+    gm.meta["vitprune"] = {"source": {"kind": "torch.export", "path": str(path)}, "recipe": [],
+                           "input_shape": [1, *shape[1:]]}
+    return gm
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:

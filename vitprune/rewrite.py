@@ -12,9 +12,12 @@ from torch import fx, nn
 
 from vitprune.analysis import analyse
 from vitprune.capture import capture
+from vitprune.errors import VitpruneError
+from vitprune.frontends.export import is_exported
 from vitprune.load import example_input as make_example_input
 from vitprune.load import source_of
 from vitprune.passes import make_pass, run_passes
+from vitprune.preprocess import metadata as preprocessing_metadata
 from vitprune.verify import FlopsRatios, verify
 
 
@@ -47,11 +50,12 @@ def rewrite(
     input_size: tuple[int, int, int] | None = None,
     tolerance: float = 1e-5,
     seed: int = 0,
+    frontend: str = "auto",
     **params: Any,
 ) -> tuple[fx.GraphModule, RewriteReport]:
     """Rewrite a ViT so it spends compute on fewer tokens, and verify the result.
 
-    The model is deep-copied first: the rewritten model never shares weights with ``model``.
+    The captured model is deep-copied first: the rewritten model never shares weights with ``model``.
 
     Args:
         model: the ViT (any ``nn.Module`` fx can trace, or a GraphModule vitprune produced).
@@ -62,6 +66,8 @@ def rewrite(
             from the model.
         tolerance: max abs difference allowed between keep-all and the original output.
         seed: seed for the random token selection during verification.
+        frontend: ``"auto"`` (symbolic trace, ``torch.export`` when tracing fails), ``"fx"`` or ``"export"``
+            (:func:`vitprune.capture.capture`).
         **params: the method's parameters (token-drop: ``keep_rate``, ``selection``, ``at_inference``).
 
     Returns:
@@ -77,10 +83,15 @@ def rewrite(
     if example_input is None:
         example_input = make_example_input(model, input_size, seed=seed)
     pass_ = make_pass(method, **params)
-    gm = capture(copy.deepcopy(model))
+    reference = capture(model, example_input, frontend)  # shares the model's weights: never modified
+    if frontend == "auto" and pass_.needs_visible_attention and _opaque_attention(reference, example_input):
+        # nn.MultiheadAttention is one leaf in a symbolic trace; torch.export shows its q and k
+        reference = capture(model, example_input, "export")
+    gm = copy.deepcopy(reference)
     gm, analyses = run_passes(gm, [pass_], example_input)
     # a rewrite with per-image token counts (lifespan-gather exact) runs on one image at a time
-    check = verify(model, gm, example_input[:1] if pass_.single_image else example_input, tolerance=tolerance, seed=seed)
+    check = verify(model, gm, example_input[:1] if pass_.single_image else example_input, tolerance=tolerance,
+                   seed=seed, reference=reference)
     gm.train(model.training)
 
     previous = copy.deepcopy(getattr(model, "meta", {}).get("vitprune", {}))
@@ -89,6 +100,7 @@ def rewrite(
         "source": previous.get("source") or source_of(model),
         "input_shape": [1 if pass_.single_image else example_input.shape[0], *example_input.shape[1:]],
         "recipe": recipe,
+        "preprocessing": previous.get("preprocessing") or preprocessing_metadata(model),
     }
     report = RewriteReport(
         method=method,
@@ -109,8 +121,19 @@ def rewrite(
     return gm, report
 
 
+def _opaque_attention(gm: fx.GraphModule, example_input: torch.Tensor) -> bool:
+    """Whether a symbolic-trace graph hides a block's queries and keys in an attention leaf module."""
+    if is_exported(gm):
+        return False
+    try:
+        return any(b.attention == "multihead-module" for b in analyse(gm, example_input).blocks)
+    except VitpruneError:
+        return False  # the pass's own analysis reports it
+
+
 def inspect_model(
-    model: nn.Module, *, example_input: torch.Tensor | None = None, input_size: tuple[int, int, int] | None = None
+    model: nn.Module, *, example_input: torch.Tensor | None = None, input_size: tuple[int, int, int] | None = None,
+    frontend: str = "auto",
 ):
     """Capture and analyse ``model``; returns the :class:`~vitprune.analysis.ViTGraph`.
 
@@ -119,4 +142,4 @@ def inspect_model(
     """
     if example_input is None:
         example_input = make_example_input(model, input_size)
-    return analyse(capture(model), example_input)
+    return analyse(capture(model, example_input, frontend), example_input)

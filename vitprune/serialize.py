@@ -5,9 +5,16 @@ per ``call_module`` target as ``module:qualname`` plus constructor config, an in
 each module's ``training`` flag, the caller's metadata) and ``tensors.safetensors`` (every parameter,
 buffer and ``get_attr`` tensor constant, keyed by dotted path).
 
-``graph.json`` is data: loading resolves functions and classes only through the allowlist below (on
-already-imported objects, never an import of a path from the file) and checks every string fx puts
-into the generated ``forward`` source, so a tampered file can fail to load but cannot run code.
+``graph.json`` is data. Every function, tensor method, ``getattr`` attribute and module class it
+names must be on the closed allowlist of :mod:`vitprune.allowlist` (exact names of pure tensor
+operations, enumerated from what capture and vitprune's passes produce); a name is looked up in a
+fixed table, never imported or walked from the file, so nothing with file, process, network or
+storage effects can be named by any spelling. ``get_attr`` reads only tensors, methods are called only
+on node values, and every string fx pastes into the generated ``forward`` source is checked. Loading
+checks all of that before it reads a tensor or builds a module, so a tampered file fails with
+:class:`~vitprune.errors.LoadError` before anything runs. Tensors are data: they are copied out of
+``tensors.safetensors`` (nothing maps the file). Saving a graph that uses anything else raises
+:class:`~vitprune.errors.SaveError` naming it.
 """
 
 from __future__ import annotations
@@ -20,18 +27,14 @@ import math
 import operator
 import os
 import re
-import sys
-import types
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.fx._symbolic_trace
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from vitprune import token_ops
+from vitprune import allowlist
 from vitprune.errors import LoadError, SaveError
 from vitprune.modules import LEAF_MODULES
 
@@ -39,67 +42,27 @@ FORMAT_NAME, FORMAT_VERSION = "vitprune.fx-graph", 1
 GRAPH_FILE, TENSOR_FILE = "graph.json", "tensors.safetensors"
 
 
-def _public(name: str) -> bool:
-    return not name.startswith("_")
-
-
-def _is_c_op(obj: object) -> bool:
-    return isinstance(obj, (types.BuiltinFunctionType, torch._ops.OpOverload, torch._ops.OpOverloadPacket))
-
-
-def _defined_in(module: str) -> Callable[[str, object], bool]:
-    return lambda n, f: _public(n) and isinstance(f, types.FunctionType) and f.__module__ == module
-
-
-# Off the list although in allowed namespaces: these turn strings into callables or call what they
-# are given (attrgetter("__globals__"), operator.call, torch.fork), or map a file writable
-# (torch.from_file); with them an edited graph.json could reach any code or file.
-_DENIED = {"attrgetter", "methodcaller", "call", "fork", "from_file"}
-
-# call_function allowlist: stored prefix -> (namespace object, predicate(attribute name, object)).
-_NAMESPACES: dict[str, tuple[object, Callable[[str, object], bool]]] = {
-    "operator": (operator, lambda n, f: _public(n) and callable(f) and not isinstance(f, type) and n not in _DENIED),
-    "math": (math, lambda n, f: _public(n) and callable(f)),
-    "builtins": (builtins, lambda n, f: n == "getattr"),
-    "torch": (torch, lambda n, f: n == "_assert" or (_public(n) and _is_c_op(f) and n not in _DENIED)),
-    "torch.fx._symbolic_trace": (torch.fx._symbolic_trace, lambda n, f: n == "_assert_is_none"),
-    "torch._C._nn": (torch._C._nn, lambda n, f: not n.startswith("__") and _is_c_op(f)),
-    "torch._C._VariableFunctions": (torch._C._VariableFunctions, lambda n, f: not n.startswith("__") and _is_c_op(f)),
-    "torch.nn.functional": (F, lambda n, f: (_public(n) and _is_c_op(f)) or _defined_in(F.__name__)(n, f)),
-    # torch.einsum, torch.split, torch.norm...: pure tensor functions written in Python
-    "torch.functional": (torch.functional, _defined_in("torch.functional")),
-    "vitprune.token_ops": (token_ops, _defined_in(token_ops.__name__)),
-}
-
-
-def _resolve_function(name: str) -> Callable[..., Any] | None:
-    """The allowlisted callable stored as ``name`` (e.g. ``"torch.cat"``), or None if not allowed."""
-    prefix, _, attr = name.rpartition(".")
-    namespace, allowed = _NAMESPACES.get("operator" if prefix == "_operator" else prefix, (None, None))
-    if namespace is None:
-        return None
-    # vars() on modules so that a module __getattr__ (torch's lazy submodule import) never runs.
-    obj = vars(namespace).get(attr) if isinstance(namespace, types.ModuleType) else getattr(namespace, attr, None)
-    return obj if obj is not None and allowed(attr, obj) else None
-
-
 def _function_name(fn: object) -> str:
-    """Stable allowlisted name of a call_function target. Raises SaveError if it has none."""
-    name, module = getattr(fn, "__name__", None), getattr(fn, "__module__", None)
-    module = "operator" if module == "_operator" else module
-    for prefix in [module, *_NAMESPACES]:  # its own module first: "torch._C._nn.gelu", not "...functional.gelu"
-        if isinstance(name, str) and prefix in _NAMESPACES and _resolve_function(f"{prefix}.{name}") is fn:
-            return f"{prefix}.{name}"
-    raise SaveError(f"the graph calls {module}.{name}, which vitprune cannot save without pickle")
+    """The allowlisted name of a call_function target. Raises SaveError if it has none."""
+    try:
+        return allowlist.function_names()[fn]
+    except (KeyError, TypeError):  # TypeError: an unhashable callable object
+        pass
+    module = getattr(fn, "__module__", None)
+    name = f"{'operator' if module == '_operator' else module}.{getattr(fn, '__name__', fn)}"
+    raise SaveError(f"the graph calls {name}, which is not on vitprune's allowlist of pure tensor operations, "
+                    "so it cannot be saved")
 
 
 def _check_call(op: str, target: object, args: tuple, error: type[Exception]) -> None:
-    """Raise ``error`` for getattr of a computed or private name, or a private or non-Tensor method."""
-    # getattr(x, "shape") is fine; "__class__" (or a name built at run time) leads to any Python object.
-    if target is builtins.getattr and (len(args) not in (2, 3) or not isinstance(args[1], str) or not _public(args[1])):
-        raise error(f"the graph calls getattr with attribute {args[1:2]!r}; only literal public names are allowed")
-    if op == "call_method" and not (isinstance(target, str) and _public(target) and hasattr(torch.Tensor, target)):
-        raise error(f"the graph calls method {target!r}, which is not a public torch.Tensor method")
+    """Raise ``error`` for a method or getattr attribute outside the allowlist, or a method on a non-node."""
+    # getattr(x, "shape") is fine; "__class__", "untyped_storage" (or a name built at run time) are not.
+    if target is builtins.getattr and (len(args) != 2 or args[1] not in allowlist.ATTRIBUTES):
+        raise error(f"the graph reads attribute {args[1:2]!r} with getattr, which is not on vitprune's allowlist")
+    if op == "call_method" and target not in allowlist.METHODS:
+        raise error(f"the graph calls method {target!r}, which is not on vitprune's allowlist of tensor methods")
+    if op == "call_method" and not (args and isinstance(args[0], fx.Node)):  # never a method of a literal
+        raise error(f"the graph calls method {target!r} on {args[:1]!r}, which is not the value of a node")
 
 
 def _check_identifier(name: object, what: str) -> str:
@@ -166,7 +129,7 @@ def _decode(v: Any, env: dict[str, fx.Node]) -> Any:
         return Ellipsis
     if tag == "device" and isinstance(x, str):
         return torch.device(x)
-    if tag in _ENUMS and isinstance(x, str) and _public(x) and isinstance(vars(torch).get(x), _ENUMS[tag]):
+    if tag in _ENUMS and isinstance(x, str) and not x.startswith("_") and isinstance(vars(torch).get(x), _ENUMS[tag]):
         return vars(torch)[x]
     raise LoadError(f"graph.json holds an unreadable value {v!r} (unknown node or tag)")
 
@@ -179,30 +142,19 @@ _SPECIAL_CONFIG: dict[type, Callable[[nn.Module], dict[str, Any]]] = {
 }
 
 
-def _class_name(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
 def _resolve_class(spec: object) -> type[nn.Module] | None:
-    """The vitprune leaf or torch.nn class stored as ``spec``, looked up in already-imported modules."""
-    leaves = {_class_name(c): c for c in LEAF_MODULES.values()}
-    if not isinstance(spec, str) or spec in leaves:
-        return leaves.get(spec)
-    modname, _, qualname = spec.partition(":")
-    obj = sys.modules.get(modname) if modname.startswith("torch.nn.") else None
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None) if _public(part) else None
-    ok = isinstance(obj, type) and issubclass(obj, nn.Module) and _class_name(obj) == spec
-    return obj if ok else None
+    """The allowlisted module class stored as ``spec`` (``module:qualname``), or None."""
+    return allowlist.module_classes().get(spec) if isinstance(spec, str) else None
 
 
 def _module_config(mod: nn.Module, path: str) -> dict[str, Any]:
     """Constructor kwargs of a leaf (its config()) or torch.nn module (read off its attributes)."""
     cls = type(mod)
+    if _resolve_class(allowlist.class_name(cls)) is not cls:
+        raise SaveError(f"the graph calls module {path} ({allowlist.class_name(cls)}), which is not on vitprune's "
+                        "allowlist of module classes, so it cannot be saved")
     if cls in LEAF_MODULES.values():
         return mod.config()
-    if not cls.__module__.startswith("torch.nn.") or _resolve_class(_class_name(cls)) is not cls:
-        raise SaveError(f"the graph calls module {path} ({_class_name(cls)}), which vitprune cannot save without pickle")
     config = _SPECIAL_CONFIG.get(cls, lambda m: {})(mod)
     for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype", *config):
@@ -227,9 +179,7 @@ def _module_config(mod: nn.Module, path: str) -> dict[str, Any]:
 
 
 def _build_module(path: str, spec: dict, tensors: dict[str, torch.Tensor], index: dict) -> nn.Module:
-    cls = _resolve_class(spec["class"])
-    if cls is None:
-        raise LoadError(f"graph.json asks for module class {spec['class']!r} at {path}, which is not allowed")
+    cls = _resolve_class(spec["class"])  # allowlisted: load_graph_module checked every class first
     try:
         with torch.device("meta"):  # the weights come from the file: skip random init
             mod = cls(**{_check_identifier(k, "argument"): _decode(v, {}) for k, v in spec["config"].items()})
@@ -288,7 +238,7 @@ def save_graph_module(gm: fx.GraphModule, directory: str | os.PathLike, metadata
         elif node.op == "call_module" and target not in modules:
             mod = gm.get_submodule(target)
             config = {k: _encode(v) for k, v in _module_config(mod, target).items()}
-            modules[target] = {"class": _class_name(type(mod)), "config": config}
+            modules[target] = {"class": allowlist.class_name(type(mod)), "config": config}
         elif node.op == "get_attr" and target not in index:
             obj = operator.attrgetter(target)(gm)
             if not isinstance(obj, torch.Tensor):
@@ -312,27 +262,32 @@ def save_graph_module(gm: fx.GraphModule, directory: str | os.PathLike, metadata
     (directory / GRAPH_FILE).write_text(text, encoding="utf-8")
 
 
-def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _read_doc(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise LoadError(f"{directory} does not exist or is not a folder")
     try:
         doc = json.loads((directory / GRAPH_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LoadError(f"{directory} has no {GRAPH_FILE}, so it is not a saved vitprune graph") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise LoadError(f"{directory / GRAPH_FILE} is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise LoadError(f"{directory / GRAPH_FILE} is not a vitprune graph (format {FORMAT_NAME!r})")
     if doc.get("version") != FORMAT_VERSION:
         raise LoadError(f"{directory / GRAPH_FILE} has format version {doc.get('version')!r}; "
                         f"this vitprune reads version {FORMAT_VERSION}")
+    return doc
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(directory / TENSOR_FILE))
     except Exception as exc:  # missing, truncated, bad header: safetensors raises several types
         raise LoadError(f"{directory / TENSOR_FILE} is missing or corrupt: {exc}") from exc
-    # Copies into fresh allocations: tensors read from the file can be unaligned, and CPU GEMM kernels
-    # then take another code path whose rounding differs (seen: 6e-8 at batch 1).
-    return doc, {k: v.clone() for k, v in tensors.items()}
+    # Copies into fresh allocations: no tensor maps the file (so no op writes to it), and tensors read
+    # from the file can be unaligned, which sends CPU GEMM kernels down a path whose rounding differs
+    # (seen: 6e-8 at batch 1).
+    return {k: v.clone() for k, v in tensors.items()}
 
 
 def _container(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -369,16 +324,17 @@ def _build_graph(doc: dict[str, Any]) -> fx.Graph:
     for rec in doc["nodes"]:
         op, target = rec["op"], rec["target"]
         if op == "call_function":
-            target = _resolve_function(target) if isinstance(target, str) else None
+            target = allowlist.functions().get(target) if isinstance(target, str) else None
             if target is None:
                 raise LoadError(f"graph.json calls {rec['target']!r}, which is not on vitprune's allowlist")
         elif op in ("call_module", "get_attr"):
-            if _check_path(target) not in specs and (op == "call_module" or target not in index):
+            # get_attr reads a saved tensor, never a module: tensors are data, modules have methods
+            if _check_path(target) not in (specs if op == "call_module" else index):
                 raise LoadError(f"graph.json node {rec['name']!r} uses unknown {op} target {target!r}")
         elif op == "placeholder":
             _check_identifier(target, "input name")
-        elif op not in ("call_method", "output"):
-            raise LoadError(f"graph.json has a node with unknown op {op!r}")
+        elif op not in ("call_method", "output") or (op == "output" and target != "output"):
+            raise LoadError(f"graph.json has a node with unknown op {op!r} or target {target!r}")
         args = tuple(_decode(a, env) for a in rec["args"])
         kwargs = {_check_identifier(k, "keyword argument"): _decode(v, env) for k, v in rec["kwargs"].items()}
         _check_call(op, target, args, LoadError)
@@ -404,8 +360,16 @@ def load_graph_module(directory: str | os.PathLike) -> tuple[fx.GraphModule, dic
             class or name outside the allowlist (it is then neither imported nor called).
     """
     directory = Path(directory)
-    doc, tensors = _read(directory)
+    doc = _read_doc(directory)
     try:
+        # Every class, call target, method and name is checked before a tensor is read or a module built.
+        classes = allowlist.module_classes()
+        for path, spec in doc["modules"].items():
+            if not isinstance(spec["class"], str) or spec["class"] not in classes:
+                raise LoadError(f"graph.json asks for module class {spec['class']!r} at {path}, "
+                                "which is not on vitprune's allowlist")
+        graph = _build_graph(doc)
+        tensors = _read_tensors(directory)
         index, specs = doc["tensors"], doc["modules"]
         for path, entry in index.items():
             t = tensors.get(path)
@@ -421,7 +385,7 @@ def load_graph_module(directory: str | os.PathLike) -> tuple[fx.GraphModule, dic
         for path, entry in free.items():
             _place(root, path, tensors[path], entry)
         class_name = doc["class_name"] if str(doc["class_name"]).isidentifier() else "GraphModule"
-        gm = fx.GraphModule(root, _build_graph(doc), class_name=class_name)
+        gm = fx.GraphModule(root, graph, class_name=class_name)
         for path, entry in free.items():
             _place(gm, path, tensors[path], entry)
         for path, entry in index.items():

@@ -29,6 +29,7 @@ from vitprune.errors import VitpruneError
 from vitprune.images import DEFAULT_MEAN, DEFAULT_STD, load_image  # noqa: F401  (re-exported)
 from vitprune.load import same_file
 from vitprune.modules import TokenModule
+from vitprune.preprocess import resolve_preprocessing
 
 #: brightness factor of a dropped patch in :func:`draw`.
 DROPPED_BRIGHTNESS = 0.25
@@ -83,7 +84,7 @@ def _kept_patches(model: nn.Module, x: torch.Tensor):
 
     if not any(isinstance(m, TokenModule) for m in model.modules()):
         raise VitpruneError("MODEL has no token ops to show: rewrite it first")
-    gm = capture(model)  # a GraphModule is returned as it is; otherwise shares model's submodules
+    gm = capture(model, x)  # a GraphModule is returned as it is; otherwise shares model's submodules
     ops = _token_modules_in_graph_order(gm)
     if not ops:
         raise VitpruneError("MODEL has no token ops to show: rewrite it first")
@@ -262,8 +263,8 @@ def show(
     image: str | os.PathLike,
     output: str | os.PathLike,
     *,
-    mean: Sequence[float] = DEFAULT_MEAN,
-    std: Sequence[float] = DEFAULT_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     input_size: Sequence[int] | None = None,
     protect: Sequence[str | os.PathLike] = (),
 ) -> list[dict[str, Any]]:
@@ -276,7 +277,8 @@ def show(
         model: a rewritten model (see :func:`kept_patches`).
         image: the picture to draw on.
         output: the file to write (PNG by default).
-        mean, std: normalisation of the model's inputs.
+        mean, std: normalisation of the model's inputs; default: the model's own
+            (:func:`vitprune.preprocess.resolve_preprocessing`).
         input_size: ``(C, H, W)`` when it cannot be read from the model.
         protect: other input files ``output`` must not be (the model file, ...); ``image`` always is.
 
@@ -298,7 +300,8 @@ def show(
     if not output.parent.is_dir():
         raise VitpruneError(f"the folder {output.parent} for -o does not exist")
     size = tuple(input_size) if input_size else default_input_size(model)
-    x, display = load_image(image, size, mean, std)
+    prep = resolve_preprocessing(model, mean, std, channels=size[0])
+    x, display = load_image(image, size, prep.mean, prep.std)
     stages, vit = _kept_patches(model, x)
     if not vit.grid or not vit.patch_size:
         raise VitpruneError("the model's patch embedding is not a convolution, so there is no patch grid to draw on")

@@ -215,14 +215,15 @@ def compare_nodes(reference: fx.GraphModule, rewritten: fx.GraphModule, x: torch
 
 def verify(
     original: nn.Module, rewritten: fx.GraphModule, example_input: torch.Tensor, *, tolerance: float = 1e-5,
-    seed: int = 0,
+    seed: int = 0, reference: fx.GraphModule | None = None,
 ) -> Verification:
     """Check ``rewritten`` against ``original`` on ``example_input`` ``[B, C, H, W]``.
 
     Runs: the original (FLOPs before, its outputs); the captured original and the rewritten graph with
     every token kept, node for node (:func:`compare_nodes`); the rewritten graph in eval and in train
     mode (FLOPs after, finite outputs). FLOPs are counted on those same passes, attention included
-    (:func:`vitprune.flops.flop_counter`).
+    (:func:`vitprune.flops.flop_counter`). ``reference``: ``original`` as captured before the rewrite
+    (default: captured here).
 
     Raises:
         VerificationError: a node or an output differs with every token kept (message: the first such
@@ -232,7 +233,7 @@ def verify(
     from vitprune.capture import capture
 
     reference_out, flops_before = _run(original, example_input, False, seed)
-    reference_graph = capture(original)
+    reference_graph = reference if reference is not None else capture(original, example_input)
     nodes = compare_nodes(reference_graph, rewritten, example_input, tolerance=tolerance, seed=seed)
     ref_tensors, keep_all = _tensors(reference_out), _tensors(nodes.output)
     if [t.shape for t in keep_all] != [t.shape for t in ref_tensors]:

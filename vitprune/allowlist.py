@@ -1,0 +1,118 @@
+"""The closed allowlist of what a saved graph (``graph.json``) may call.
+
+Every ``call_function`` target, ``call_method`` name, attribute read through ``getattr`` and
+``call_module`` class a saved graph may name is listed here by exact name; :mod:`vitprune.serialize`
+saves nothing else and loads nothing else. A name is resolved through a fixed table built from these
+strings (a dict lookup), never by walking a path from the file, so a name that is not written here
+cannot be reached by any spelling.
+
+How the sets were enumerated (torch 2.14.1, timm 1.0.31, torchvision 0.29.1): every op in the graphs
+that ``vitprune.capture`` produces, and that ``vitprune.rewrite`` produces with token-drop (random and
+magnitude), importance-mask (dynamic and static) and lifespan-gather (soft and exact), in train and
+eval mode, with timm's fused attention on and off, for timm vit_small_patch16_224 (class token;
+``class_token=False, global_pool="avg"``; ``qk_norm=True``; dropout and drop path),
+deit_tiny_distilled_patch16_224, deit3_small_patch16_224 (LayerScale), vit_small_patch14_dinov2,
+vit_small_patch14_reg4_dinov2, vit_xsmall_patch16_clip_224 (pre-norm), flexivit_small and
+torchvision's VisionTransformer. ``tests/test_serialize.py::test_allowlist_covers_what_vitprune_produces``
+re-derives the sets (every family captured; the passes, which add only vitprune leaves and getitem, on
+two of them) and asserts they equal these, so a new op from timm or a pass is a failing test, not a
+silent save failure, and a name nothing needs any more is one too.
+
+Before adding a name, read what it does: it must be a pure function of its arguments. Nothing that
+touches files, processes, the network, storages or shared memory (``from_file``, ``save``, ``load``,
+``untyped_storage``, ``share_memory_``, ``set_``), converts a tensor to other Python objects
+(``numpy``, ``tolist``), or calls or looks up code it is given (``register_hook``, ``apply_``,
+``map_``, ``attrgetter``) may ever be listed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import importlib
+import operator
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from vitprune.modules import LEAF_MODULES
+
+FUNCTIONS = frozenset({
+    # Python operators fx records for `a + b`, `x[i]`, `q @ k`, and attribute reads (see ATTRIBUTES)
+    "builtins.getattr",
+    "operator.add", "operator.eq", "operator.floordiv", "operator.getitem", "operator.matmul",
+    "operator.mul", "operator.sub", "operator.truediv",
+    # torch
+    "torch._C._nn.scaled_dot_product_attention",  # = torch.nn.functional.scaled_dot_product_attention
+    "torch._assert",  # torchvision's input-shape check
+    "torch.cat",
+    "torch.nn.functional.layer_norm",
+    # timm functions fx keeps as leaves in non-fused attention: add an optional mask to the scores
+    "timm.layers.attention.maybe_add_mask",
+    "timm.layers.attention.resolve_self_attn_mask",
+})
+
+#: aten operators (``packet.overload``) in the graphs ``torch.export`` captures (vitprune.frontends.export),
+#: stored as ``torch.ops.aten.PACKET.OVERLOAD``. Enumerated over the export families the tests rewrite
+#: (Hugging Face ViT, DeiT with teacher, DINOv2 with and without head, CLIP vision; torchvision's
+#: VisionTransformer; timm vit_small_patch16_224; every method); ``tests/test_frontends.py`` re-derives it.
+#: _assert_tensor_metadata only checks; dropout is random, not effectful; embedding is a lookup.
+ATEN_OPS = frozenset({
+    "_assert_tensor_metadata.default", "add.Tensor", "arange.default", "cat.default", "contiguous.default",
+    "conv2d.default", "div.Tensor", "dropout.default", "embedding.default", "expand.default",
+    "flatten.using_ints", "ge.Scalar", "gelu.default", "layer_norm.default", "linear.default", "mean.dim",
+    "mul.Tensor", "permute.default", "reshape.default", "scaled_dot_product_attention.default",
+    "select.int", "sigmoid.default", "slice.Tensor", "squeeze.dim", "sym_size.int", "to.dtype",
+    "transpose.int", "unbind.int", "unflatten.int", "unsqueeze.default", "view.default",
+})
+
+#: torch.Tensor methods a ``call_method`` node may name (the receiver must be a node's value).
+#: bernoulli_, div_, new_empty: timm's drop path in training; they write only the fresh tensor.
+METHODS = frozenset({
+    "bernoulli_", "dim", "div_", "expand", "flatten", "mean", "new_empty", "permute", "reshape", "softmax",
+    "transpose", "unbind",
+})
+
+#: attributes ``builtins.getattr`` may read (always a literal name).
+ATTRIBUTES = frozenset({"ndim", "shape"})
+
+#: torch.nn classes fx keeps as leaf modules in those graphs; vitprune's own leaves
+#: (``vitprune.modules.LEAF_MODULES``) are added by :func:`module_classes`.
+TORCH_MODULES = (
+    nn.Conv2d, nn.Dropout, nn.GELU, nn.Identity, nn.LayerNorm, nn.Linear, nn.MultiheadAttention,
+)
+
+# The only modules names are looked up in; timm's is imported here by this fixed name, never a name from a file.
+_HOMES = ("builtins", "operator", "torch", "torch._C._nn", "torch.nn.functional", "timm.layers.attention")
+
+
+@functools.cache
+def functions() -> dict[str, Callable[..., Any]]:
+    """Stored name -> callable, for every name in :data:`FUNCTIONS`."""
+    table = {}
+    for name in sorted(FUNCTIONS):
+        home, _, attr = name.rpartition(".")
+        assert home in _HOMES, name  # a typo in FUNCTIONS, not user input
+        module = builtins if home == "builtins" else operator if home == "operator" else importlib.import_module(home)
+        table[name] = vars(module)[attr]  # vars(): never a module __getattr__
+    for name in sorted(ATEN_OPS):  # fixed strings from this file, never from a saved graph
+        packet, _, overload = name.partition(".")
+        table[f"torch.ops.aten.{name}"] = getattr(getattr(torch.ops.aten, packet), overload)
+    return table
+
+
+@functools.cache
+def function_names() -> dict[Callable[..., Any], str]:
+    """Callable -> its stored name (the inverse of :func:`functions`)."""
+    return {fn: name for name, fn in functions().items()}
+
+
+def class_name(cls: type) -> str:
+    """How a module class is stored: ``module:qualname``."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def module_classes() -> dict[str, type[nn.Module]]:
+    """Stored ``module:qualname`` -> class, for the torch.nn classes above and vitprune's leaves."""
+    return {class_name(c): c for c in (*TORCH_MODULES, *LEAF_MODULES.values())}

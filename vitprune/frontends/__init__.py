@@ -1,0 +1,1 @@
+"""Frontends: capture a model as a graph and map it onto the neutral op graph."""

@@ -1,0 +1,1 @@
+"""The neutral op graph and the ViT analysis on it."""

@@ -1,0 +1,48 @@
+"""Keep torch's native log lines off the user's terminal while vitprune profiles.
+
+The CUDA build of torch (what ``pip install torch`` gives on x86_64) writes Kineto's log lines to file
+descriptor 2 from C++ whenever ``torch.profiler`` runs, even on a machine without a GPU:
+``USDT:... profiler_start``, ``STAGE:... Completed Stage``, ``ERROR:... gpuGetDeviceCount failed with code
+35``. ``KINETO_LOG_LEVEL`` silences some of them but not the USDT lines, and Python's ``sys.stderr``
+never sees any of them. :func:`filtered_native_stderr` sends fd 2 to a temporary file for the duration
+of a block and then writes back every line that is not one of Kineto's, so Python warnings and errors
+raised inside the block still reach the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from typing import Iterator
+
+#: Kineto / glog-style native lines: ``LEVEL:YYYY-MM-DD HH:MM:SS PID:TID File.cpp:LINE] message``.
+NATIVE_LOG_LINE = re.compile(r"^(USDT|STAGE|ERROR|WARNING|INFO):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \S+\.(cpp|h):\d+\]")
+
+
+@contextlib.contextmanager
+def filtered_native_stderr() -> Iterator[None]:
+    """Within the block, drop Kineto's native log lines from file descriptor 2; keep everything else."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # pytest's capture or an embedded interpreter: no fd to swap
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not NATIVE_LOG_LINE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
