@@ -3,7 +3,7 @@
 Data: scikit-learn's digits written as PNG folders by ``examples/digits.py --write-folders`` (1,347 train /
 450 val, 32x32). Model: the example's ViT (timm ``vit_small_patch16_224`` with img_size 32, patch 4 -> 64
 patches + CLS, width 64, depth 4, 10 classes), random init from ``--seed``. Every training run below is
-``vitprune.finetune`` (AdamW, lr ``--lr``, batch 64, 1 warm-up epoch, cosine, label smoothing 0.1, clip 1.0,
+``vitprune.train.finetune`` (AdamW, lr ``--lr``, batch 64, 1 warm-up epoch, cosine, label smoothing 0.1, clip 1.0,
 RandomResizedCrop scale (0.6, 1), no flip), ``--epochs`` epochs, the same seed and the same initial weights.
 
 1. **Training cost** (from scratch): all tokens (the captured model) vs token-drop keep 0.5 (PatchDropout,
@@ -20,7 +20,7 @@ RandomResizedCrop scale (0.6, 1), no flip), ``--epochs`` epochs, the same seed a
    The same three measures for ``vit_small_patch16_224`` at 224x224 (1000 classes, random init), batch 16.
 2. **PSS** (arXiv 2208.09520): cyclic schedule (keep 0.8 -> 0.0 -> 0.8 within each epoch, 0.2 buckets, clipped
    to [0.2, 1]; mean ~0.46) vs constant keep 0.5 (run 1) vs all tokens (run 1): val top-1 at inference keep
-   rates 1.0, 0.8, 0.6, 0.4 (``vitprune.evaluate``: random selection, seed 0; the all-tokens model gets a
+   rates 1.0, 0.8, 0.6, 0.4 (``vitprune.train.evaluate``: random selection, seed 0; the all-tokens model gets a
    token-drop rewrite to be evaluated so).
 3. **Recovery**: the all-tokens model of run 1 rewritten by ``importance-mask`` (``flops=0.5, first_block=1``,
    dynamic top-k by CLS attention), val top-1 before and after ``--recovery-epochs`` epochs of fine-tuning

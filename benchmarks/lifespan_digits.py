@@ -1,7 +1,7 @@
 """lifespan-gather vs importance-mask vs token-drop at FLOPs 0.5 on the real digits ViT, same fine-tune budget.
 
 The example's ViT (``examples/digits.py``: 4 blocks, 64 patches + CLS) is trained on all tokens with
-``vitprune.finetune`` (``--epochs``), then rewritten three ways at FLOPs ≈ 0.5 and each fine-tuned for the
+``vitprune.train.finetune`` (``--epochs``), then rewritten three ways at FLOPs ≈ 0.5 and each fine-tuned for the
 same ``--recovery-epochs`` at ``--recovery-lr`` with distillation from the original (the default teacher):
 
 - lifespan-gather (``flops=0.5, after_block=1``): life regressor before block 1, static prefix budgets;

@@ -6,7 +6,7 @@ depend on the weights) is rewritten three ways, each at FLOPs ratio ≈ F:
 - importance-mask dynamic (``flops=F``),
 - importance-mask static (``flops=F``, calibrated on scikit-image's photographs),
 - lifespan-gather (``flops=F``, regressor after block 3, before any fine-tuning),
-and all models run through :func:`vitprune.bench.bench` (interleaved rounds, median images/s). The
+and all models run through :func:`vitprune.ship.bench.bench` (interleaved rounds, median images/s). The
 speed-up / FLOPs-ideal column is the figure of merit: 1.0 means the saved FLOPs all became time.
 
     python benchmarks/speed.py --model vit_small_patch16_224 --batch 32
@@ -27,8 +27,8 @@ import torch
 
 import vitprune
 from common import token_drop_keep_count, write_atomic
-from vitprune.bench import bench, table
-from vitprune.load import default_input_size
+from vitprune.ship.bench import bench, table
+from vitprune.io.origin import default_input_size
 
 
 def photos(size: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """``vitprune finetune`` and ``vitprune eval``: train a (rewritten) ViT on an image folder, measure accuracy.
 
 Registered on the ``vitprune`` group by :mod:`vitprune.cli.main` (import that module, not this one).
-Engine: :mod:`vitprune.finetune`, :mod:`vitprune.evaluate`; data layout: :mod:`vitprune.data`.
+Engine: :mod:`vitprune.train.finetune`, :mod:`vitprune.train.evaluate`; data layout: :mod:`vitprune.train.data`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Callable
 import click
 
 from vitprune.cli.main import _emit_json, _floats3, model_options, normalisation_options, say_preprocessing
-from vitprune.evaluate import resolve_model_path
-from vitprune.finetune import FinetuneConfig
-from vitprune.keep_schedule import SCHEDULES
-from vitprune.token_ops import SELECTIONS
+from vitprune.train.evaluate import resolve_model_path
+from vitprune.train.finetune import FinetuneConfig
+from vitprune.train.keep_rate_schedule import SCHEDULES
+from vitprune.ops.token_ops import SELECTIONS
 
 _DEFAULTS = {f.name: f.default for f in FinetuneConfig.__dataclass_fields__.values()}
 
@@ -110,8 +110,8 @@ def finetune(model, source, inputs, input_size, data, val, teacher, no_distill, 
     from its own original (every token kept) by distillation unless --no-distill. Under torchrun the
     same command trains data-parallel.
     """
-    from vitprune.finetune import finetune as run
-    from vitprune.load import load
+    from vitprune.train.finetune import finetune as run
+    from vitprune.io.load import load
 
     teacher_model = None
     if teacher is not None and not no_distill:
@@ -152,7 +152,7 @@ def evaluate_cmd(model, source, inputs, input_size, data, keep_rates, batch_size
     MODEL may be a `vitprune finetune` output folder. Images are resized (shorter side), center-cropped
     to the model's input size and normalised with the model's own mean / std (override: --mean / --std).
     """
-    from vitprune.evaluate import evaluate
+    from vitprune.train.evaluate import evaluate
 
     rates = _floats(keep_rates, "--keep-rate")
     mean, std = _floats(mean, "--mean"), _floats(std, "--std")

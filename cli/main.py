@@ -41,7 +41,7 @@ def model_options(fn: Callable) -> Callable:
     @click.option("--input-size", metavar="C,H,W", help="Input size when it cannot be read from the model.")
     @functools.wraps(fn)
     def wrapper(model, arch, weights, model_args, trust_pickle, input_size, **kwargs):
-        from vitprune.load import load, parse_model_args
+        from vitprune.io.load import load, parse_model_args
 
         loaded = load(model, arch=arch, weights=weights, model_args=parse_model_args(model_args),
                       trust_pickle=trust_pickle)
@@ -56,7 +56,7 @@ JSON_SCHEMA_VERSION = 1
 
 
 def normalisation_options(fn: Callable) -> Callable:
-    """``--mean`` / ``--std``: override the normalisation the model records (:mod:`vitprune.preprocess`)."""
+    """``--mean`` / ``--std``: override the normalisation the model records (:mod:`vitprune.io.preprocess`)."""
     fn = click.option("--std", metavar="A,B,C", help="Per-channel std of the input normalisation "
                       "[default: the model's own]")(fn)
     return click.option("--mean", metavar="A,B,C", help="Per-channel mean of the input normalisation [default: the "
@@ -65,8 +65,8 @@ def normalisation_options(fn: Callable) -> Callable:
 
 def say_preprocessing(model: Any, mean: Any, std: Any, input_size: Any) -> None:
     """Tell the user (stderr) which normalisation the command feeds the model with, and from where."""
-    from vitprune.load import default_input_size
-    from vitprune.preprocess import resolve_preprocessing
+    from vitprune.io.origin import default_input_size
+    from vitprune.io.preprocess import resolve_preprocessing
 
     channels = (input_size or default_input_size(model))[0]
     click.echo(f"preprocessing    {resolve_preprocessing(model, mean, std, channels).describe()}", err=True)
@@ -161,8 +161,8 @@ def inspect(model, source, inputs, input_size, as_json, frontend) -> None:
 def _check_output(output: Path, inputs: list[str], overwrite: bool = False, kind: str = "file",
                   what: str = "-o") -> None:
     """Before any work: ``output`` is not, in or around an input, its folder is writable, and an existing
-    one is replaced only with --overwrite (a folder only if vitprune saved a model to it); see vitprune.outputs."""
-    from vitprune.outputs import check_output_path
+    one is replaced only with --overwrite (a folder only if vitprune saved a model to it); see vitprune.io.outputs."""
+    from vitprune.io.outputs import check_output_path
 
     check_output_path(output, inputs, what=what, overwrite=overwrite, kind=kind)
 
@@ -210,7 +210,7 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
     OUTPUT is a new folder; --overwrite replaces it only if vitprune saved a model there.
     """
     from vitprune.rewrite import rewrite as do_rewrite
-    from vitprune.save import save
+    from vitprune.io.save import save
 
     output = Path(output)
     _check_output(output, inputs, overwrite, kind="model")
@@ -286,7 +286,7 @@ def show(model, source, inputs, input_size, image, output, overwrite, mean, std)
     MODEL is usually a folder written by `vitprune rewrite`. IMAGE is resized (shorter side) and
     center-cropped to the model's input size; dropped patches are drawn darkened.
     """
-    from vitprune.show import show as do_show
+    from vitprune.ship.show import show as do_show
 
     _check_picture_suffix(output, "-o")
     _check_output(Path(output), [image, *inputs], overwrite)

@@ -19,8 +19,8 @@ from vitprune.cli.main import _check_output, _emit_json, _input_size, model_opti
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(model, source, inputs, input_size, output, opset, no_optimize, overwrite, as_json) -> None:
     """Export MODEL to optimised ONNX (dynamic batch, static token counts), checked against ONNX Runtime."""
-    from vitprune.export import export_onnx
-    from vitprune.load import example_input
+    from vitprune.ship.export_onnx import export_onnx
+    from vitprune.io.origin import example_input
 
     output = Path(output)
     _check_output(output, inputs, overwrite)
@@ -66,8 +66,9 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, i
 
     The first model is the baseline for speed-up and FLOPs ratio. Runs of the models are interleaved.
     """
-    from vitprune.bench import BACKENDS, bench as run_bench, pareto_plot, table
-    from vitprune.load import default_input_size, load, parse_model_args
+    from vitprune.ship.bench import BACKENDS, bench as run_bench, pareto_plot, table
+    from vitprune.io.load import load, parse_model_args
+    from vitprune.io.origin import default_input_size
 
     batches = _ints(batches, "--batch")
     backends = tuple(b.strip() for b in backends.split(",") if b.strip())
@@ -86,7 +87,7 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, i
         name = spec if spec not in loaded else f"{spec} #{len(loaded)}"
         loaded[name] = load(spec, trust_pickle=trust_pickle, model_args=parse_model_args(model_args))
     size = _input_size(input_size) or default_input_size(next(iter(loaded.values())))
-    from vitprune.evaluate import evaluate
+    from vitprune.train.evaluate import evaluate
 
     def accuracy(m):
         return evaluate(m, data, input_size=size, seed=0)["rows"][0]["top1"]

@@ -6,7 +6,7 @@
    architecture (safetensors + ``--arch timm:... --model-arg ...``).
 3. Run the vitprune command line on it: ``inspect``, ``rewrite`` (token-drop: keep-all, keep 0.5 in
    training only, keep 0.5 ``--at-inference``), which verifies and saves; reload each saved model
-   with ``vitprune.load`` and evaluate it on the test split.
+   with ``vitprune.io.load`` and evaluate it on the test split.
 
     python examples/digits.py                 # about two minutes on 2 CPU cores
     python examples/digits.py --epochs 5 --out /tmp/digits

@@ -7,7 +7,7 @@
 3. Run the vitprune command line on that folder: ``inspect``, ``rewrite --method importance-mask --flops
    0.6`` (captured with torch.export, verified node for node, saved without pickle), ``eval`` on the
    test images, ``export`` to ONNX (checked against ONNX Runtime); reload the rewritten model with
-   ``vitprune.load`` and measure its accuracy on the test split.
+   ``vitprune.io.load`` and measure its accuracy on the test split.
 
     python examples/digits_hf.py                  # needs the hf extra: pip install -e '.[hf]'
     python examples/digits_hf.py --epochs 5 --out /tmp/digits_hf
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     import vitprune
 
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bar
-    from vitprune.hf import wrap
+    from vitprune.io.hf import wrap
 
     digits = _digits_example()
     out = Path(args.out)

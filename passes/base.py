@@ -1,7 +1,7 @@
 """Pass infrastructure: a registry of passes by name and what each needs from the analysis.
 
 Passes build on ``torch.fx.passes.infra.pass_base.PassBase``: ``requires`` checks the pass's needs
-against the :class:`~vitprune.analysis.ViTGraph` the manager hands it, ``call`` rewrites the graph
+against the :class:`~vitprune.graph.analysis.ViTGraph` the manager hands it, ``call`` rewrites the graph
 and returns a ``PassResult``, ``ensures`` lints the result.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase
 
-from vitprune.analysis import ViTGraph
+from vitprune.graph.analysis import ViTGraph
 from vitprune.errors import PassError
 
 #: name -> pass class, filled by :func:`register_pass`.

@@ -22,12 +22,12 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from vitprune.analysis import ViTGraph
+from vitprune.graph.analysis import ViTGraph
 from vitprune.errors import PassError, VitpruneError
-from vitprune.flops import count_flops
-from vitprune.modules import AttentionTopK, StaticTokenSelect
+from vitprune.graph.flops import count_flops
+from vitprune.ops.modules import AttentionTopK, StaticTokenSelect
 from vitprune.passes.base import RecordValues, VitPass, insert_on_stream, node_named, register_pass
-from vitprune.schedule import counts_from_rates, parse_keep, predicted_ratio, solve_for_flops, tokens_per_block
+from vitprune.graph.keep_counts import counts_from_rates, parse_keep, predicted_ratio, solve_for_flops, tokens_per_block
 
 MODES = ("dynamic", "static")
 
@@ -194,7 +194,7 @@ class ImportanceMaskPass(VitPass):
         if isinstance(data, torch.Tensor):
             return [data]
         if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-            from vitprune.images import image_batches
+            from vitprune.io.images import image_batches
 
             return list(image_batches(data, tuple(vit.input_shape[1:]), limit=self.params["calibration_limit"]))
         try:

@@ -1,14 +1,14 @@
 """lifespan-gather: Life Regression (arXiv 2304.04926): predict each patch's lifespan once, keep the living.
 
-Inserts, at the input of block ``after_block`` (k0, default 3), a :class:`~vitprune.modules.LifespanGather`
+Inserts, at the input of block ``after_block`` (k0, default 3), a :class:`~vitprune.ops.modules.LifespanGather`
 that predicts every patch token's life (in blocks, within ``[k0, L]``) from the previous block's q·k
 attention row and the token itself, and sorts the patch tokens by it (prefix tokens stay first). Every
-later block ``l`` then keeps a prefix of ``prefix + K_l`` tokens (:class:`~vitprune.modules.PrefixSlice`,
+later block ``l`` then keeps a prefix of ``prefix + K_l`` tokens (:class:`~vitprune.ops.modules.PrefixSlice`,
 a slice, no gather), ``K_l`` a Python int fixed here from the FLOPs target (the schedule shape of
 importance-mask, from block k0 on). A life counts the blocks that process the token: it is alive at
 block ``l`` iff ``life > l`` (so a life of k0 ends at the regressor). In training, every residual update of blocks ``l >= k0`` passes a
-:class:`~vitprune.modules.SurvivalGate` (``sigmoid((life - l) / tau)``), their attention gets the additive
-key mask ``log sigmoid((life - l) / tau)`` (:class:`~vitprune.modules.SurvivalKeyMask`: tokens past their life
+:class:`~vitprune.ops.modules.SurvivalGate` (``sigmoid((life - l) / tau)``), their attention gets the additive
+key mask ``log sigmoid((life - l) / tau)`` (:class:`~vitprune.ops.modules.SurvivalKeyMask`: tokens past their life
 fade out as keys, as they will be absent at inference; vitprune's addition to the paper's soft masks), and the regressor's budget loss
 holds the implied FLOPs at the target; ``vitprune finetune`` adds that loss and anneals ``tau``.
 
@@ -24,12 +24,12 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from vitprune.analysis import ViTGraph
+from vitprune.graph.analysis import ViTGraph
 from vitprune.errors import PassError
-from vitprune.flops import count_flops
-from vitprune.modules import LifespanGather, PrefixSlice, SurvivalGate, SurvivalKeyMask
+from vitprune.graph.flops import count_flops
+from vitprune.ops.modules import LifespanGather, PrefixSlice, SurvivalGate, SurvivalKeyMask
 from vitprune.passes.base import RecordValues, VitPass, insert_on_stream, node_named, register_pass, unique_attr_name
-from vitprune.schedule import block_flops, predicted_ratio, solve_for_flops, tokens_per_block
+from vitprune.graph.keep_counts import block_flops, predicted_ratio, solve_for_flops, tokens_per_block
 
 
 def _hard_ratio(vit: ViTGraph, lives: torch.Tensor, first_block: int, total: float) -> float:

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from vitprune.analysis import ViTGraph, analyse
+from vitprune.graph.analysis import ViTGraph, analyse
 from vitprune.errors import PassError, VitpruneError
 from vitprune.frontends.export import is_exported, respecialise_token_literals
 from vitprune.passes.base import PASSES, VitPass

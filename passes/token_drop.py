@@ -1,6 +1,6 @@
 """token-drop: PatchDropout (arXiv 2208.07220) with the selection modes of PSS (arXiv 2208.09520).
 
-Inserts one :class:`~vitprune.modules.TokenDrop` leaf right after the graph's token-stream start
+Inserts one :class:`~vitprune.ops.modules.TokenDrop` leaf right after the graph's token-stream start
 (the later of the position-embedding add and the prefix-token concat), so every block sees
 ``num_prefix_tokens + keep_count`` tokens. The keep count is a Python int fixed here:
 ``max(1, int(num_patches * keep_rate))`` as PatchDropout computes it.
@@ -14,11 +14,11 @@ from __future__ import annotations
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from vitprune.analysis import ViTGraph
+from vitprune.graph.analysis import ViTGraph
 from vitprune.errors import PassError
-from vitprune.modules import TokenDrop
+from vitprune.ops.modules import TokenDrop
 from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass
-from vitprune.token_ops import SELECTIONS, keep_count_for_rate
+from vitprune.ops.token_ops import SELECTIONS, keep_count_for_rate
 
 
 @register_pass

@@ -374,7 +374,7 @@ def test_a_killed_saves_temporary_folder_is_cleaned_on_the_next_save(tmp_path, c
 def test_a_failed_save_leaves_no_temporary(tmp_path, monkeypatch):
     import importlib
 
-    save_module = importlib.import_module("vitprune.save")
+    save_module = importlib.import_module("vitprune.io.save")
 
     model, _ = vitprune.rewrite(vitprune.load(ARCH, model_args=TINY), "token-drop", keep_rate=0.5)
 
@@ -400,7 +400,7 @@ def test_eval_maps_classes_by_name_and_refuses_unknown_ones(tmp_path, cli_inproc
     shutil.copytree(tmp_path / "train" / "5", tmp_path / "only5" / "5")
     logits = vitprune.evaluate(ft.model, tmp_path / "only5")
     with torch.no_grad():
-        from vitprune.data import eval_transform, image_folder
+        from vitprune.train.data import eval_transform, image_folder
 
         ds = image_folder(tmp_path / "only5", eval_transform((3, 32, 32)))
         preds = ft.model.eval()(torch.stack([ds[i][0] for i in range(len(ds))])).argmax(1)

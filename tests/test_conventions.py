@@ -72,7 +72,7 @@ def test_saved_models_record_their_normalisation(tmp_path):
     vitprune.save(rewritten, tmp_path / "td")
     again = vitprune.load(tmp_path / "td")
     assert again.meta["vitprune"]["preprocessing"]["mean"] == list(IMAGENET_MEAN)
-    from vitprune.preprocess import resolve_preprocessing
+    from vitprune.io.preprocess import resolve_preprocessing
 
     assert resolve_preprocessing(again).source == "saved model"
     assert resolve_preprocessing(again, mean=(0.5, 0.5, 0.5)).mean == (0.5, 0.5, 0.5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vitprune
-from vitprune.export import export_onnx
+from vitprune.ship.export_onnx import export_onnx
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
 METHODS = {

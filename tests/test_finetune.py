@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 import vitprune
-from vitprune.finetune import FinetuneConfig, distillation_loss, lr_factor, make_teacher
-from vitprune.keep_schedule import KeepSchedule, keep_count
-from vitprune.modules import TokenDrop
+from vitprune.train.finetune import FinetuneConfig, distillation_loss, lr_factor, make_teacher
+from vitprune.train.keep_rate_schedule import KeepSchedule, keep_count
+from vitprune.ops.modules import TokenDrop
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = "timm:vit_small_patch16_224"

@@ -6,9 +6,9 @@ import torch
 import vitprune
 from conftest import FAMILIES_224, rewrite_family
 from vitprune.errors import PassError, VitpruneError
-from vitprune.modules import AttentionTopK, StaticTokenSelect, token_modules
-from vitprune.schedule import counts_from_rates, parse_keep
-from vitprune.show import kept_patches
+from vitprune.ops.modules import AttentionTopK, StaticTokenSelect, token_modules
+from vitprune.graph.keep_counts import counts_from_rates, parse_keep
+from vitprune.ship.show import kept_patches
 
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from vitprune.errors import VitpruneError
-from vitprune.keep_schedule import KeepSchedule, keep_count, round_rate
+from vitprune.train.keep_rate_schedule import KeepSchedule, keep_count, round_rate
 
 
 def schedule(name, start=0.8, end=0.0, epochs=4, spe=10, cooldown=0, bucket=0.2):

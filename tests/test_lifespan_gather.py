@@ -5,7 +5,7 @@ import torch
 
 import vitprune
 from conftest import FAMILIES_224, rewrite_family
-from vitprune.modules import LifespanGather, PrefixSlice, SurvivalGate, auxiliary_losses, token_modules
+from vitprune.ops.modules import LifespanGather, PrefixSlice, SurvivalGate, auxiliary_losses, token_modules
 
 SMALL = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2)
 
@@ -124,7 +124,7 @@ def test_refusals():
 
 
 def test_show_draws_predicted_lives(tmp_path):
-    from vitprune.show import kept_patches
+    from vitprune.ship.show import kept_patches
 
     rewritten, report = _small()
     x = torch.randn(1, 3, 64, 64)

@@ -1,4 +1,4 @@
-"""Fuzz the pickle-free loader (vitprune.serialize) with hostile graph.json files.
+"""Fuzz the pickle-free loader (vitprune.io.serialize) with hostile graph.json files.
 
 A small real rewritten model is saved once; thousands of edited ``graph.json`` files are then loaded
 (and, when one loads, run once). Nothing may create or change a file outside the test's temp folder,
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import vitprune
 from vitprune.errors import LoadError, VitpruneError
-from vitprune.serialize import load_graph_module, save_graph_module
+from vitprune.io.serialize import load_graph_module, save_graph_module
 
 # Where call targets could be looked up; the stored format spells a target as a dotted path.
 ROOTS = {

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -78,10 +77,10 @@ def test_readme_command_line_block_runs_top_to_bottom(tmp_path, monkeypatch, cli
             line = line.replace(old, new)
         argv = shlex.split(line, comments=True)
         if argv[0] == "vitprune":
-            code, out, err = cli_inprocess(*argv[1:])
+            code, _, err = cli_inprocess(*argv[1:])
         else:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-            code, out, err = done.returncode, done.stdout, done.stderr
+            code, err = done.returncode, done.stderr
         assert code == 0, f"{line}\nexit {code}\n{err[-2000:]}"
     for made in ("vit_s_td", "vs_im", "my_ps", "vit_s_td_ft/model", "vit_s_pss/model"):
         assert (tmp_path / made / "vitprune.json").is_file(), made

@@ -1,4 +1,4 @@
-"""Pickle-free save/load of GraphModules (vitprune.serialize): exact round trips and refusals."""
+"""Pickle-free save/load of GraphModules (vitprune.io.serialize): exact round trips and refusals."""
 
 from __future__ import annotations
 
@@ -14,16 +14,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import fx, nn
 
-from vitprune import token_ops
-from vitprune.capture import capture
+from vitprune.frontends.capture import capture
 from vitprune.errors import LoadError, SaveError
-from vitprune.modules import TokenDrop
-from vitprune import allowlist
-from vitprune.serialize import _function_name, load_graph_module, save_graph_module
+from vitprune.ops.modules import TokenDrop
+from vitprune.io import allowlist
+from vitprune.io.serialize import _function_name, load_graph_module, save_graph_module
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
@@ -112,7 +110,7 @@ def test_token_drop_leaf_round_trips(tmp_path):
 _CHILD = """
 import sys, torch
 from safetensors.torch import load_file
-from vitprune.serialize import load_graph_module
+from vitprune.io.serialize import load_graph_module
 gm, meta = load_graph_module(sys.argv[1])
 expected = load_file(sys.argv[2])
 x = expected.pop("input")
@@ -336,7 +334,7 @@ def test_function_names_resolve_to_the_same_object(name):
     assert name.split(".")[0] in {"operator", "builtins", "torch", "timm"}
 
 
-# --- The closed allowlist (vitprune.allowlist) -----------------------------------------------------
+# --- The closed allowlist (vitprune.io.allowlist) -----------------------------------------------------
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
 # The families the allowlist was enumerated from (see vitprune/allowlist.py); conftest's FAMILIES first.
@@ -451,7 +449,7 @@ SPELLINGS = [
     "torch", "torch._C", "torch._C._VariableFunctions", "torch._C._nn", "torch._C._TensorBase", "torch._C.TensorBase",
     "torch.Tensor", "torch._tensor.Tensor", "torch.nn.functional", "torch.functional", "torch.serialization",
     "torch.storage", "torch.fx._symbolic_trace", "operator", "_operator", "builtins", "os", "posix", "math",
-    "subprocess", "vitprune.token_ops", "timm.layers.attention",
+    "subprocess", "vitprune.ops.token_ops", "timm.layers.attention",
 ]
 
 

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import vitprune
-from vitprune.load import default_input_size
-from vitprune.modules import TokenDrop
-from vitprune.show import DROPPED_BRIGHTNESS, DROPPED_TINT, _panels, draw, kept_patches, load_image
+from vitprune.io.origin import default_input_size
+from vitprune.ops.modules import TokenDrop
+from vitprune.ship.show import DROPPED_BRIGHTNESS, DROPPED_TINT, _panels, draw, kept_patches, load_image
 
 ARGS = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 CLI_ARGS = [a for k, v in ARGS.items() for a in ("--model-arg", f"{k}={v}")]

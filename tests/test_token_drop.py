@@ -6,7 +6,7 @@ import torch
 import vitprune
 from conftest import FAMILIES, small_model
 from vitprune.errors import PassError
-from vitprune.modules import TokenDrop
+from vitprune.ops.modules import TokenDrop
 
 
 def example(size):

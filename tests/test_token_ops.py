@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from vitprune import token_ops
-from vitprune.modules import TokenDrop, force_keep_all
+from vitprune.ops import token_ops
+from vitprune.ops.modules import TokenDrop, force_keep_all
 
 
 def test_gather_tokens_matches_advanced_indexing():

@@ -9,8 +9,8 @@ from torch import fx, nn
 
 import vitprune
 from vitprune.errors import PassError, VerificationError
-from vitprune.flops import count_flops, flop_counter
-from vitprune.modules import TokenModule, register_leaf
+from vitprune.graph.flops import count_flops, flop_counter
+from vitprune.ops.modules import TokenModule
 from vitprune.passes.base import PASSES, VitPass, insert_on_stream, node_named, register_pass
 from vitprune.verify import compare_nodes
 
@@ -68,9 +68,9 @@ def test_flops_target_as_counted_at_518():
 # node-for-node keep-all
 
 
-@register_leaf
 class _SwapTwoPatches(TokenModule):
-    """A deliberately wrong token op: with every token kept it still swaps patches 0 and 1."""
+    """A deliberately wrong token op: with every token kept it still swaps patches 0 and 1 (not registered
+    as a leaf: nothing outside this test may save or load it)."""
 
     def __init__(self, num_prefix_tokens: int) -> None:
         super().__init__()

@@ -8,9 +8,9 @@
     vitprune.evaluate("vit_s_td_ft", "val_dir", keep_rates=[1.0, 0.5])
 """
 
-from vitprune.analysis import ViTGraph, analyse
-from vitprune.capture import capture
-from vitprune.compile import compile  # noqa: A004  (vitprune.compile, as the issue names it)
+from vitprune.graph.analysis import ViTGraph, analyse
+from vitprune.frontends.capture import capture
+from vitprune.ship.compile import compile  # noqa: A004  (vitprune.compile, as the issue names it)
 from vitprune.errors import (
     AnalysisError,
     CaptureError,
@@ -20,12 +20,12 @@ from vitprune.errors import (
     VerificationError,
     VitpruneError,
 )
-from vitprune.evaluate import evaluate
-from vitprune.export import export_onnx
-from vitprune.finetune import finetune
-from vitprune.load import load
+from vitprune.train.evaluate import evaluate
+from vitprune.ship.export_onnx import export_onnx
+from vitprune.train.finetune import finetune
+from vitprune.io.load import load
 from vitprune.rewrite import RewriteReport, inspect_model, rewrite
-from vitprune.save import save  # noqa: E402
+from vitprune.io.save import save  # noqa: E402
 
 __version__ = "0.1.0"
 

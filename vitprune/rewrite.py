@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from vitprune.analysis import analyse
-from vitprune.capture import capture
+from vitprune.graph.analysis import analyse
+from vitprune.frontends.capture import capture
 from vitprune.errors import VitpruneError
 from vitprune.frontends.export import is_exported
-from vitprune.load import example_input as make_example_input
-from vitprune.load import source_of
+from vitprune.io.origin import example_input as make_example_input
+from vitprune.io.origin import source_of
 from vitprune.passes import make_pass, run_passes
-from vitprune.preprocess import metadata as preprocessing_metadata
+from vitprune.io.preprocess import metadata as preprocessing_metadata
 from vitprune.verify import FlopsRatios, verify
 
 
@@ -67,7 +67,7 @@ def rewrite(
         tolerance: max abs difference allowed between keep-all and the original output.
         seed: seed for the random token selection during verification.
         frontend: ``"auto"`` (symbolic trace, ``torch.export`` when tracing fails), ``"fx"`` or ``"export"``
-            (:func:`vitprune.capture.capture`).
+            (:func:`vitprune.frontends.capture.capture`).
         **params: the method's parameters (token-drop: ``keep_rate``, ``selection``, ``at_inference``).
 
     Returns:
@@ -135,7 +135,7 @@ def inspect_model(
     model: nn.Module, *, example_input: torch.Tensor | None = None, input_size: tuple[int, int, int] | None = None,
     frontend: str = "auto",
 ):
-    """Capture and analyse ``model``; returns the :class:`~vitprune.analysis.ViTGraph`.
+    """Capture and analyse ``model``; returns the :class:`~vitprune.graph.analysis.ViTGraph`.
 
     Raises:
         CaptureError, AnalysisError: as :func:`rewrite`.

@@ -25,8 +25,8 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from vitprune.errors import VerificationError
-from vitprune.flops import flop_counter
-from vitprune.modules import force_keep_all
+from vitprune.graph.flops import flop_counter
+from vitprune.ops.modules import force_keep_all
 
 
 class FlopsRatios:
@@ -222,7 +222,7 @@ def verify(
     Runs: the original (FLOPs before, its outputs); the captured original and the rewritten graph with
     every token kept, node for node (:func:`compare_nodes`); the rewritten graph in eval and in train
     mode (FLOPs after, finite outputs). FLOPs are counted on those same passes, attention included
-    (:func:`vitprune.flops.flop_counter`). ``reference``: ``original`` as captured before the rewrite
+    (:func:`vitprune.graph.flops.flop_counter`). ``reference``: ``original`` as captured before the rewrite
     (default: captured here).
 
     Raises:
@@ -230,7 +230,7 @@ def verify(
             node and the difference), an output is not finite, the output shapes changed, or the rewritten
             graph fails at a node (named).
     """
-    from vitprune.capture import capture
+    from vitprune.frontends.capture import capture
 
     reference_out, flops_before = _run(original, example_input, False, seed)
     reference_graph = reference if reference is not None else capture(original, example_input)

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from vitprune.errors import CaptureError, PassError
-from vitprune.modules import LEAF_MODULES
+from vitprune.ops.modules import LEAF_MODULES
 
 aten = torch.ops.aten
 _RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.expand}

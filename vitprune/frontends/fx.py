@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from vitprune.errors import AnalysisError
 from vitprune.graph.opgraph import OpGraph
-from vitprune.modules import LEAF_MODULES, TokenModule
+from vitprune.ops.modules import LEAF_MODULES, TokenModule
 
 aten = torch.ops.aten
 

@@ -8,7 +8,7 @@ Sources (``vitprune.load(source, ...)``):
 - a pickled module file (``torch.save(model)``) only with ``trust_pickle=True``: unpickling runs code;
 - a directory written by :func:`vitprune.save` (no pickle at all);
 - a Hugging Face folder (``config.json`` + safetensors, as ``save_pretrained`` writes it), built with
-  transformers' own classes (:mod:`vitprune.hf`; the ``hf`` extra), never ``trust_remote_code``;
+  transformers' own classes (:mod:`vitprune.io.hf`; the ``hf`` extra), never ``trust_remote_code``;
 - a ``torch.export`` file (``.pt2``, ``torch.export.save``), as an aten-level graph
   (:mod:`vitprune.frontends.export`);
 - an ``nn.Module`` the caller already holds (returned as it is).
@@ -21,7 +21,6 @@ import contextlib
 import io
 import os
 import pickletools
-import weakref
 import warnings
 import zipfile
 from pathlib import Path
@@ -30,25 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitprune.errors import LoadError, VitpruneError
-from vitprune.hf import is_hf_folder
-from vitprune.hf import load_folder as load_hf_folder
+from vitprune.errors import LoadError
+from vitprune.io.origin import remember_source
+from vitprune.io.hf import is_hf_folder
+from vitprune.io.hf import load_folder as load_hf_folder
 
-_SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two paths name the same file (same resolved path, or the same inode through a link)."""
-    a, b = Path(a), Path(b)
-    if a.resolve() == b.resolve():
-        return True
-    return a.exists() and b.exists() and os.path.samefile(a, b)
-
-
-def source_of(model: nn.Module) -> dict[str, Any]:
-    """How ``model`` was loaded (recorded in saved recipes); ``{"kind": "module"}`` when unknown."""
-    return dict(_SOURCES.get(model, {"kind": "module", "class": type(model).__qualname__}))
 
 
 def parse_model_args(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -221,22 +207,22 @@ def load(
         model = _create_timm(text[len("timm:"):], model_args)
         if weights is not None:
             load_weights(model, weights)
-        _SOURCES[model] = {"kind": "timm", "arch": text, "model_args": model_args,
-                           "weights": str(weights) if weights else None}
+        remember_source(model, {"kind": "timm", "arch": text, "model_args": model_args,
+                           "weights": str(weights) if weights else None})
         return model.eval()
     path = Path(text)
     if not path.exists():
         raise LoadError(f"no such file or directory: {path}")
     if path.is_dir() and is_hf_folder(path):
         model = load_hf_folder(path)
-        _SOURCES[model] = {"kind": "huggingface", "path": str(path), "class": type(model.model).__name__}
+        remember_source(model, {"kind": "huggingface", "path": str(path), "class": type(model.model).__name__})
         return model
     if path.suffix == ".pt2":
         model = _load_pt2(path)
-        _SOURCES[model] = {"kind": "torch.export", "path": str(path)}
+        remember_source(model, {"kind": "torch.export", "path": str(path)})
         return model
     if path.is_dir():
-        from vitprune.save import is_saved_model, load_saved
+        from vitprune.io.save import is_saved_model, load_saved
 
         if not is_saved_model(path) and is_saved_model(path / "model"):
             path = path / "model"  # a `vitprune finetune` output folder: model/ beside checkpoints/
@@ -246,14 +232,14 @@ def load(
             raise LoadError(f"--arch must be timm:NAME, got {arch!r}")
         model = _create_timm(arch[len("timm:"):], model_args)
         load_weights(model, path)
-        _SOURCES[model] = {"kind": "timm", "arch": arch, "model_args": model_args, "weights": str(path)}
+        remember_source(model, {"kind": "timm", "arch": arch, "model_args": model_args, "weights": str(path)})
         return model.eval()
     if path.suffix == ".safetensors":
         _read_state_dict(path)  # a corrupt file is reported as corrupt, not as missing --arch
         raise LoadError(f"{path} holds only weights: pass --arch timm:NAME to say which architecture they belong to")
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
-        _SOURCES[obj] = {"kind": "pickle", "path": str(path), "class": type(obj).__qualname__}
+        remember_source(obj, {"kind": "pickle", "path": str(path), "class": type(obj).__qualname__})
         return obj.eval()
     _as_state_dict(obj, path)
     raise LoadError(f"{path} holds only weights (a state dict): pass --arch timm:NAME to say which architecture")
@@ -283,43 +269,3 @@ def _load_pt2(path: Path) -> nn.Module:
     gm.meta["vitprune"] = {"source": {"kind": "torch.export", "path": str(path)}, "recipe": [],
                            "input_shape": [1, *shape[1:]]}
     return gm
-
-
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` the model expects.
-
-    From, in order: a saved vitprune model's recorded input; timm's data config (``pretrained_cfg``),
-    with ``H, W`` taken from the patch embedding's ``img_size`` when the model was built with another
-    size (timm does not update ``pretrained_cfg`` for ``img_size=``). This is load metadata, not graph
-    analysis.
-
-    Raises:
-        VitpruneError: none of those is known (pass ``input_size``).
-    """
-    meta = getattr(model, "meta", None)
-    if isinstance(meta, dict) and "vitprune" in meta and meta["vitprune"].get("input_shape"):
-        return tuple(meta["vitprune"]["input_shape"][1:])
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        c, h, w = cfg["input_size"]
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(img_size):
-            h, w = img_size
-        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-        if isinstance(proj, nn.Conv2d):
-            c = proj.in_channels
-        return int(c), int(h), int(w)
-    raise VitpruneError(
-        f"cannot tell the input size of {type(model).__name__}: pass --input-size C,H,W (Python: input_size=(C, H, W))"
-    )
-
-
-def example_input(
-    model: nn.Module, input_size: tuple[int, int, int] | None = None, batch: int = 2, seed: int = 0
-) -> torch.Tensor:
-    """A seeded standard-normal image batch ``[batch, C, H, W]`` for shape propagation and verification."""
-    c, h, w = input_size or default_input_size(model)
-    gen = torch.Generator().manual_seed(seed)
-    param = next(model.parameters(), None)
-    x = torch.randn(batch, c, h, w, generator=gen)
-    return x.to(param.device) if param is not None else x

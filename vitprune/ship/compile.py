@@ -1,4 +1,4 @@
-"""``vitprune.compile``: torch.compile with the batch dimension dynamic and everything else static.
+"""``vitprune.ship.compile``: torch.compile with the batch dimension dynamic and everything else static.
 
 Token counts per layer are Python ints fixed at rewrite time, so the only shape that varies between
 calls is the batch. Marking it dynamic (``torch._dynamo.mark_dynamic(x, 0)``) lets one compiled graph

@@ -9,7 +9,7 @@ the model (patch embedding, head) is constant in the token count.
 
 from __future__ import annotations
 
-from vitprune.analysis import ViTGraph
+from vitprune.graph.analysis import ViTGraph
 from vitprune.errors import VitpruneError
 
 

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from vitprune.errors import VitpruneError
-from vitprune.load import example_input as make_example_input
-from vitprune.modules import TokenDrop, token_modules
+from vitprune.io.origin import example_input as make_example_input
+from vitprune.ops.modules import TokenDrop, token_modules
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from vitprune import token_ops
+from vitprune.ops import token_ops
 
 #: class name -> class, for every leaf module vitprune may insert (used by capture and serialize).
 LEAF_MODULES: dict[str, type[nn.Module]] = {}

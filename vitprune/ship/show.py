@@ -6,7 +6,7 @@ PatchDropout (arXiv 2208.07220) or, with ``selection="magnitude"``, the L1-norm 
 Patch Sampling Schedule (arXiv 2208.09520); a token drop that is active in training only is switched
 on for the one forward drawn here, so the picture shows what a training step would keep.
 
-    from vitprune.show import show
+    from vitprune.ship.show import show
     stages = show(vitprune.load("vit_s_td"), "cat.jpg", "cat_kept.png")
 
 Pieces (usable alone): :func:`load_image` (read, resize, crop, normalise), :func:`kept_patches`
@@ -26,10 +26,10 @@ import torch
 from torch import fx, nn
 
 from vitprune.errors import VitpruneError
-from vitprune.images import DEFAULT_MEAN, DEFAULT_STD, load_image  # noqa: F401  (re-exported)
-from vitprune.load import same_file
-from vitprune.modules import TokenModule
-from vitprune.preprocess import resolve_preprocessing
+from vitprune.io.images import load_image
+from vitprune.io.outputs import same_file
+from vitprune.ops.modules import TokenModule
+from vitprune.io.preprocess import resolve_preprocessing
 
 #: brightness factor of a dropped patch in :func:`draw`.
 DROPPED_BRIGHTNESS = 0.25
@@ -52,7 +52,7 @@ def kept_patches(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
     """The patch-grid positions kept at each pruning stage for image 0 of ``x``.
 
     Runs one forward of ``model`` in eval mode under ``torch.no_grad`` with torch's RNG seeded to 0
-    (forked, so the caller's RNG state is untouched) and every :class:`~vitprune.modules.TokenModule`
+    (forked, so the caller's RNG state is untouched) and every :class:`~vitprune.ops.modules.TokenModule`
     recording ``last_kept`` ``[B, K]`` (kept indices into *that module's input* patch tokens). A token
     module active in training only (``at_inference=False``, as in PatchDropout, arXiv 2208.07220) is
     switched on for this forward. The modules' flags and the model's train/eval mode are restored after.
@@ -78,8 +78,8 @@ def kept_patches(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
 
 
 def _kept_patches(model: nn.Module, x: torch.Tensor):
-    """:func:`kept_patches`, plus the :class:`~vitprune.analysis.ViTGraph` it analysed."""
-    from vitprune.capture import capture
+    """:func:`kept_patches`, plus the :class:`~vitprune.graph.analysis.ViTGraph` it analysed."""
+    from vitprune.frontends.capture import capture
     from vitprune.rewrite import inspect_model
 
     if not any(isinstance(m, TokenModule) for m in model.modules()):
@@ -270,7 +270,7 @@ def show(
 ) -> list[dict[str, Any]]:
     """Draw ``image`` with the patches ``model`` keeps at each stage into ``output``.
 
-    :func:`load_image` at ``input_size`` (default :func:`vitprune.load.default_input_size`), then
+    :func:`load_image` at ``input_size`` (default :func:`vitprune.io.origin.default_input_size`), then
     :func:`kept_patches`, then :func:`draw` with the grid and patch size of the graph analysis.
 
     Args:
@@ -278,7 +278,7 @@ def show(
         image: the picture to draw on.
         output: the file to write (PNG by default).
         mean, std: normalisation of the model's inputs; default: the model's own
-            (:func:`vitprune.preprocess.resolve_preprocessing`).
+            (:func:`vitprune.io.preprocess.resolve_preprocessing`).
         input_size: ``(C, H, W)`` when it cannot be read from the model.
         protect: other input files ``output`` must not be (the model file, ...); ``image`` always is.
 
@@ -289,7 +289,7 @@ def show(
         VitpruneError: ``output`` is ``image`` or a protected file, or a folder; the image is missing or
             unreadable; the model has no token ops; the patch embedding has no grid to draw on.
     """
-    from vitprune.load import default_input_size
+    from vitprune.io.origin import default_input_size
 
     output, image = Path(output), Path(image)
     for other in [image, *map(Path, protect)]:

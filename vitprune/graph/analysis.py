@@ -476,7 +476,7 @@ def analyse(gm: fx.GraphModule, example_input: torch.Tensor) -> ViTGraph:
     """Describe the ViT that ``gm`` computes.
 
     Args:
-        gm: a captured model (:func:`vitprune.capture.capture`: symbolic trace or ``torch.export``).
+        gm: a captured model (:func:`vitprune.frontends.capture.capture`: symbolic trace or ``torch.export``).
         example_input: ``[B, C, H, W]`` image batch the model accepts (``B >= 2`` recommended so the
             batch axis is told apart from others); used for shape propagation in eval mode.
 

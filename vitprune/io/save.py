@@ -4,7 +4,7 @@ A saved model is a directory: ``graph.json`` (the fx graph, the leaf modules' co
 recipe: source model, passes with their parameters and decisions, input shape, rewrite report),
 ``tensors.safetensors`` (every weight and buffer) and ``vitprune.json``, the marker save writes itself
 (format name and the files it wrote): only a folder with the marker and nothing but those files is ever
-replaced (``overwrite=True``). See :mod:`vitprune.serialize`. Loading rebuilds
+replaced (``overwrite=True``). See :mod:`vitprune.io.serialize`. Loading rebuilds
 the exact graph; it needs neither the model's Python code nor unpickling.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from vitprune.capture import capture
+from vitprune.frontends.capture import capture
 from vitprune.errors import LoadError, SaveError, VitpruneError
-from vitprune.load import source_of
-from vitprune.serialize import load_graph_module, save_graph_module
+from vitprune.io.origin import source_of
+from vitprune.io.serialize import load_graph_module, save_graph_module
 
 GRAPH_FILE, TENSOR_FILE = "graph.json", "tensors.safetensors"  # the two files serialize writes
 
@@ -74,7 +74,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
             model (never replaced), its parent folder is missing, the graph calls something that
             cannot be saved without pickle, or the reloaded model differs.
     """
-    from vitprune.outputs import check_writable_folder, clean_stale_temporaries, refuse_unless_replaceable
+    from vitprune.io.outputs import check_writable_folder, clean_stale_temporaries, refuse_unless_replaceable
 
     path = Path(path)
     if path.exists() or path.is_symlink():
@@ -88,7 +88,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
     if isinstance(model, fx.GraphModule):
         gm = model
     else:  # an example input lets capture fall back to torch.export (Hugging Face models)
-        from vitprune.load import example_input
+        from vitprune.io.origin import example_input
 
         try:
             x = example_input(model)

@@ -2,11 +2,11 @@
 
 Loss: label-smoothed cross-entropy + ``distill_weight · T² · KL(teacher ‖ student)`` on logits (DynamicViT's
 distillation term, arXiv 2106.02034). The default teacher of a rewritten model is a frozen copy of the model
-before fine-tuning, run in eval mode inside :func:`vitprune.modules.force_keep_all`: rewrite verified that
+before fine-tuning, run in eval mode inside :func:`vitprune.ops.modules.force_keep_all`: rewrite verified that
 keep-all reproduces the original model exactly, so this *is* the original model, without its source.
 AdamW (no decay on 1-d parameters and position / prefix-token embeddings), linear warm-up then cosine per
 step, gradient clipping. Token-drop models can follow a Patch Sampling Schedule (arXiv 2208.09520,
-:mod:`vitprune.keep_schedule`): each ``TokenDrop``'s int ``keep_count`` is set before every step.
+:mod:`vitprune.train.keep_rate_schedule`): each ``TokenDrop``'s int ``keep_count`` is set before every step.
 
 Determinism: each epoch draws all its randomness (sampler order, augmentation, random token selection,
 dropout, worker seeds) from seeds derived from ``(seed, epoch, rank)``, so resuming from the checkpoint of
@@ -44,13 +44,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from vitprune.errors import VitpruneError
-from vitprune.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes, logits_of, pick_device, resolve_model_path,
+from vitprune.train.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes, logits_of, pick_device, resolve_model_path,
                                sharded_accuracy, token_drops)
-from vitprune.preprocess import metadata as preprocessing_metadata
-from vitprune.preprocess import resolve_preprocessing
-from vitprune.keep_schedule import SCHEDULES, KeepSchedule, keep_count
-from vitprune.modules import auxiliary_losses, force_keep_all, set_training_progress, token_modules
-from vitprune.token_ops import SELECTIONS
+from vitprune.io.preprocess import metadata as preprocessing_metadata
+from vitprune.io.preprocess import resolve_preprocessing
+from vitprune.train.keep_rate_schedule import SCHEDULES, KeepSchedule, keep_count
+from vitprune.ops.modules import auxiliary_losses, force_keep_all, set_training_progress, token_modules
+from vitprune.ops.token_ops import SELECTIONS
 
 CHECKPOINTS, METRICS = "checkpoints", "metrics.jsonl"
 _OUTPUT_ENTRIES = (CHECKPOINTS, METRICS, MODEL_SUBDIR)
@@ -90,7 +90,7 @@ class FinetuneConfig:
     bucket: float = 0.2
     selection: str | None = None  # overrides every TokenDrop's selection: "random" / "magnitude"
     input_size: tuple[int, int, int] | None = None
-    mean: tuple[float, ...] | None = None  # None: from the model (vitprune.preprocess), recorded in OUT/model
+    mean: tuple[float, ...] | None = None  # None: from the model (vitprune.io.preprocess), recorded in OUT/model
     std: tuple[float, ...] | None = None
     scale: tuple[float, float] = (0.6, 1.0)
     hflip: bool = False
@@ -159,8 +159,8 @@ def make_teacher(model: nn.Module) -> tuple[nn.Module, Callable[[], Any]]:
 def as_graph_module(model: nn.Module, input_size: Sequence[int] | None = None) -> fx.GraphModule:
     """A deep copy of ``model`` as a GraphModule (captured if need be) whose recipe has its input shape,
     so :func:`vitprune.save` can verify and save it like a rewritten model."""
-    from vitprune.capture import capture
-    from vitprune.load import default_input_size, example_input, source_of
+    from vitprune.frontends.capture import capture
+    from vitprune.io.origin import default_input_size, example_input, source_of
 
     size = list(input_size or default_input_size(model))
     gm = capture(copy.deepcopy(model), example_input(model, tuple(size)))  # export when tracing fails
@@ -198,7 +198,7 @@ def _check_output(out: Path, protect: Sequence[Any], resume: bool, overwrite: bo
                 raise VitpruneError(f"the output {out} overlaps the input {p}; choose another -o")
     if not out.parent.is_dir():
         raise VitpruneError(f"the folder {out.parent} for -o does not exist")
-    from vitprune.outputs import check_writable_folder, refuse_unless_replaceable
+    from vitprune.io.outputs import check_writable_folder, refuse_unless_replaceable
 
     check_writable_folder(out.parent)
     if out.is_dir():
@@ -301,7 +301,7 @@ def finetune(
 
     Args:
         model: any ViT vitprune can capture, rewritten or not (deep-copied, never modified).
-        data, val: ImageFolder layouts (:mod:`vitprune.data`); ``val``, evaluated after every epoch, needs
+        data, val: ImageFolder layouts (:mod:`vitprune.train.data`); ``val``, evaluated after every epoch, needs
             the same classes.
         teacher: a module or anything :func:`vitprune.load` reads; default: the original model of a rewritten one.
         resume: continue from ``output``'s last checkpoint (same options, model and process count).
@@ -317,8 +317,8 @@ def finetune(
             classes than ``val`` or more than the model's outputs; an output refused; ``resume`` without a
             checkpoint or with other options; a schedule or selection without ``TokenDrop``; a non-finite loss.
     """
-    from vitprune.data import check_images_open, match_classes, recorded_classes, seeded_loader, train_val_folders
-    from vitprune.load import load
+    from vitprune.train.data import check_images_open, match_classes, recorded_classes, seeded_loader, train_val_folders
+    from vitprune.io.load import load
 
     say = log or (lambda _msg: None)
     if isinstance(teacher, (str, os.PathLike)):
@@ -437,7 +437,7 @@ def finetune(
         student.eval()
         model_path = None
         if rank == 0:
-            from vitprune.save import save
+            from vitprune.io.save import save
 
             report = dict(student.meta["vitprune"].get("report") or {})
             report["finetune"] = {"config": cfg.to_json(), "world_size": world, "last_epoch": history[-1:]}

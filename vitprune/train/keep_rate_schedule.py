@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 from vitprune.errors import VitpruneError
-from vitprune.token_ops import keep_count_for_rate
+from vitprune.ops.token_ops import keep_count_for_rate
 
 SCHEDULES = ("constant", "linear", "cosine", "cyclic")
 _MIN_RATE = 1e-6  # the clip's lower end when bucket == 0: rate > 0, so at least one token

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitprune.errors import VitpruneError
-from vitprune.preprocess import resolve_preprocessing
-from vitprune.keep_schedule import keep_count
-from vitprune.modules import TokenDrop
+from vitprune.io.preprocess import resolve_preprocessing
+from vitprune.train.keep_rate_schedule import keep_count
+from vitprune.ops.modules import TokenDrop
 
 MODEL_SUBDIR = "model"  # where `vitprune finetune -o OUT` puts the model: OUT/model
 
@@ -177,9 +177,9 @@ def evaluate(
 
     Args:
         model: a module, or anything :func:`vitprune.load` reads (a ``vitprune finetune`` output folder too).
-        data: ImageFolder layout (:mod:`vitprune.data`); images preprocessed for evaluation (resize,
+        data: ImageFolder layout (:mod:`vitprune.train.data`); images preprocessed for evaluation (resize,
             center crop, normalise) at the model's input size; ``mean``/``std`` default to the model's own
-            (:func:`vitprune.preprocess.resolve_preprocessing`).
+            (:func:`vitprune.io.preprocess.resolve_preprocessing`).
         keep_rates: inference keep rates in ``(0, 1]``, for models with ``TokenDrop`` modules only;
             ``None``: one row, the model as it is.
         seed: seeds random token selection, so each row is repeatable.
@@ -194,8 +194,9 @@ def evaluate(
         VitpruneError: bad data folder, more classes than the model's outputs, ``keep_rates`` for a
             model without ``TokenDrop``, a rate outside ``(0, 1]``, unreadable model.
     """
-    from vitprune.data import eval_transform, image_folder, match_classes, recorded_classes
-    from vitprune.load import default_input_size, load
+    from vitprune.train.data import eval_transform, image_folder, match_classes, recorded_classes
+    from vitprune.io.load import load
+    from vitprune.io.origin import default_input_size
 
     if not isinstance(model, nn.Module):
         model = load(resolve_model_path(model))

@@ -10,7 +10,7 @@ Resolution order (:func:`resolve_preprocessing`), per value:
    DeiT and DINOv2, (0.5, 0.5, 0.5) for the AugReg ViTs, OpenAI's for CLIP);
 4. (0.5, 0.5, 0.5) / (0.5, 0.5, 0.5), said so in ``source``.
 
-Resizing stays vitprune's own (shorter side to the input size, center crop: :mod:`vitprune.data`); the
+Resizing stays vitprune's own (shorter side to the input size, center crop: :mod:`vitprune.train.data`); the
 timm config's ``crop_pct`` and interpolation are recorded with the rest but not applied.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from vitprune.images import DEFAULT_MEAN, DEFAULT_STD
+from vitprune.io.images import DEFAULT_MEAN, DEFAULT_STD
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """The closed allowlist of what a saved graph (``graph.json``) may call.
 
 Every ``call_function`` target, ``call_method`` name, attribute read through ``getattr`` and
-``call_module`` class a saved graph may name is listed here by exact name; :mod:`vitprune.serialize`
+``call_module`` class a saved graph may name is listed here by exact name; :mod:`vitprune.io.serialize`
 saves nothing else and loads nothing else. A name is resolved through a fixed table built from these
 strings (a dict lookup), never by walking a path from the file, so a name that is not written here
 cannot be reached by any spelling.
 
 How the sets were enumerated (torch 2.14.1, timm 1.0.31, torchvision 0.29.1): every op in the graphs
-that ``vitprune.capture`` produces, and that ``vitprune.rewrite`` produces with token-drop (random and
+that ``vitprune.frontends.capture`` produces, and that ``vitprune.rewrite`` produces with token-drop (random and
 magnitude), importance-mask (dynamic and static) and lifespan-gather (soft and exact), in train and
 eval mode, with timm's fused attention on and off, for timm vit_small_patch16_224 (class token;
 ``class_token=False, global_pool="avg"``; ``qk_norm=True``; dropout and drop path),
@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vitprune.modules import LEAF_MODULES
+from vitprune.ops.modules import LEAF_MODULES
 
 FUNCTIONS = frozenset({
     # Python operators fx records for `a + b`, `x[i]`, `q @ k`, and attribute reads (see ATTRIBUTES)
@@ -78,7 +78,7 @@ METHODS = frozenset({
 ATTRIBUTES = frozenset({"ndim", "shape"})
 
 #: torch.nn classes fx keeps as leaf modules in those graphs; vitprune's own leaves
-#: (``vitprune.modules.LEAF_MODULES``) are added by :func:`module_classes`.
+#: (``vitprune.ops.modules.LEAF_MODULES``) are added by :func:`module_classes`.
 TORCH_MODULES = (
     nn.Conv2d, nn.Dropout, nn.GELU, nn.Identity, nn.LayerNorm, nn.Linear, nn.MultiheadAttention,
 )
@@ -116,3 +116,9 @@ def class_name(cls: type) -> str:
 def module_classes() -> dict[str, type[nn.Module]]:
     """Stored ``module:qualname`` -> class, for the torch.nn classes above and vitprune's leaves."""
     return {class_name(c): c for c in (*TORCH_MODULES, *LEAF_MODULES.values())}
+
+
+def legacy_module_classes() -> dict[str, type[nn.Module]]:
+    """Names earlier vitprune versions stored for its leaves (``vitprune.modules:TokenDrop``, before the
+    module moved to ``vitprune.ops.modules``): accepted when loading, never written."""
+    return {f"vitprune.modules:{c.__qualname__}": c for c in LEAF_MODULES.values()}

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from vitprune.errors import VitpruneError
-from vitprune.flops import count_flops
-from vitprune.modules import TokenModule
+from vitprune.graph.flops import count_flops
+from vitprune.ops.modules import TokenModule
 from vitprune.native_logs import filtered_native_stderr
 
 BACKENDS = ("eager", "compile", "onnxruntime")
@@ -58,7 +58,7 @@ class BenchRow:
 def _onnx_runner(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
     import onnxruntime as ort
 
-    from vitprune.export import export_onnx
+    from vitprune.ship.export_onnx import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
@@ -76,7 +76,7 @@ def runner(model: nn.Module, backend: str, x: torch.Tensor) -> Callable[[torch.T
     if backend == "eager":
         return model
     if backend == "compile":
-        from vitprune.compile import compile as vp_compile
+        from vitprune.ship.compile import compile as vp_compile
 
         return vp_compile(model)
     if backend == "onnxruntime":

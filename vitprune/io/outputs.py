@@ -22,6 +22,14 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file (same resolved path, or the same inode through a link)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
 def check_writable_folder(folder: str | os.PathLike, what: str = "-o", error: type = VitpruneError) -> None:
     """Raise a one-line VitpruneError unless a file can be created in ``folder`` (tried, then removed).
 
@@ -55,8 +63,6 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[object] = (), 
 
     Returns ``output`` as a Path. Raises a one-line VitpruneError otherwise.
     """
-    from vitprune.load import same_file
-
     output = Path(output)
     if str(output) in ("", ".") or output.name in ("", ".", ".."):
         raise VitpruneError(f"{what} {str(output)!r} is not a file or folder name")
@@ -85,7 +91,7 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[object] = (), 
 
 def _check_not_in_model_folder(output: Path, what: str) -> None:
     """No file is written into a folder vitprune saved a model to (it would no longer be one, or load)."""
-    from vitprune.save import GRAPH_FILE, MARKER, TENSOR_FILE
+    from vitprune.io.save import GRAPH_FILE, MARKER, TENSOR_FILE
 
     folder = output.resolve().parent
     if (folder / MARKER).is_file() or ((folder / GRAPH_FILE).is_file() and (folder / TENSOR_FILE).is_file()):
@@ -94,7 +100,7 @@ def _check_not_in_model_folder(output: Path, what: str) -> None:
 
 def refuse_unless_replaceable(path: str | os.PathLike, error: type = VitpruneError) -> None:
     """Raise ``error`` unless ``path`` is a folder vitprune saved a model to, holding only the files it wrote."""
-    from vitprune.save import GRAPH_FILE, written_files
+    from vitprune.io.save import GRAPH_FILE, written_files
 
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
@@ -116,7 +122,7 @@ def clean_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
     process is gone, and ``.NAME.tmp-*`` without a PID (older vitprune); each is removed only if it holds
     nothing but the files a save writes.
     """
-    from vitprune.save import GRAPH_FILE, MARKER, TENSOR_FILE
+    from vitprune.io.save import GRAPH_FILE, MARKER, TENSOR_FILE
 
     dest = Path(dest)
     ours = {GRAPH_FILE, TENSOR_FILE, MARKER}

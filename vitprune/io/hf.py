@@ -74,7 +74,7 @@ def wrap(model: nn.Module, image_size: tuple[int, int, int] | None = None,
     if mean is not None and std is not None:
         cfg.update(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
                    source="Hugging Face preprocessor_config.json")
-    wrapped.pretrained_cfg = cfg  # the timm convention: vitprune.load.default_input_size and preprocess read it
+    wrapped.pretrained_cfg = cfg  # the timm convention: vitprune.io.origin.default_input_size and preprocess read it
     return wrapped
 
 

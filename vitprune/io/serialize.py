@@ -6,7 +6,7 @@ each module's ``training`` flag, the caller's metadata) and ``tensors.safetensor
 buffer and ``get_attr`` tensor constant, keyed by dotted path).
 
 ``graph.json`` is data. Every function, tensor method, ``getattr`` attribute and module class it
-names must be on the closed allowlist of :mod:`vitprune.allowlist` (exact names of pure tensor
+names must be on the closed allowlist of :mod:`vitprune.io.allowlist` (exact names of pure tensor
 operations, enumerated from what capture and vitprune's passes produce); a name is looked up in a
 fixed table, never imported or walked from the file, so nothing with file, process, network or
 storage effects can be named by any spelling. ``get_attr`` reads only tensors, methods are called only
@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from vitprune import allowlist
+from vitprune.io import allowlist
 from vitprune.errors import LoadError, SaveError
-from vitprune.modules import LEAF_MODULES
+from vitprune.ops.modules import LEAF_MODULES
 
 FORMAT_NAME, FORMAT_VERSION = "vitprune.fx-graph", 1
 GRAPH_FILE, TENSOR_FILE = "graph.json", "tensors.safetensors"
@@ -144,7 +144,9 @@ _SPECIAL_CONFIG: dict[type, Callable[[nn.Module], dict[str, Any]]] = {
 
 def _resolve_class(spec: object) -> type[nn.Module] | None:
     """The allowlisted module class stored as ``spec`` (``module:qualname``), or None."""
-    return allowlist.module_classes().get(spec) if isinstance(spec, str) else None
+    if not isinstance(spec, str):
+        return None
+    return allowlist.module_classes().get(spec) or allowlist.legacy_module_classes().get(spec)
 
 
 def _module_config(mod: nn.Module, path: str) -> dict[str, Any]:

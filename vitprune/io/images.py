@@ -29,7 +29,7 @@ def load_image(
 
     Args:
         path: image file (anything PIL reads: PNG, JPEG, ...).
-        input_size: ``(C, H, W)`` the model takes (:func:`vitprune.load.default_input_size`); ``C`` is 1 or 3.
+        input_size: ``(C, H, W)`` the model takes (:func:`vitprune.io.origin.default_input_size`); ``C`` is 1 or 3.
         mean, std: per-channel normalisation, ``C`` values each (timm ViT: 0.5, 0.5, 0.5).
 
     Returns:

@@ -3,10 +3,10 @@
 A data folder holds one sub-folder per class, named by the class, with the class's images inside
 (PNG, JPEG, ... anything PIL reads); classes are numbered in sorted name order, as torchvision does.
 
-Preprocessing (``C, H, W`` from the model: :func:`vitprune.load.default_input_size`):
+Preprocessing (``C, H, W`` from the model: :func:`vitprune.io.origin.default_input_size`):
 
 - evaluation: resize the shorter side to ``max(H, W)`` (bicubic), center-crop ``H x W``, scale to
-  ``[0, 1]``, normalise ``(x - mean) / std`` (timm ViT: 0.5, 0.5, 0.5), as :mod:`vitprune.images` does;
+  ``[0, 1]``, normalise ``(x - mean) / std`` (timm ViT: 0.5, 0.5, 0.5), as :mod:`vitprune.io.images` does;
 - training: ``RandomResizedCrop(H x W, scale=(0.6, 1))`` (bicubic; a random 60-100 % of the area, aspect
   3/4-4/3), horizontal flip only when asked (off by default: digits and text are not flip-invariant),
   then the same scaling and normalisation.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vitprune.errors import VitpruneError
-from vitprune.images import DEFAULT_MEAN, DEFAULT_STD, IMAGE_SUFFIXES, check_normalisation, open_image
+from vitprune.io.images import DEFAULT_MEAN, DEFAULT_STD, IMAGE_SUFFIXES, check_normalisation, open_image
 
 DEFAULT_SCALE = (0.6, 1.0)
 
@@ -59,7 +59,7 @@ def train_transform(input_size: Sequence[int], mean: Sequence[float] = DEFAULT_M
 
 
 def is_image_file(path: str) -> bool:
-    """Whether ``path`` has an image suffix vitprune reads (:data:`vitprune.images.IMAGE_SUFFIXES`)."""
+    """Whether ``path`` has an image suffix vitprune reads (:data:`vitprune.io.images.IMAGE_SUFFIXES`)."""
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from vitprune.errors import CaptureError
 from vitprune.frontends.export import capture_export
-from vitprune.modules import LEAF_MODULES
+from vitprune.ops.modules import LEAF_MODULES
 
 
 class _Tracer(fx.Tracer):
@@ -117,9 +117,9 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
 def _record_origin(model: nn.Module, gm: fx.GraphModule) -> None:
     """Keep what the module knew of its source and input size (timm's data config) on the graph."""
     from vitprune.errors import VitpruneError
-    from vitprune.load import default_input_size, source_of
+    from vitprune.io.origin import default_input_size, source_of
 
-    from vitprune.preprocess import metadata
+    from vitprune.io.preprocess import metadata
 
     meta = {"source": source_of(model), "recipe": [], "preprocessing": metadata(model)}
     try:

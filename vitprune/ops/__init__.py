@@ -1,0 +1,1 @@
+"""The token operations vitprune inserts: pure functions and the leaf modules that call them."""

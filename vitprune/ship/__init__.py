@@ -1,0 +1,1 @@
+"""Consumers that ship: torch.compile, ONNX export, benchmarks, pictures of the kept patches."""

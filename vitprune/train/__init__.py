@@ -1,0 +1,1 @@
+"""Consumers that train and measure: fine-tuning with distillation, data folders, keep-rate schedules, evaluation."""
