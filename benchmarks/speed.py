@@ -1,7 +1,7 @@
 """Speed of every method on this machine: eager, torch.compile and ONNX Runtime, vs the FLOPs-ideal speed-up.
 
-For each FLOPs target F (default 0.6 and 0.5) the original timm model (random init; speed does not
-depend on the weights) is rewritten three ways, each at FLOPs ratio ≈ F:
+For each FLOPs target F (default 0.6 and 0.5) the original timm model, or a Hugging Face one (``--model
+hf-vit-small``, captured with torch.export) (random init; speed does not depend on the weights) is rewritten three ways, each at FLOPs ratio ≈ F:
 - token-drop at inference (random selection; keep rate found by bisection on the measured FLOPs ratio),
 - importance-mask dynamic (``flops=F``),
 - importance-mask static (``flops=F``, calibrated on scikit-image's photographs),
@@ -11,6 +11,7 @@ speed-up / FLOPs-ideal column is the figure of merit: 1.0 means the saved FLOPs 
 
     python benchmarks/speed.py --model vit_small_patch16_224 --batch 32
     python benchmarks/speed.py --model vit_base_patch16_224 --batch 8 --repeats 3 --iters 1
+    python benchmarks/speed.py --model hf-vit-small --batch 16 --targets 0.5 --backend eager,compile
 """
 
 from __future__ import annotations
@@ -42,6 +43,21 @@ def photos(size: int) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
+#: Hugging Face models by name (random init, transformers' own classes; captured with torch.export).
+HF_MODELS = {"hf-vit-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)}
+
+
+def build(name: str) -> torch.nn.Module:
+    """A timm architecture by name, or one of :data:`HF_MODELS` (a ViT-S/16-sized ViTForImageClassification)."""
+    if name in HF_MODELS:
+        import transformers
+
+        from vitprune.io.hf import wrap
+
+        return wrap(transformers.ViTForImageClassification(transformers.ViTConfig(**HF_MODELS[name])))
+    return vitprune.load(f"timm:{name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_small_patch16_224")
@@ -53,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    original = vitprune.load(f"timm:{args.model}").eval()
+    original = build(args.model).eval()
     size = default_input_size(original)
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     calib = photos(size[1])
