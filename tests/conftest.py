@@ -62,3 +62,16 @@ def cli_inprocess(capfd):
         return exit_info.value.code, out, err
 
     return run
+
+
+def write_model_files(folder, model: torch.nn.Module) -> None:
+    """The model files users hand vitprune, good and bad: ``pickled.pt`` (whole module), ``state.pt``,
+    ``weights.safetensors``, ``truncated.safetensors`` (half of it) and ``corrupt.pt`` (not a checkpoint)."""
+    from safetensors.torch import save_file
+
+    torch.save(model, folder / "pickled.pt")
+    torch.save(model.state_dict(), folder / "state.pt")
+    save_file(model.state_dict(), str(folder / "weights.safetensors"))
+    data = (folder / "weights.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (folder / "corrupt.pt").write_bytes(b"this is not a checkpoint" * 10)

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import vitprune
-from conftest import run_cli
+from conftest import run_cli, write_model_files
 
 ARCH = "timm:vit_small_patch16_224"
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=3)
@@ -44,12 +43,7 @@ def ws(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bad_input")
     torch.manual_seed(0)
     base = vitprune.load(ARCH, model_args=TINY)
-    torch.save(base, d / "pickled.pt")
-    torch.save(base.state_dict(), d / "state.pt")
-    save_file(base.state_dict(), str(d / "weights.safetensors"))
-    data = (d / "weights.safetensors").read_bytes()
-    (d / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    (d / "corrupt.pt").write_bytes(b"this is not a checkpoint" * 10)
+    write_model_files(d, base)
     rewritten, _ = vitprune.rewrite(base, "token-drop", keep_rate=0.5)
     vitprune.save(rewritten, d / "sm")  # a saved model (an input: never written into)
     _images(d / "data", ["a", "b", "c"])

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import run_cli, small_model
+from conftest import run_cli, small_model, write_model_files
 
 SMALL = ["--model-arg", "img_size=32", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=64",
          "--model-arg", "depth=2", "--model-arg", "num_heads=2"]
@@ -43,13 +42,7 @@ def test_rewrite_json_vit_small_224(cli_inprocess, tmp_path):
 
 @pytest.fixture
 def files(tmp_path):
-    model = small_model("vit_cls")
-    torch.save(model, tmp_path / "pickled.pt")
-    torch.save(model.state_dict(), tmp_path / "state.pt")
-    save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
-    data = (tmp_path / "weights.safetensors").read_bytes()
-    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    (tmp_path / "corrupt.pt").write_bytes(b"this is not a checkpoint" * 10)
+    write_model_files(tmp_path, small_model("vit_cls"))
     return tmp_path
 
 
