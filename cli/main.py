@@ -29,6 +29,17 @@ def _input_size(value: str | None) -> tuple[int, int, int] | None:
     return size  # type: ignore[return-value]
 
 
+def _is_onnx(model: Any) -> bool:
+    """Whether the loader returned an ONNX graph (:class:`vitprune.frontends.onnx.OnnxModel`)."""
+    from vitprune.frontends.onnx import OnnxModel
+
+    return isinstance(model, OnnxModel)
+
+
+#: commands whose MODEL may be an ONNX file (the ONNX frontend).
+_READS_ONNX = ("inspect", "rewrite")
+
+
 def model_options(fn: Callable) -> Callable:
     """The options every command that reads a MODEL takes."""
 
@@ -45,6 +56,9 @@ def model_options(fn: Callable) -> Callable:
 
         loaded = load(model, arch=arch, weights=weights, model_args=parse_model_args(model_args),
                       trust_pickle=trust_pickle)
+        if fn.__name__ not in _READS_ONNX and _is_onnx(loaded):
+            raise VitpruneError(f"{model} is an ONNX graph; `vitprune {fn.__name__.replace('_', '-')}` takes a PyTorch "
+                                "model (inspect, rewrite and bench read ONNX files)")
         inputs = [p for p in (model, weights) if p and not str(p).startswith("timm:")]
         return fn(loaded, source=model, inputs=inputs, input_size=_input_size(input_size), **kwargs)
 
@@ -137,12 +151,17 @@ def cli(ctx: click.Context) -> None:
 def inspect(model, source, inputs, input_size, as_json, frontend) -> None:
     """Analyse MODEL's graph: patch embedding, prefix tokens, blocks, readout.
 
-    MODEL is timm:NAME, a weights file with --arch, a pickled .pt with --trust-pickle, or a folder
-    written by vitprune.
+    MODEL is timm:NAME, a weights file with --arch, a pickled .pt with --trust-pickle, a folder
+    written by vitprune, a Hugging Face folder, a torch.export .pt2 or an ONNX file.
     """
     from vitprune.rewrite import inspect_model
 
-    vit = inspect_model(model, input_size=input_size, frontend=frontend)
+    if _is_onnx(model):
+        from vitprune.rewrite_onnx import inspect_onnx
+
+        vit = inspect_onnx(model.proto, input_size=input_size)
+    else:
+        vit = inspect_model(model, input_size=input_size, frontend=frontend)
     meta = getattr(model, "meta", {}).get("vitprune", {}) if hasattr(model, "meta") else {}
     if as_json:
         out = vit.to_dict()
@@ -207,13 +226,18 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
     (.safetensors or a state-dict .pt) with --arch timm:NAME, a pickled whole-module .pt with
     --trust-pickle (unpickling runs code from the file), or a folder vitprune wrote (rewrite again).
 
-    OUTPUT is a new folder; --overwrite replaces it only if vitprune saved a model there.
+    OUTPUT is a new folder; --overwrite replaces it only if vitprune saved a model there. For an ONNX
+    MODEL (model.onnx), OUTPUT is the rewritten .onnx file (never the input file).
     """
     from vitprune.rewrite import rewrite as do_rewrite
     from vitprune.io.save import save
 
     output = Path(output)
-    _check_output(output, inputs, overwrite, kind="model")
+    is_onnx = _is_onnx(model)
+    if is_onnx and output.suffix.lower() != ".onnx":
+        raise click.BadParameter(f"{str(output)!r}: an ONNX model is rewritten to an ONNX file; name it NAME.onnx",
+                                 param_hint="-o")
+    _check_output(output, inputs, overwrite, kind="file" if is_onnx else "model")
     given = {k: v for k, v in options.items() if v is not None}
     foreign = sorted(set(given) - set(_METHOD_OPTIONS[method]))
     if foreign:
@@ -228,18 +252,30 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
         raise click.BadParameter(f"must be in (0, 1], got {given['flops']}", param_hint="--flops")
     if output.exists() and not overwrite:
         raise VitpruneError(f"{output} exists; pass --overwrite to replace it")
-    rewritten, report = do_rewrite(model, method, input_size=input_size, seed=seed, frontend=frontend, **given)
+    if is_onnx:
+        from vitprune.rewrite_onnx import rewrite_onnx, save_onnx
+
+        if given.get("exact"):
+            raise click.BadParameter("per-image token counts need dynamic shapes; an ONNX rewrite keeps static counts",
+                                     param_hint="--exact")
+        given.pop("at_inference", None)  # an ONNX graph runs inference: token-drop is always active there
+        rewritten, report = rewrite_onnx(model.proto, method, input_size=input_size, seed=seed, **given)
+    else:
+        rewritten, report = do_rewrite(model, method, input_size=input_size, seed=seed, frontend=frontend, **given)
     report.output = str(output)
     summary = report.to_dict()
     summary.pop("analysis")
-    save(rewritten, output, overwrite=overwrite, report=summary)
+    if is_onnx:
+        save_onnx(rewritten, output)
+    else:
+        save(rewritten, output, overwrite=overwrite, report=summary)
     if as_json:
         summary["model"] = source
         _emit_json(summary)
         return
     d = report.decisions
     if method == "token-drop":
-        when = "in training and inference" if given.get("at_inference") else "in training"
+        when = "in training and inference" if given.get("at_inference") or is_onnx else "in training"
         click.echo(f"{method}: keep {d['keep_count']} of {d['num_patches']} patch tokens "
                    f"(+{d['num_prefix_tokens']} prefix) {when}")
     else:

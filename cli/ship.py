@@ -62,7 +62,9 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, input_size, data, plot, overwrite,
           as_json, quiet) -> None:
-    """Measure MODELS (timm:NAME, saved folders, ...): params, FLOPs, throughput, latency, peak memory.
+    """Measure MODELS (timm:NAME, saved folders, ONNX files, ...): params, FLOPs, throughput, latency, peak memory.
+
+    ONNX files run on the onnxruntime backend only (with ONNX Runtime's graph optimisations).
 
     The first model is the baseline for speed-up and FLOPs ratio. Runs of the models are interleaved.
     """
@@ -86,7 +88,14 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, i
     for spec in models:
         name = spec if spec not in loaded else f"{spec} #{len(loaded)}"
         loaded[name] = load(spec, trust_pickle=trust_pickle, model_args=parse_model_args(model_args))
-    size = _input_size(input_size) or default_input_size(next(iter(loaded.values())))
+    from vitprune.frontends.onnx import OnnxModel
+
+    first = next(iter(loaded.values()))
+    size = _input_size(input_size)
+    if size is None:
+        size = first.input_size if isinstance(first, OnnxModel) else default_input_size(first)
+    if size is None:
+        raise click.BadParameter("the first model's input size is symbolic; give C,H,W", param_hint="--input-size")
     from vitprune.train.evaluate import evaluate
 
     def accuracy(m):

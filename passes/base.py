@@ -116,18 +116,21 @@ def insert_on_stream(gm: fx.GraphModule, stream: fx.Node, base: str, module: nn.
     return new
 
 
-class RecordValues(fx.Interpreter):
-    """Runs the graph and keeps the values of the named nodes in :attr:`values`."""
+def score_query(vit: ViTGraph) -> tuple[str, int]:
+    """Which query row scores the patches: the CLS token's (EViT) when the readout reads one, else the mean
+    query (vitprune's choice for mean-pool models); returns ``(score, cls_index)``."""
+    if vit.readout.token_indices and vit.num_prefix_tokens:
+        return "cls", vit.readout.token_indices[0]
+    return "mean-query", 0
 
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
-        super().__init__(gm)
-        self.names, self.values = names, {}
 
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = out
-        return out
+def schedule_record(vit: ViTGraph, counts: dict[int, int], total_flops: float, score: str, **extra: Any) -> dict[str, Any]:
+    """What a keep-count pass decided, for the report and the saved recipe (the same for every frontend)."""
+    from vitprune.graph.keep_counts import predicted_ratio, tokens_per_block
+
+    return {"num_patches": vit.num_patches, "num_prefix_tokens": vit.num_prefix_tokens, **extra,
+            "keep_counts": {str(b): k for b, k in counts.items()}, "tokens_per_block": tokens_per_block(vit, counts),
+            "predicted_flops_ratio": predicted_ratio(vit, counts, int(total_flops)), "score": score}
 
 
 def unique_attr_name(gm: fx.GraphModule, base: str) -> str:

@@ -16,7 +16,7 @@ target), keep a nested subset of the patch tokens alive there; prefix tokens are
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx
@@ -26,8 +26,9 @@ from vitprune.graph.analysis import ViTGraph
 from vitprune.errors import PassError, VitpruneError
 from vitprune.graph.flops import count_flops
 from vitprune.ops.modules import AttentionTopK, StaticTokenSelect
-from vitprune.passes.base import RecordValues, VitPass, insert_on_stream, node_named, register_pass
-from vitprune.graph.keep_counts import counts_from_rates, parse_keep, predicted_ratio, solve_for_flops, tokens_per_block
+from vitprune.frontends.fx import RecordValues
+from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass, schedule_record, score_query
+from vitprune.graph.keep_counts import counts_from_rates, parse_keep, solve_for_flops
 
 MODES = ("dynamic", "static")
 
@@ -37,31 +38,44 @@ def _insert_before_block(gm: fx.GraphModule, vit: ViTGraph, block: int, base: st
                      tuple(node_named(gm, a) for a in extra_args))
 
 
-def _attention_maps(gm: fx.GraphModule, vit: ViTGraph, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Head- and image-averaged attention map ``[N, N]`` of every block over the calibration images."""
+def _attention_maps(vit: ViTGraph, batches: Iterable[torch.Tensor],
+                    record: Callable[[set[str], torch.Tensor], dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Head- and image-averaged attention map ``[N, N]`` of every block over the calibration images.
+
+    ``record(names, x)`` runs the original model on ``x`` and returns the named values (fx: an
+    Interpreter; ONNX: ONNX Runtime with the tensors exposed)."""
     names = set()
     for b in vit.blocks:
         names |= {b.query_node, b.key_node} if b.attention == "sdpa" else {b.attention_node}
     sums, count = [None] * vit.num_blocks, 0
-    was = gm.training
-    gm.eval()
     with torch.no_grad():
         for x in batches:
-            rec = RecordValues(gm, names)
-            rec.run(x)
+            values = record(names, x)
             for i, b in enumerate(vit.blocks):
                 if b.attention == "sdpa":
-                    q, k = rec.values[b.query_node], rec.values[b.key_node]
+                    q, k = values[b.query_node], values[b.key_node]
                     attn = torch.softmax(q @ k.transpose(-2, -1) * b.attention_scale, dim=-1)
                 else:
-                    attn = rec.values[b.attention_node]
+                    attn = values[b.attention_node]
                 m = attn.mean(dim=1).sum(dim=0)  # [N, N], summed over images
                 sums[i] = m if sums[i] is None else sums[i] + m
             count += x.shape[0]
-    gm.train(was)
     if count == 0:
         raise PassError("the calibration data holds no images")
     return [s / count for s in sums]
+
+
+def _fx_recorder(gm: fx.GraphModule) -> Callable[[set[str], torch.Tensor], dict[str, torch.Tensor]]:
+    def record(names: set[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        was = gm.training
+        gm.eval()
+        try:
+            rec = RecordValues(gm, names)
+            rec.run(x)
+        finally:
+            gm.train(was)
+        return rec.values
+    return record
 
 
 def significance(vit: ViTGraph, maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -134,7 +148,7 @@ class ImportanceMaskPass(VitPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         return PassResult(graph_module, self.rewrite(graph_module, self.analysis))
 
-    def _counts(self, gm: fx.GraphModule, vit: ViTGraph, total: int) -> dict[int, int]:
+    def _counts(self, vit: ViTGraph, total: int) -> dict[int, int]:
         p = self.params
         if p["keep"] is not None:
             counts = counts_from_rates(vit.num_patches, vit.num_blocks, p["keep"])
@@ -144,18 +158,17 @@ class ImportanceMaskPass(VitPass):
         for b, k in sorted(counts.items()):  # a stage that keeps every alive patch does nothing: skip it
             if k < alive:
                 stages[b] = alive = k
+        if not stages:
+            raise PassError("the schedule keeps every patch token: nothing to prune")
         return stages
 
     def rewrite(self, gm: fx.GraphModule, vit: ViTGraph) -> bool:
         gm.eval()
         total = count_flops(gm, self.example_input) // self.example_input.shape[0]  # per image
-        counts = self._counts(gm, vit, total)
-        if not counts:
-            raise PassError("the schedule keeps every patch token: nothing to prune")
+        counts = self._counts(vit, total)
         alive = vit.num_patches
         if self.params["mode"] == "dynamic":
-            score = "cls" if vit.readout.token_indices and vit.num_prefix_tokens else "mean-query"
-            cls_index = vit.readout.token_indices[0] if score == "cls" else 0
+            score, cls_index = score_query(vit)
             for b, k in counts.items():
                 prev = vit.blocks[b - 1]
                 if prev.attention == "sdpa":
@@ -170,7 +183,7 @@ class ImportanceMaskPass(VitPass):
                 alive = k
         else:
             batches = self._calibration_batches(vit)
-            sets = nested_static_sets(vit, counts, significance(vit, _attention_maps(gm, vit, batches)))
+            sets = nested_static_sets(vit, counts, significance(vit, _attention_maps(vit, batches, _fx_recorder(gm))))
             previous = list(range(vit.num_patches))
             for b in counts:
                 position = {g: i for i, g in enumerate(previous)}
@@ -179,15 +192,52 @@ class ImportanceMaskPass(VitPass):
                 previous, alive = sets[b], len(sets[b])
             score = "static"
         gm.recompile()
-        self.record = {
-            "num_patches": vit.num_patches,
-            "num_prefix_tokens": vit.num_prefix_tokens,
-            "keep_counts": {str(b): k for b, k in counts.items()},
-            "tokens_per_block": tokens_per_block(vit, counts),
-            "predicted_flops_ratio": predicted_ratio(vit, counts, total),
-            "score": score,
-        }
+        self.record = schedule_record(vit, counts, total, score)
         return True
+
+    def lower_onnx(self, ctx) -> None:
+        """Insert the selections into an ONNX graph (:class:`~vitprune.frontends.onnx_lowering.OnnxLowering`)."""
+        from vitprune.ops import onnx_ops
+
+        vit = ctx.vit
+        counts = self._counts(vit, int(ctx.flops_per_image))
+        alive = vit.num_patches
+        if self.params["mode"] == "dynamic":
+            score, cls_index = score_query(vit)
+            for b, k in counts.items():
+                prev = vit.blocks[b - 1]
+                keep = alive if ctx.keep_all else k
+
+                def build(x, prev=prev, keep=keep):
+                    o = ctx.builder("importance_topk")
+                    if prev.attention == "sdpa":
+                        scores = onnx_ops.attention_row_scores(o, ctx.tensor(prev.query_node), ctx.tensor(prev.key_node),
+                                                               vit.num_prefix_tokens, prev.attention_scale, score, cls_index)
+                    elif prev.attention == "matmul-softmax":
+                        scores = onnx_ops.attention_map_scores(o, ctx.tensor(prev.attention_node), vit.num_prefix_tokens,
+                                                               score, cls_index)
+                    else:
+                        scores = ctx.fused_attention_scores(o, prev, score, cls_index)
+                    return onnx_ops.keep_patch_tokens(o, x, vit.num_prefix_tokens, onnx_ops.top_patch_indices(o, scores, keep))
+
+                ctx.insert_on_stream(vit.blocks[b].input_node, vit.num_prefix_tokens + keep, build)
+                alive = keep
+        else:
+            def record(names: set[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+                return {n: torch.from_numpy(v) for n, v in ctx.run_original(names, x.numpy()).items()}
+
+            sets = nested_static_sets(vit, counts, significance(vit, _attention_maps(vit, self._calibration_batches(vit), record)))
+            previous = list(range(vit.num_patches))
+            for b in counts:
+                position = {g: i for i, g in enumerate(previous)}
+                kept = list(range(alive)) if ctx.keep_all else [position[g] for g in sets[b]]
+                index = list(range(vit.num_prefix_tokens)) + [vit.num_prefix_tokens + i for i in kept]
+                ctx.insert_on_stream(vit.blocks[b].input_node, len(index),
+                                     lambda x, index=index: onnx_ops.static_select(ctx.builder("static_select"), x, index))
+                previous = previous if ctx.keep_all else sets[b]
+                alive = len(kept)
+            score = "static"
+        self.record = schedule_record(vit, counts, ctx.flops_per_image, score)
 
     def _calibration_batches(self, vit: ViTGraph) -> Iterable[torch.Tensor]:
         data = self._calibration

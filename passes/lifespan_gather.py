@@ -28,8 +28,10 @@ from vitprune.graph.analysis import ViTGraph
 from vitprune.errors import PassError
 from vitprune.graph.flops import count_flops
 from vitprune.ops.modules import LifespanGather, PrefixSlice, SurvivalGate, SurvivalKeyMask
-from vitprune.passes.base import RecordValues, VitPass, insert_on_stream, node_named, register_pass, unique_attr_name
-from vitprune.graph.keep_counts import block_flops, predicted_ratio, solve_for_flops, tokens_per_block
+from vitprune.frontends.fx import RecordValues
+from vitprune.passes.base import (VitPass, insert_on_stream, node_named, register_pass, schedule_record, score_query,
+                                   unique_attr_name)
+from vitprune.graph.keep_counts import block_flops, predicted_ratio, solve_for_flops
 
 
 def _hard_ratio(vit: ViTGraph, lives: torch.Tensor, first_block: int, total: float) -> float:
@@ -75,14 +77,14 @@ class LifespanGatherPass(VitPass):
         x = self.example_input
         total = count_flops(gm, x) / x.shape[0]
         counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0)
-        score = "cls" if vit.readout.token_indices and vit.num_prefix_tokens else "mean-query"
+        score, cls_index = score_query(vit)
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
         block_att = [4 * b.heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
         fixed = total - block_flops(vit, [n_all] * L)
         module = LifespanGather(
             vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale, score=score,
-            cls_index=vit.readout.token_indices[0] if score == "cls" else 0, block_linear=block_lin,
+            cls_index=cls_index, block_linear=block_lin,
             block_attention=block_att, fixed_flops=fixed, target=p["flops"], budget_weight=p["budget_weight"],
             tau_start=p["tau_start"], tau_end=p["tau_end"])
         self._calibrate_bias(gm, vit, module, total)
@@ -130,16 +132,8 @@ class LifespanGatherPass(VitPass):
             alive = k
         gm.graph.lint()
         gm.recompile()
-        self.record = {
-            "num_patches": vit.num_patches,
-            "num_prefix_tokens": vit.num_prefix_tokens,
-            "after_block": k0,
-            "keep_counts": {str(b): c for b, c in counts.items()},
-            "tokens_per_block": tokens_per_block(vit, counts),
-            "predicted_flops_ratio": predicted_ratio(vit, counts, int(total)),
-            "score": score,
-            "initial_bias": float(module.bias.detach()),
-        }
+        self.record = schedule_record(vit, counts, total, score, after_block=k0,
+                                      initial_bias=float(module.bias.detach()))
         return True
 
     def _calibrate_bias(self, gm: fx.GraphModule, vit: ViTGraph, module: LifespanGather, total: float) -> None:
@@ -149,12 +143,71 @@ class LifespanGatherPass(VitPass):
         rec = RecordValues(gm, {prev.query_node, prev.key_node, block.input_node})
         with torch.no_grad():
             rec.run(self.example_input)
-            x, q, k = (rec.values[n] for n in (block.input_node, prev.query_node, prev.key_node))
+        x, q, k = (rec.values[n] for n in (block.input_node, prev.query_node, prev.key_node))
+        self._fit_bias(vit, module, total, lambda: module.lives(x, q, k))
+
+    def _fit_bias(self, vit: ViTGraph, module: LifespanGather, total: float, lives) -> None:
+        """Bisect the bias so the hard lives (``lives()``: ``[B, P]`` on the example batch) imply the target."""
+        k0 = self.params["after_block"]
+        with torch.no_grad():
             lo, hi = -20.0, 20.0
             for _ in range(40):
                 module.bias.fill_((lo + hi) / 2)
-                if _hard_ratio(vit, module.lives(x, q, k), k0, total) > self.params["flops"]:
+                if _hard_ratio(vit, lives(), k0, total) > self.params["flops"]:
                     hi = (lo + hi) / 2
                 else:
                     lo = (lo + hi) / 2
             module.bias.fill_((lo + hi) / 2)
+
+    def lower_onnx(self, ctx) -> None:
+        """Insert the lifespan sort and the prefix slices into an ONNX graph
+        (:class:`~vitprune.frontends.onnx_lowering.OnnxLowering`). The regressor is the one this pass
+        initialises (lives from the previous block's attention score; its token MLP starts at zero)."""
+        from vitprune.ops import onnx_ops
+
+        p, k0, vit = self.params, self.params["after_block"], ctx.vit
+        L = vit.num_blocks
+        if not 1 <= k0 <= L - 1:
+            raise PassError(f"--after-block must be in 1..{L - 1} for a model with {L} blocks, got {k0}")
+        prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
+        if prev.attention not in ("sdpa", "matmul-softmax"):
+            raise PassError(f"block {k0 - 1} uses {prev.attention}: its queries and keys are not in the graph")
+        total = ctx.flops_per_image
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0)
+        score, cls_index = score_query(vit)
+        module = LifespanGather(vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale or 1.0,
+                                score=score, cls_index=cls_index)
+        x = torch.from_numpy(ctx.values[block.input_node])
+        if prev.attention == "sdpa":
+            q, k = (torch.from_numpy(ctx.values[n]) for n in (prev.query_node, prev.key_node))
+            self._fit_bias(vit, module, total, lambda: module.lives(x, q, k))
+        else:  # the attention map's query row (the same softmax(q_r · Kᵀ · scale))
+            attn = torch.from_numpy(ctx.values[prev.attention_node])
+            rows = attn[:, :, cls_index] if score == "cls" else attn.mean(dim=2)
+            scores_value = rows.mean(dim=1)[:, vit.num_prefix_tokens:]
+            self._fit_bias(vit, module, total, lambda: module.lives_from_scores(x, scores_value))
+
+        def build(stream):
+            o = ctx.builder("lifespan_gather")
+            if prev.attention == "sdpa":
+                scores = onnx_ops.attention_row_scores(o, ctx.tensor(prev.query_node), ctx.tensor(prev.key_node),
+                                                       vit.num_prefix_tokens, prev.attention_scale, score, cls_index)
+            else:
+                scores = onnx_ops.attention_map_scores(o, ctx.tensor(prev.attention_node), vit.num_prefix_tokens,
+                                                       score, cls_index)
+            order = onnx_ops.lifespan_order(o, scores, vit.num_patches, k0, L, float(module.score_weight.detach()),
+                                            float(module.bias.detach()))
+            if ctx.keep_all:  # verification: the gather runs, every token stays in its place
+                order = onnx_ops.sort_indices(o, order, vit.num_patches)
+            return onnx_ops.keep_patch_tokens(o, stream, vit.num_prefix_tokens, order)
+
+        sorted_stream = ctx.insert_on_stream(block.input_node, vit.num_tokens, build)
+        alive = vit.num_patches
+        for l, kc in counts.items():
+            keep = alive if ctx.keep_all else kc
+            ctx.insert_on_stream(vit.blocks[l].input_node, vit.num_prefix_tokens + keep,
+                                 lambda t, n=vit.num_prefix_tokens + keep: onnx_ops.prefix_slice(ctx.builder("prefix_slice"), t, n),
+                                 stream=sorted_stream if l == k0 else None)
+            alive = keep
+        self.record = schedule_record(vit, counts, total, score, after_block=k0,
+                                      initial_bias=float(module.bias.detach()))

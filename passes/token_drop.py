@@ -58,3 +58,23 @@ class TokenDropPass(VitPass):
             "inserted_after": start.name,
         }
         return True
+
+    def lower_onnx(self, ctx) -> None:
+        """Insert the drop into an ONNX graph (:class:`~vitprune.frontends.onnx_lowering.OnnxLowering`).
+        ONNX graphs are for inference, so the drop is always active (``at_inference``)."""
+        from vitprune.ops import onnx_ops
+
+        vit = ctx.vit
+        keep_count = vit.num_patches if ctx.keep_all else keep_count_for_rate(vit.num_patches, self.params["keep_rate"])
+
+        def build(x):
+            b = ctx.builder("token_drop")
+            scores = (onnx_ops.magnitude_scores if self.params["selection"] == "magnitude"
+                      else onnx_ops.random_scores)(b, x, vit.num_prefix_tokens)
+            return onnx_ops.keep_patch_tokens(b, x, vit.num_prefix_tokens,
+                                              onnx_ops.top_patch_indices(b, scores, keep_count))
+
+        ctx.insert_on_stream(vit.token_stream_start, vit.num_prefix_tokens + keep_count, build)
+        self.record = {"num_patches": vit.num_patches, "num_prefix_tokens": vit.num_prefix_tokens,
+                       "keep_count": keep_count, "tokens_per_block": vit.num_prefix_tokens + keep_count,
+                       "inserted_after": vit.token_stream_start, "at_inference": True}

@@ -75,3 +75,10 @@ def write_model_files(folder, model: torch.nn.Module) -> None:
     data = (folder / "weights.safetensors").read_bytes()
     (folder / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     (folder / "corrupt.pt").write_bytes(b"this is not a checkpoint" * 10)
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory):
+    """One folder per test session for the exported ONNX models (``onnx_fixtures.cached_onnx``): each file
+    is exported once and read by every test that needs it."""
+    return tmp_path_factory.mktemp("onnx-models")

@@ -6,6 +6,10 @@
     vitprune.save(rewritten, "vit_s_td"); again = vitprune.load("vit_s_td")
     vitprune.finetune(again, "train_dir", "vit_s_td_ft", val="val_dir", epochs=10)   # -> vit_s_td_ft/model
     vitprune.evaluate("vit_s_td_ft", "val_dir", keep_rates=[1.0, 0.5])
+
+    # an ONNX file someone else exported: rewritten as ONNX, verified in ONNX Runtime
+    proto, report = vitprune.rewrite_onnx("vit.onnx", method="importance-mask", flops=0.6)
+    vitprune.save_onnx(proto, "vit_im.onnx")
 """
 
 from vitprune.graph.analysis import ViTGraph, analyse
@@ -25,12 +29,15 @@ from vitprune.ship.export_onnx import export_onnx
 from vitprune.train.finetune import finetune
 from vitprune.io.load import load
 from vitprune.rewrite import RewriteReport, inspect_model, rewrite
+from vitprune.rewrite_onnx import inspect_onnx, rewrite_onnx, save_onnx
 from vitprune.io.save import save  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+
 __all__ = [
     "AnalysisError", "CaptureError", "LoadError", "PassError", "RewriteReport", "SaveError",
     "VerificationError", "ViTGraph", "VitpruneError", "analyse", "capture", "compile", "evaluate", "export_onnx", "finetune", "inspect_model",
-    "load", "rewrite", "save",
+    "load", "rewrite", "save", "inspect_onnx", "rewrite_onnx", "save_onnx",
 ]

@@ -83,7 +83,7 @@ def drop_noop_attention_masks(gm: fx.GraphModule, example_input: torch.Tensor) -
     ``arange(N)`` into every SDPA call; it holds no information, yet it is indexed by token position,
     so a pruned model would have to gather it. Dropping it is exact (verification compares outputs with
     the model's own forward). Returns the names of the SDPA nodes changed."""
-    from vitprune.frontends.fx import to_opgraph
+    from vitprune.frontends.fx import RecordValues, to_opgraph
 
     sdpa = [n for n in gm.graph.nodes if getattr(n.target, "overloadpacket", None) is aten.scaled_dot_product_attention]
     masks = {n: n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None) for n in sdpa}
@@ -91,20 +91,12 @@ def drop_noop_attention_masks(gm: fx.GraphModule, example_input: torch.Tensor) -
     if not masks:
         return []
     og = to_opgraph(gm, example_input)
-    values: dict[fx.Node, torch.Tensor] = {}
-
-    class _Record(fx.Interpreter):
-        def run_node(self, node: fx.Node) -> Any:
-            out = super().run_node(node)
-            if node in set(masks.values()):
-                values[node] = out
-            return out
-
+    record = RecordValues(gm, {m.name for m in masks.values()})
     with torch.no_grad():
-        _Record(gm).run(example_input)
+        record.run(example_input)
     changed = []
     for node, mask in masks.items():
-        v = values[mask]
+        v = record.values[mask.name]
         noop = bool(v.all()) if v.dtype == torch.bool else bool((v == 0).all())
         if og.is_data(mask.name) or not noop:
             continue

@@ -178,6 +178,20 @@ def _attrs(gm: fx.GraphModule, node: fx.Node, kind: str) -> dict[str, Any]:
     return {}
 
 
+class RecordValues(fx.Interpreter):
+    """Runs the graph and keeps the values of the named nodes in :attr:`values`."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names, self.values = names, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out
+        return out
+
+
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     """Run ``ShapeProp`` (eval, no grad), turning a failure into one ``AnalysisError`` line."""
     was_training = gm.training

@@ -11,6 +11,8 @@ Sources (``vitprune.load(source, ...)``):
   transformers' own classes (:mod:`vitprune.io.hf`; the ``hf`` extra), never ``trust_remote_code``;
 - a ``torch.export`` file (``.pt2``, ``torch.export.save``), as an aten-level graph
   (:mod:`vitprune.frontends.export`);
+- an ONNX file (``.onnx``, external data beside it), as a :class:`~vitprune.frontends.onnx.OnnxModel` for
+  the ONNX frontend (:func:`vitprune.rewrite_onnx`); read as ONNX, never unpickled;
 - an ``nn.Module`` the caller already holds (returned as it is).
 """
 
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitprune.errors import LoadError
+from vitprune.errors import LoadError, VitpruneError
 from vitprune.io.origin import remember_source
 from vitprune.io.hf import is_hf_folder
 from vitprune.io.hf import load_folder as load_hf_folder
@@ -217,6 +219,13 @@ def load(
         model = load_hf_folder(path)
         remember_source(model, {"kind": "huggingface", "path": str(path), "class": type(model.model).__name__})
         return model
+    if path.suffix.lower() == ".onnx" and path.is_file():  # never a pickle: ONNX is read as ONNX
+        from vitprune.frontends.onnx import OnnxModel, load_model
+
+        try:
+            return OnnxModel(load_model(path), str(path))  # type: ignore[return-value]
+        except VitpruneError as exc:
+            raise LoadError(str(exc)) from None
     if path.suffix == ".pt2":
         model = _load_pt2(path)
         remember_source(model, {"kind": "torch.export", "path": str(path)})

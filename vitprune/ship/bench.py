@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from vitprune.errors import VitpruneError
+from vitprune.io.outputs import atomic_file
+from vitprune.frontends.onnx import OnnxModel
 from vitprune.graph.flops import count_flops
 from vitprune.ops.modules import TokenModule
 from vitprune.native_logs import filtered_native_stderr
@@ -70,8 +72,39 @@ def _onnx_runner(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], 
     return lambda t: session.run(None, {name: t.numpy()})[0]
 
 
-def runner(model: nn.Module, backend: str, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-    """A callable running ``model`` on ``backend`` (compiled / exported on first use here)."""
+def _onnx_file_runner(model: OnnxModel) -> Callable[[torch.Tensor], Any]:
+    """An ONNX Runtime session for an ONNX model, with ONNX Runtime's default (full) graph optimisations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda t: session.run(None, {name: t.numpy()})[0]
+
+
+def _onnx_flops(model: OnnxModel, x: torch.Tensor) -> int:
+    from vitprune.frontends.onnx import run_values
+    from vitprune.graph.flops_onnx import count_onnx_flops
+
+    values = run_values(model.proto, x.numpy())
+    shapes = {k: tuple(v.shape) for k, v in values.items()}
+    shapes[model.proto.graph.input[0].name] = tuple(x.shape)
+    shapes.update({i.name: tuple(i.dims) for i in model.proto.graph.initializer})
+    return count_onnx_flops(model.proto, shapes)
+
+
+def runner(model: nn.Module | OnnxModel, backend: str, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    """A callable running ``model`` on ``backend`` (compiled / exported on first use here).
+
+    Raises:
+        VitpruneError: an ONNX model on a backend other than ``onnxruntime``.
+    """
+    if isinstance(model, OnnxModel):
+        if backend != "onnxruntime":
+            raise VitpruneError(f"an ONNX model runs on onnxruntime only, not {backend}")
+        return _onnx_file_runner(model)
     model.eval()
     if backend == "eager":
         return model
@@ -153,14 +186,16 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
     inputs = {b: torch.randn(b, *input_size, generator=gen) for b in batches}
     info = {}
     for name, m in models.items():
-        m.eval()
+        onnx_model = isinstance(m, OnnxModel)
+        if not onnx_model:
+            m.eval()
         try:
-            flops = count_flops(m, inputs[batches[0]][:1])
+            flops = _onnx_flops(m, inputs[batches[0]][:1]) if onnx_model else count_flops(m, inputs[batches[0]][:1])
         except Exception as exc:
             raise VitpruneError(f"{name} fails on a [1, {', '.join(map(str, input_size))}] input: "
                                 f"{_first_line(exc)}; all models must take the same input size") from exc
-        info[name] = {"params": sum(p.numel() for p in m.parameters()), "flops": flops,
-                      "accuracy": accuracy(m) if accuracy else None}
+        info[name] = {"params": m.params if onnx_model else sum(p.numel() for p in m.parameters()), "flops": flops,
+                      "accuracy": accuracy(m) if accuracy and not onnx_model else None}
     rows: list[BenchRow] = []
     total_rounds = len(backends) * len(batches) * repeats
     # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
@@ -208,7 +243,7 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
                         r.latency_ms_p50, r.latency_ms_p90 = (float(v) for v in np.percentile(times, [50, 90]))
             for r in live:
                 r.images_per_s = statistics.median(r.images_per_s_runs)
-                if backend == "eager":
+                if backend == "eager" and not isinstance(models[r.model], OnnxModel):
                     r.peak_memory_bytes = peak_memory_bytes(models[r.model], x)
                     r.token_op_share = token_op_share(models[r.model], x)
             base = group[0]
@@ -265,11 +300,5 @@ def pareto_plot(rows: list[BenchRow], path: str | os.PathLike, backend: str | No
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,7 +18,6 @@ import contextlib
 import copy
 import io
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from vitprune.errors import VitpruneError
+from vitprune.io.outputs import atomic_file
 from vitprune.io.origin import example_input as make_example_input
 from vitprune.ops.modules import TokenDrop, token_modules
 
@@ -132,14 +132,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example_input: tor
             raise VitpruneError(f"ONNX Runtime differs from PyTorch by {parity[b]:.3g} at batch {b} "
                                 f"(tolerance {tolerance:g}); nothing was written")
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
     return ExportReport(path=str(path), opset=opset, nodes_before_optimize=before,
                         nodes_after_optimize=len(proto.graph.node), op_types=dict(sorted(ops.items())),
                         parity=parity, parity_comparable=comparable, bytes=len(data))

@@ -17,7 +17,6 @@ canvas directly (no pyplot, no display, no global backend switch).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +26,7 @@ from torch import fx, nn
 
 from vitprune.errors import VitpruneError
 from vitprune.io.images import load_image
-from vitprune.io.outputs import same_file
+from vitprune.io.outputs import atomic_file, same_file
 from vitprune.ops.modules import TokenModule
 from vitprune.io.preprocess import resolve_preprocessing
 
@@ -243,18 +242,8 @@ def draw(
     fmt = path.suffix[1:].lower()
     if fmt not in fig.canvas.get_supported_filetypes():
         fmt = "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a new file's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format=fmt)
     return path
 
 

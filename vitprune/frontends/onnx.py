@@ -1,0 +1,416 @@
+"""ONNX frontend: an ``.onnx`` ViT graph -> the neutral :class:`~vitprune.graph.opgraph.OpGraph`.
+
+One op-graph node per ONNX *tensor* (named by the tensor), so a multi-output op (``Split`` into q, k, v,
+``SkipLayerNormalization``'s normalised output and residual sum) gives each output its own kind. Shapes
+come from one ONNX Runtime run on an example input with every intermediate tensor exposed
+(:func:`run_values`): exact for the shapes the graph computes at run time, which static shape inference
+can miss (``Reshape`` targets built from ``Shape`` ops).
+
+Op kinds (what the analysis reads):
+
+- ``MatMul`` with a constant 2-D right operand and ``Gemm`` -> ``linear``; other ``MatMul`` -> ``matmul``;
+- ``Softmax`` -> ``softmax``; ``Attention`` (opset 23) -> ``sdpa``; ONNX Runtime's fused ``com.microsoft``
+  ``Attention`` (QKV projection inside) and ``MultiHeadAttention`` -> ``mha``;
+- ``LayerNormalization``, ``com.microsoft`` ``SkipLayerNormalization`` (output 0; its output 3, the residual
+  sum, is an ``add``) and the decomposed LayerNorm of opset < 17 exporters
+  (``ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul -> Add``) -> ``norm``: the
+  decomposition's inner tensors are left out of the op graph, so the norm reads its input once, as in
+  torch;
+- ``Gather`` / ``Slice`` with constant indices on a data tensor -> ``index`` (``{axis: int | slice}``);
+  ``Split`` outputs -> ``index`` slices; ``ReduceMean`` -> ``mean``; ``Concat`` -> ``cat``; ``Conv`` -> ``conv``;
+  ``Reshape``/``Flatten``/``Squeeze``/``Unsqueeze`` -> ``reshape``; ``Transpose`` -> ``permute``;
+- ``Shape``/``Size`` outputs are not tensors of the image (``tensor=False``), so the shape arithmetic
+  exporters emit (``Shape -> Gather -> Concat -> Reshape``) is image-independent, as ``x.shape`` is in fx.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from vitprune.errors import AnalysisError, VitpruneError
+from vitprune.graph.opgraph import OpGraph
+
+INT64_MAX = 2 ** 63 - 1
+MS_DOMAIN = "com.microsoft"
+
+_SIMPLE_KINDS = {
+    "Add": "add", "Mul": "mul", "Div": "mul", "Softmax": "softmax", "Concat": "cat", "Conv": "conv",
+    "ReduceMean": "mean", "LayerNormalization": "norm", "Reshape": "reshape", "Flatten": "reshape",
+    "Squeeze": "reshape", "Unsqueeze": "reshape", "Transpose": "permute",
+}
+
+
+class OnnxModel:
+    """An ONNX model vitprune loaded (``vitprune.load("model.onnx")``): the graph and where it came from.
+
+    The ONNX frontend rewrites it without PyTorch code (:func:`vitprune.rewrite_onnx`); ``bench`` runs it in
+    ONNX Runtime.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, path: str | None = None) -> None:
+        self.proto, self.path = proto, path
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({self.path or '<ModelProto>'}, opset {opset_of(self.proto)}, {len(self.proto.graph.node)} nodes)"
+
+    @property
+    def input_size(self) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of the image input when the graph fixes it, else None."""
+        dims = image_input(self.proto).type.tensor_type.shape.dim
+        size = tuple(d.dim_value for d in dims[1:]) if len(dims) == 4 else ()
+        return size if len(size) == 3 and all(s > 0 for s in size) else None  # type: ignore[return-value]
+
+    @property
+    def params(self) -> int:
+        """Elements in the graph's initializers."""
+        return int(sum(np.prod(i.dims, dtype=np.int64) for i in self.proto.graph.initializer))
+
+
+def load_model(source: Any) -> onnx.ModelProto:
+    """An ONNX model from a path (external data beside it loads too) or a ``ModelProto``.
+
+    Raises:
+        VitpruneError: the file is not a readable ONNX model (one line, never a pickle fallback).
+    """
+    if isinstance(source, onnx.ModelProto):
+        return source
+    path = Path(os.fspath(source))
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf decode errors carry no useful text
+        raise VitpruneError(f"cannot read {path}: not an ONNX model or corrupt ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'decode failed'})") from None
+
+
+def is_onnx_file(path: Any) -> bool:
+    """Whether ``path`` names an ``.onnx`` file (by suffix; the loader checks the content)."""
+    return isinstance(path, (str, os.PathLike)) and Path(os.fspath(path)).suffix.lower() == ".onnx"
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    """The opset version ``model`` imports for ``domain`` (``""``: the default ONNX domain)."""
+    for imp in model.opset_import:
+        if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(imp.version)
+    return 0
+
+
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The graph's one image input (initializers listed as inputs by old exporters are skipped).
+
+    Raises:
+        AnalysisError: the graph takes no input or more than one.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise AnalysisError(f"the ONNX graph takes {len(inputs)} inputs "
+                            f"({', '.join(i.name for i in inputs)}); vitprune analyses one image input")
+    return inputs[0]
+
+
+def example_input(model: onnx.ModelProto, batch: int = 2, input_size: tuple[int, int, int] | None = None,
+                  seed: int = 0) -> np.ndarray:
+    """A seeded normal ``[batch, C, H, W]`` float32 batch at the graph's input size.
+
+    Raises:
+        AnalysisError: the input is not 4-D, or ``C, H, W`` are symbolic and no ``input_size`` is given.
+    """
+    dims = image_input(model).type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise AnalysisError(f"the ONNX graph's input has rank {len(dims)}; vitprune expects images [B, C, H, W]")
+    size = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    if input_size is not None:
+        size = list(input_size)
+    if any(s is None or s <= 0 for s in size):
+        raise AnalysisError(f"the ONNX graph's input size is symbolic ({[d.dim_param or d.dim_value for d in dims]}); "
+                            "give --input-size C,H,W")
+    return np.random.default_rng(seed).standard_normal((batch, *size)).astype(np.float32)
+
+
+def session(model: onnx.ModelProto, threads: int | None = None):
+    """An ONNX Runtime CPU session for ``model`` (graph optimisations off: values are the graph's own)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    data = model.SerializeToString() if model.ByteSize() < 2 ** 31 - 2 ** 20 else None
+    if data is None:  # > 2 GB: ORT reads external data from a file
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix="vitprune-onnx-")
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def run_values(model: onnx.ModelProto, x: np.ndarray, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Run ``model`` on ``x`` and return the value of every tensor in ``names`` (default: every node
+    output) plus the graph outputs.
+
+    Raises:
+        AnalysisError: ONNX Runtime cannot run the graph on ``x`` (the message is ORT's first line).
+    """
+    produced = [o for n in model.graph.node for o in n.output if o]
+    wanted = list(dict.fromkeys(produced if names is None else names))
+    graph_outputs = [o.name for o in model.graph.output]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = set(graph_outputs)
+    # an output needs no type for ONNX Runtime: it reports whatever the tensor holds
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in have)
+    sess = session(probe)
+    try:
+        out = sess.run(None, {image_input(model).name: x})
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise AnalysisError(f"ONNX Runtime cannot run the graph on an input of shape {list(x.shape)}: "
+                            f"{text[0] if text else type(exc).__name__}") from None
+    return {o.name: v for o, v in zip(sess.get_outputs(), out)}
+
+
+# --------------------------------------------------------------------------------------------
+# the op graph
+
+
+class _Consts:
+    """Constant tensors of a graph: initializers and ``Constant`` node outputs."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        for n in graph.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                for a in n.attribute:
+                    if a.name == "value":
+                        self.values[n.output[0]] = numpy_helper.to_array(a.t)
+                    elif a.name in ("value_int", "value_float", "value_ints", "value_floats"):
+                        self.values[n.output[0]] = np.array(onnx.helper.get_attribute_value(a))
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self.values.get(name) if name else None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _ints(v: np.ndarray | None) -> list[int] | None:
+    return None if v is None else [int(i) for i in np.asarray(v).reshape(-1)]
+
+
+def _slice_axes(node: onnx.NodeProto, consts: _Consts, rank: int) -> dict[str, Any]:
+    """``index`` attrs of a ``Slice`` with constant starts/ends/axes/steps."""
+    ins = list(node.input) + [""] * (5 - len(node.input))
+    starts, ends = _ints(consts.get(ins[1])), _ints(consts.get(ins[2]))
+    axes = _ints(consts.get(ins[3])) if ins[3] else list(range(len(starts or [])))
+    steps = _ints(consts.get(ins[4])) if ins[4] else [1] * len(starts or [])
+    if starts is None or ends is None or axes is None or steps is None:
+        return {"opaque": True}
+    out: dict[int, slice] = {}
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        e = None if e >= 2 ** 62 else e  # exporters spell "to the end" as INT64_MAX
+        sl = slice(s or None, e, None if st == 1 else st)
+        if sl != slice(None):
+            out[a % rank] = sl
+    return {"axes": out, "tensor_axes": []}
+
+
+def _gather_axes(node: onnx.NodeProto, consts: _Consts, rank: int) -> dict[str, Any]:
+    axis = int(_attr(node, "axis", 0)) % max(rank, 1)
+    index = consts.get(node.input[1])
+    if index is not None and index.ndim == 0:
+        return {"axes": {axis: int(index)}, "tensor_axes": []}
+    return {"axes": {}, "tensor_axes": [axis]}
+
+
+def _layer_norm_decompositions(graph: onnx.GraphProto, consts: _Consts) -> dict[str, tuple[str, set[str]]]:
+    """Decomposed LayerNorms: final tensor -> (normalised input, inner tensors to hide).
+
+    Matches ``y = (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) * w + b`` as the TorchScript exporter
+    writes it below opset 17 (``ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div[, Mul][, Add]``).
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    found = {}
+    for div in (n for n in graph.node if n.op_type == "Div"):
+        sub, sqrt = producer.get(div.input[0]), producer.get(div.input[1])
+        if not (sub and sqrt and sub.op_type == "Sub" and sqrt.op_type == "Sqrt"):
+            continue
+        mean1 = producer.get(sub.input[1])
+        add_eps = producer.get(sqrt.input[0])
+        if not (mean1 and mean1.op_type == "ReduceMean" and mean1.input[0] == sub.input[0]
+                and add_eps and add_eps.op_type == "Add"):
+            continue
+        mean2 = producer.get(add_eps.input[0]) or producer.get(add_eps.input[1])
+        pow_ = producer.get(mean2.input[0]) if mean2 is not None and mean2.op_type == "ReduceMean" else None
+        if pow_ is None or pow_.op_type not in ("Pow", "Mul") or pow_.input[0] != sub.output[0]:
+            continue
+        x = sub.input[0]
+        inner = [mean1, sub, pow_, mean2, add_eps, sqrt, div]
+        end = div
+        for op in ("Mul", "Add"):  # the affine weight and bias, when they follow
+            nxt = users.get(end.output[0], [])
+            if len(nxt) == 1 and nxt[0].op_type == op and any(consts.get(i) is not None for i in nxt[0].input):
+                inner.append(nxt[0])
+                end = nxt[0]
+        hidden = {o for n in inner for o in n.output if n is not end}
+        hidden |= {o for n in inner for i in n.input for o in [i] if o in producer and producer[o].op_type == "Constant"}
+        found[end.output[0]] = (x, hidden)
+    return found
+
+
+def to_opgraph(model: onnx.ModelProto, x: np.ndarray, values: dict[str, np.ndarray] | None = None) -> OpGraph:
+    """The neutral op graph of an ONNX model, shapes from one ONNX Runtime run on ``x`` ``[B, C, H, W]``.
+
+    Node names are ONNX tensor names. ``values`` (from :func:`run_values`) saves the run when given.
+
+    Raises:
+        AnalysisError: the graph does not take one image input, or ONNX Runtime cannot run it on ``x``.
+    """
+    graph = model.graph
+    values = values if values is not None else run_values(model, x)
+    consts = _Consts(graph)
+    shapes = {k: tuple(int(s) for s in v.shape) for k, v in values.items()}
+    shapes.update({k: tuple(int(s) for s in v.shape) for k, v in consts.values.items()})
+    image = image_input(model).name
+    shapes[image] = tuple(x.shape)
+    fused_norms = _layer_norm_decompositions(graph, consts)
+    hidden = set().union(*(h for _, h in fused_norms.values())) if fused_norms else set()
+
+    og = OpGraph(batch=int(x.shape[0]))
+    og.add(image, "input", shape=shapes[image], tensor=True, label="graph input")
+    for name in consts.values:
+        if name not in hidden and name not in og.g:
+            if any(i.name == name for i in graph.initializer):
+                og.add(name, "constant", shape=shapes.get(name), tensor=True, label="initializer")
+    non_tensor: set[str] = set()
+
+    def known(names: Iterable[str]) -> list[str | None]:
+        return [n if n and n in og.g else None for n in names]
+
+    for node in graph.node:
+        label = f"{node.op_type} {node.name}".strip()
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if node.output[0] not in hidden:
+                og.add(node.output[0], "constant", shape=shapes.get(node.output[0]), tensor=True, label=label)
+            continue
+        outs = [o for o in node.output if o]
+        if all(o in hidden for o in outs):
+            continue
+        if outs and outs[0] in fused_norms:
+            src = fused_norms[outs[0]][0]
+            og.add(outs[0], "norm", shape=shapes.get(outs[0]), tensor=True, inputs=known([src]),
+                   label=f"LayerNorm (decomposed) ending at {label}")
+            continue
+        for k, (out, kind, ins, attrs) in enumerate(_map_node(node, consts, shapes, outs)):
+            tensor = out not in non_tensor and node.op_type not in ("Shape", "Size")
+            reads = known(ins)
+            extra = [i for i in known(node.input) if i is not None and i not in reads]
+            og.add(out, kind, shape=shapes.get(out), tensor=tensor, inputs=reads, extra_inputs=extra,
+                   label=label + (f" output {k}" if len(outs) > 1 else ""), **attrs)
+            if not tensor:
+                non_tensor.add(out)
+    out_node = "output"
+    while out_node in og.g:
+        out_node = "_" + out_node
+    og.add(out_node, "output", shape=None, tensor=False, inputs=[o.name for o in graph.output if o.name in og.g],
+           label="graph output")
+    return og
+
+
+def _map_node(node: onnx.NodeProto, consts: _Consts, shapes: dict[str, tuple[int, ...]],
+              outs: list[str]) -> list[tuple[str, str, list[str], dict[str, Any]]]:
+    """(output, kind, operand tensors, attrs) for each output of an ONNX node."""
+    op, domain = node.op_type, node.domain
+    ins = list(node.input)
+    first = shapes.get(ins[0]) if ins and ins[0] else None
+    rank = len(first or ())
+    if domain == MS_DOMAIN:
+        if op == "Attention":
+            heads = int(_attr(node, "num_heads"))
+            c = shapes[ins[0]][-1]
+            return [(outs[0], "mha", ins, {"heads": heads, "head_dim": c // heads, "embed_dim": c,
+                                          "batch_first": True, "projections": 3})]
+        if op == "MultiHeadAttention":
+            heads = int(_attr(node, "num_heads"))
+            c = shapes[ins[0]][-1]
+            return [(outs[0], "mha", ins, {"heads": heads, "head_dim": c // heads, "embed_dim": c,
+                                          "batch_first": True, "projections": 0})]
+        if op == "SkipLayerNormalization":
+            result = []
+            total = outs[3] if len(node.output) > 3 and node.output[3] else None
+            if total:  # the residual sum: input + skip (+ bias)
+                result.append((total, "add", [ins[0], ins[1]], {}))
+            result.append((node.output[0], "norm", [total] if total else [ins[0], ins[1]], {}))
+            for o in outs:
+                if o not in (total, node.output[0]):
+                    result.append((o, "other", ins, {}))
+            return result
+        if op in ("LayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"):
+            return [(outs[0], "norm", ins[:1], {})] + [(o, "other", ins, {}) for o in outs[1:]]
+        return [(o, "other", ins, {}) for o in outs]
+    if op == "MatMul":
+        w = consts.get(ins[1])
+        if w is not None and w.ndim == 2:
+            return [(outs[0], "linear", ins, {"in_features": int(w.shape[0]), "out_features": int(w.shape[1])})]
+        return [(outs[0], "matmul", ins, {})]
+    if op == "Gemm":
+        w = shapes.get(ins[1])
+        trans_b = int(_attr(node, "transB", 0))
+        attrs = {}
+        if w is not None and len(w) == 2:
+            attrs = {"in_features": w[1] if trans_b else w[0], "out_features": w[0] if trans_b else w[1]}
+        return [(outs[0], "linear", ins, attrs)]
+    if op == "Attention":  # opset 23: q, k, v [B, H, N, d] (or 3-D with q_num_heads)
+        return [(outs[0], "sdpa", ins[:3], {"scale": _attr(node, "scale"), "heads": _attr(node, "q_num_heads")})] + \
+            [(o, "other", ins, {}) for o in outs[1:]]
+    if op == "LayerNormalization":
+        return [(outs[0], "norm", ins[:1], {})] + [(o, "other", ins, {}) for o in outs[1:]]
+    if op == "Softmax":
+        return [(outs[0], "softmax", ins, {"dim": int(_attr(node, "axis", -1)) % max(len(shapes.get(outs[0], ())), 1)})]
+    if op == "Concat":
+        r = len(shapes.get(outs[0], ()))
+        axis = int(_attr(node, "axis"))
+        return [(outs[0], "cat", ins, {"dim": axis % r if r else axis})]
+    if op == "Conv":
+        return [(outs[0], "conv", ins, {"stride": list(_attr(node, "strides", [1, 1]))})]
+    if op == "ReduceMean":
+        axes = _attr(node, "axes")
+        if axes is None and len(ins) > 1:
+            axes = _ints(consts.get(ins[1]))
+        dims = tuple(sorted(int(a) % rank for a in axes)) if axes is not None and rank else ()
+        if axes is None:
+            dims = tuple(range(rank))
+        return [(outs[0], "mean", ins[:1], {"dims": dims, "keepdims": bool(_attr(node, "keepdims", 1))})]
+    if op == "Gather":
+        return [(outs[0], "index", ins, _gather_axes(node, consts, rank))]
+    if op == "Slice":
+        return [(outs[0], "index", ins, _slice_axes(node, consts, rank))]
+    if op == "Split":
+        axis = int(_attr(node, "axis", 0)) % max(rank, 1)
+        result, start = [], 0
+        for o in node.output:
+            size = shapes.get(o, ())[axis] if o in shapes else 0
+            if o:
+                result.append((o, "index", ins[:1], {"axes": {axis: slice(start or None, start + size)}, "tensor_axes": []}))
+            start += size
+        return result
+    if op in _SIMPLE_KINDS:
+        return [(outs[0], _SIMPLE_KINDS[op], ins, {})] + [(o, "other", ins, {}) for o in outs[1:]]
+    return [(o, "other", ins, {}) for o in outs]

@@ -1,0 +1,277 @@
+"""Lowering for the ONNX frontend: insert a pass's token ops into the graph (onnx-graphsurgeon), then
+re-specialise the token-count constants downstream and check the result.
+
+A pass decides its static counts from the :class:`~vitprune.graph.analysis.ViTGraph` and calls
+:meth:`OnnxLowering.insert_on_stream` with a builder of its ops (:mod:`vitprune.ops.onnx_ops`); every
+reader of the stream tensor at that point then reads the op's output, as ``insert_on_stream`` does for
+fx graphs.
+
+Exporters bake the token count into constants (the dynamo exporter's ``Reshape`` targets
+``[s0, 197, 6, 64]`` are ``Concat(Shape(x)[:1], [197, 6, 64])``, shared by every block). After the
+insertions, every node downstream of a token op whose shape operand (``Reshape``/``Expand`` shape,
+``Slice`` bounds, ``ConstantOfShape``, ``Range``, ``Tile``) is built from constants holding the old count
+gets its own copy of that constant arithmetic with the count of its region (the token op it follows);
+the other nodes are untouched. The result is then run: every original tensor must have its original
+shape with the token axes at the new count, or the rewrite is refused naming the first tensor that does
+not.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from vitprune.errors import PassError, VerificationError
+from vitprune.graph.analysis import ViTGraph
+from vitprune.ops.onnx_ops import Builder
+
+#: op type -> operand positions that hold a shape, bounds or a count (not data).
+SHAPE_OPERANDS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Slice": (1, 2), "Range": (0, 1), "Tile": (1,),
+}
+_NOT_DATA = ("Shape", "Size")
+
+
+def tensor_graph(model: onnx.ModelProto) -> nx.DiGraph:
+    """Tensor-level data flow of ``model``: an edge from every operand to every output of a node."""
+    g = nx.DiGraph()
+    for node in model.graph.node:
+        for o in node.output:
+            if o:
+                g.add_node(o)
+                for i in node.input:
+                    if i:
+                        g.add_edge(i, o)
+    return g
+
+
+def image_dependent(model: onnx.ModelProto, image: str) -> set[str]:
+    """Tensors whose values depend on the image's values (``Shape``/``Size`` outputs do not)."""
+    data = {image}
+    for node in model.graph.node:
+        if node.op_type in _NOT_DATA:
+            continue
+        if any(i in data for i in node.input):
+            data.update(o for o in node.output if o)
+    return data
+
+
+class OnnxLowering:
+    """The state of one ONNX rewrite: the graphsurgeon graph, the analysis and the original run.
+
+    Attributes:
+        graph: the graph being rewritten (``gs.import_onnx`` of the input model).
+        vit: the analysis of the input model.
+        opset: default-domain opset of the model.
+        example: the ``[B, C, H, W]`` example batch (numpy).
+        values: every tensor of the original model on ``example`` (from :func:`vitprune.frontends.onnx.run_values`).
+        flops_per_image: FLOPs of the original model per image.
+        keep_all: build every token op keeping every patch (verification).
+        calibration: a callable ``(names, batches) -> list[dict]`` running the original model.
+    """
+
+    def __init__(self, model: onnx.ModelProto, vit: ViTGraph, opset: int, example: np.ndarray,
+                 values: dict[str, np.ndarray], flops_per_image: float, keep_all: bool,
+                 run_original: Callable[[Iterable[str], np.ndarray], dict[str, np.ndarray]]) -> None:
+        self.model = model
+        self.graph = gs.import_onnx(model)
+        self.vit, self.opset, self.example, self.values = vit, opset, example, values
+        self.flops_per_image, self.keep_all = flops_per_image, keep_all
+        self.run_original = run_original
+        self.sites: list[tuple[str, int]] = []  # (stream tensor, tokens after the op), in insertion order
+        self.axes: dict[str, dict[int, int]] = {}  # tensor -> {token axis: multiplicity} (after finish)
+        self.regions: dict[str, int] = {}  # tensor -> token count there (after finish)
+        self._inserted = 0
+
+    def tensor(self, name: str) -> gs.Tensor:
+        tensors = self.graph.tensors()
+        if name not in tensors:
+            raise PassError(f"tensor {name!r} is not in the ONNX graph")
+        return tensors[name]
+
+    def builder(self, base: str) -> Builder:
+        self._inserted += 1
+        return Builder(self.graph, self.opset, f"vitprune/{base}")
+
+    def insert_on_stream(self, name: str, tokens_after: int, build: Callable[[gs.Tensor], gs.Tensor],
+                         stream: gs.Tensor | None = None) -> gs.Tensor:
+        """Call ``build`` on the stream tensor ``name`` ``[B, N, C]`` (or on ``stream``, a token op's output
+        that replaced it); every other reader then reads ``build``'s output ``[B, tokens_after, C]``."""
+        stream = stream if stream is not None else self.tensor(name)
+        readers = list(stream.outputs)
+        out = build(stream)
+        for node in readers:
+            for i, t in enumerate(node.inputs):
+                if t is stream:
+                    node.inputs[i] = out
+        self.graph.outputs = [out if t is stream else t for t in self.graph.outputs]
+        self.sites.append((name, tokens_after))
+        return out
+
+    # ---- after the insertions
+
+    def finish(self) -> onnx.ModelProto:
+        """Re-specialise token-count constants, clean up, sort, and return the model (shapes not yet inferred)."""
+        self._respecialise()
+        self.graph.cleanup().toposort()
+        model = gs.export_onnx(self.graph)
+        del model.graph.value_info[:]  # stale shapes of the old token count
+        model.ir_version = self.model.ir_version
+        model.producer_name = "vitprune"
+        return model
+
+    def _regions(self) -> dict[str, int]:
+        """Output tensor of every original node after a token op -> the token count there."""
+        g = tensor_graph(self.model)
+        region: dict[str, int] = {}
+        for site, tokens in self.sites:  # sites run along the stream: later ones win
+            for t in nx.descendants(g, site):
+                region[t] = tokens
+        return region
+
+    def _respecialise(self) -> None:
+        """Give every shape operand that holds a token count its region's count (see the module docstring)."""
+        from vitprune.frontends.onnx import _Consts
+        from vitprune.frontends.onnx_token_axes import propagate
+
+        consts = _Consts(self.model.graph).values
+        shapes = {k: tuple(v.shape) for k, v in self.values.items()}
+        shapes.update({k: tuple(np.shape(v)) for k, v in consts.items()})
+        shapes[self.vit_input()] = tuple(self.example.shape)
+        self.axes, unknown = propagate(self.model, shapes, self.sites[0][0], consts)
+        self.regions = self._regions()
+        old = self.vit.num_tokens
+        memo: dict[tuple[str, tuple[int, ...]], gs.Tensor] = {}
+        for node in list(self.graph.nodes):
+            outs = [t.name for t in node.outputs if t.name in self.regions]
+            if not outs or self.regions[outs[0]] == old:
+                continue
+            delta = old - self.regions[outs[0]]
+            bad = [t.name for t in [*node.inputs, *node.outputs] if t.name in unknown]
+            if bad:
+                raise PassError(f"cannot follow the token axis through {unknown[bad[0]]!r} (tensor {bad[0]!r}): "
+                                "vitprune does not know how this op maps token positions, so it cannot change the "
+                                "token count before it")
+            for pos, change in self._operand_changes(node, delta, shapes, consts).items():
+                node.inputs[pos] = self._shifted(node.inputs[pos], change, memo)
+
+    def _operand_changes(self, node: gs.Node, delta: int, shapes, consts) -> dict[int, np.ndarray]:
+        """Operand position -> the amount to add to each element of that shape operand (token axes only)."""
+        out = node.outputs[0].name
+        changes: dict[int, np.ndarray] = {}
+        if node.op in ("Reshape", "Expand") and out in self.axes:
+            target = node.inputs[1]
+            value = self._value(target, consts)
+            if value is None:
+                return {}
+            change = np.zeros_like(value)
+            computed = _run_time_elements(target, len(value), {k: int(np.size(v)) for k, v in self.values.items()})
+            for axis, m in self.axes[out].items():
+                # an explicit size baked in as a constant (not -1 or 0, not read from Shape at run time)
+                if axis < len(value) and value[axis] == shapes[out][axis] and not computed[axis]:
+                    change[axis] = -m * delta
+            if change.any():
+                changes[1] = change
+        elif node.op == "Slice" and node.inputs[0].name in self.axes:
+            token = self.axes[node.inputs[0].name]
+            rank = len(shapes[node.inputs[0].name])
+            ends = self._value(node.inputs[2], consts)
+            axes = self._value(node.inputs[3], consts) if len(node.inputs) > 3 else np.arange(len(ends or []))
+            if ends is None or axes is None:
+                return {}
+            change = np.zeros_like(ends)
+            for k, axis in enumerate(axes):
+                size = shapes[node.inputs[0].name][int(axis) % rank]
+                if int(axis) % rank in token and size <= ends[k] < 2 ** 62:  # "to the end", spelled as the size
+                    change[k] = -token[int(axis) % rank] * delta
+            if change.any():
+                changes[2] = change
+        return changes
+
+    def _value(self, t: gs.Tensor, consts) -> np.ndarray | None:
+        if isinstance(t, gs.Constant):
+            return np.asarray(t.values).reshape(-1)
+        v = self.values.get(t.name, consts.get(t.name))
+        return None if v is None else np.asarray(v).reshape(-1)
+
+    def _shifted(self, t: gs.Tensor, change: np.ndarray, memo: dict) -> gs.Tensor:
+        """``t + change``: a new constant when ``t`` is one, else an ``Add`` (``t``'s other elements may come from
+        ``Shape`` at run time, like the batch size, and must stay as they are)."""
+        key = (t.name, tuple(int(c) for c in change))
+        if key not in memo:
+            if isinstance(t, gs.Constant):
+                memo[key] = gs.Constant(self._fresh(f"{t.name}/tokens"), (np.asarray(t.values) + change.reshape(np.shape(t.values))).astype(t.values.dtype))
+            else:
+                b = self.builder("token_count")
+                memo[key] = b.op("Add", [t, b.const(change.astype(np.int64), "change")])
+        return memo[key]
+
+    def _fresh(self, base: str) -> str:
+        taken = set(self.graph.tensors())
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    def vit_input(self) -> str:
+        from vitprune.frontends.onnx import image_input
+
+        return image_input(self.model).name
+
+
+def _run_time_elements(t: gs.Tensor, size: int, sizes: dict[str, int], depth: int = 0) -> list[bool]:
+    """For a 1-D int64 shape tensor: which elements are computed from ``Shape`` at run time (they follow the
+    new token count by themselves) and which are constants. Unknown arithmetic counts as run time (left
+    alone; verification then catches a constant it hid). ``sizes``: element counts of the graph's tensors."""
+    if isinstance(t, gs.Constant):
+        return [False] * size
+    if not t.inputs or depth > 32:
+        return [True] * size
+    node = t.inputs[0]
+    op = node.op
+    if op == "Constant":
+        return [False] * size
+    if op in ("Shape", "Size"):
+        return [True] * size
+    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
+        return _run_time_elements(node.inputs[0], size, sizes, depth + 1)
+    if op == "Concat":
+        out: list[bool] = []
+        for i in node.inputs:
+            n = int(np.prod(i.values.shape)) if isinstance(i, gs.Constant) else sizes.get(i.name)
+            if n is None:
+                return [True] * size
+            out += _run_time_elements(i, n, sizes, depth + 1)
+        return out if len(out) == size else [True] * size
+    if op in ("Add", "Sub", "Mul", "Div"):
+        parts = [_run_time_elements(i, size, sizes, depth + 1) for i in node.inputs]
+        return [any(p[k] if len(p) == size else p[0] for p in parts) for k in range(size)]
+    return [True] * size
+
+
+def check_token_shapes(rewritten_values: dict[str, np.ndarray], original_values: dict[str, np.ndarray],
+                       lowering: "OnnxLowering") -> None:
+    """Every original tensor in the rewritten run has its original shape, each token axis shortened by
+    ``multiplicity · (N - N')`` for its region's count ``N'``.
+
+    Raises:
+        VerificationError: naming the first tensor whose shape is not the expected one.
+    """
+    old = lowering.vit.num_tokens
+    for name, value in original_values.items():
+        if name not in rewritten_values:
+            continue
+        delta = old - lowering.regions.get(name, old)
+        expected = list(value.shape)
+        for axis, m in lowering.axes.get(name, {}).items() if delta else ():
+            expected[axis] -= m * delta
+        got = list(rewritten_values[name].shape)
+        if got != expected:
+            raise VerificationError(f"tensor {name!r} has shape {got} after the rewrite; expected {expected} "
+                                    f"(token axes {sorted(lowering.axes.get(name, {}))} at {old - delta} tokens): "
+                                    "a token count vitprune did not re-specialise")

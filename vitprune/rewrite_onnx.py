@@ -1,0 +1,205 @@
+"""``vitprune.rewrite_onnx``: load -> analyse -> pass -> lower with onnx-graphsurgeon -> verify in ONNX Runtime.
+
+The ONNX twin of :func:`vitprune.rewrite`, for ONNX files someone else exported (TorchScript or dynamo
+exporter, ONNX Runtime's fused transformer graphs): no PyTorch code of the model is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+
+from vitprune.errors import PassError, VerificationError, VitpruneError
+from vitprune.graph.analysis import ViTGraph, analyse_opgraph
+from vitprune.io.outputs import atomic_file
+from vitprune.rewrite import RewriteReport
+
+if TYPE_CHECKING:
+    import onnx
+
+# onnx and onnx-graphsurgeon load on first use (``import vitprune`` stays as fast as the CLI needs)
+
+
+def inspect_onnx(model: Any, *, input_size: tuple[int, int, int] | None = None) -> ViTGraph:
+    """Analyse an ONNX ViT (a path or a ``ModelProto``); returns the :class:`ViTGraph` (node fields hold
+    ONNX tensor names).
+
+    Raises:
+        VitpruneError: the file is not an ONNX model; AnalysisError: the graph is not a ViT vitprune can
+            analyse (the message says what was found and why).
+    """
+    from vitprune.frontends import onnx as onnx_frontend
+
+    proto = onnx_frontend.load_model(model)
+    x = onnx_frontend.example_input(proto, 2, input_size)
+    return analyse_opgraph(onnx_frontend.to_opgraph(proto, x), list(x.shape))
+
+
+def _flops(proto: onnx.ModelProto, values: dict[str, np.ndarray], x: np.ndarray) -> int:
+    from vitprune.frontends import onnx as onnx_frontend
+    from vitprune.graph.flops_onnx import count_onnx_flops
+
+    shapes = {k: tuple(v.shape) for k, v in values.items()}
+    shapes[onnx_frontend.image_input(proto).name] = tuple(x.shape)
+    for init in proto.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return count_onnx_flops(proto, shapes)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
+        return float((a != b).any())
+    return float(np.abs(a.astype(np.float64) - b).max(initial=0.0) / (1.0 + np.abs(a).max(initial=0.0)))
+
+
+def _checked(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes inferred (strict) and the full checker run; graphs over 2 GB are checked from a file."""
+    import onnx
+
+    try:
+        if proto.ByteSize() < 2 ** 31 - 2 ** 20:
+            proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+            onnx.checker.check_model(proto, full_check=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="vitprune-check-") as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                onnx.save(proto, path, save_as_external_data=True, location="model.onnx.data")
+                onnx.shape_inference.infer_shapes_path(path, path, check_type=True, strict_mode=True)
+                onnx.checker.check_model(path, full_check=True)
+                proto = onnx.load(path)
+    except Exception as exc:
+        raise VerificationError(f"the rewritten ONNX graph fails onnx's checker: {str(exc).strip().splitlines()[0]}") from None
+    return proto
+
+
+def rewrite_onnx(
+    model: Any,
+    method: str = "token-drop",
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    tolerance: float = 1e-5,
+    seed: int = 0,
+    **params: Any,
+) -> tuple[onnx.ModelProto, RewriteReport]:
+    """Rewrite an ONNX ViT so it spends compute on fewer tokens, and verify the result in ONNX Runtime.
+
+    Args:
+        model: a path to an ``.onnx`` file (external data beside it is read) or an ``onnx.ModelProto``.
+        method: a registered pass (``token-drop``, ``importance-mask``, ``lifespan-gather``); token-drop is
+            always active in an ONNX graph (inference), as ``at_inference=True``.
+        input_size: ``(C, H, W)`` when the graph's input size is symbolic.
+        tolerance: keep-all tolerance: every original tensor and output of the keep-all graph must match
+            the original within ``tolerance`` relative to ``1 + max |value|``.
+        seed: seed of the example batch ``[2, C, H, W]``.
+        **params: the method's parameters, as for :func:`vitprune.rewrite`.
+
+    Returns:
+        ``(model, report)``: the rewritten ``ModelProto`` (shapes inferred, checked, batch dynamic) and a
+        :class:`~vitprune.rewrite.RewriteReport` (FLOPs for one run of the example batch, counted from the
+        graph's MatMul/Gemm/Conv/attention shapes: :mod:`vitprune.graph.flops_onnx`).
+
+    Raises:
+        VitpruneError: not an ONNX model; AnalysisError: not a ViT vitprune can analyse; PassError: the pass
+            refused; VerificationError: keep-all differs, an output is not finite, a token count was not
+            re-specialised, or the graph fails onnx's checker.
+    """
+    from vitprune.frontends import onnx as onnx_frontend
+    from vitprune.frontends.onnx_lowering import OnnxLowering, check_token_shapes
+    from vitprune.passes import make_pass
+
+    start = time.perf_counter()
+    proto = onnx_frontend.load_model(model)
+    opset = onnx_frontend.opset_of(proto)
+    x = onnx_frontend.example_input(proto, 2, input_size, seed)
+    values = onnx_frontend.run_values(proto, x)
+    vit = analyse_opgraph(onnx_frontend.to_opgraph(proto, x, values), list(x.shape))
+    pass_ = make_pass(method, **params)
+    if not hasattr(pass_, "lower_onnx"):
+        raise PassError(f"method {method!r} has no ONNX lowering yet")
+    pass_.analysis = vit
+    try:
+        pass_.requires(None)
+    except VitpruneError as exc:
+        raise PassError(f"pass {method!r} refused: {exc}") from exc
+    flops_before = _flops(proto, values, x)
+
+    def run_original(names: Iterable[str], batch: np.ndarray) -> dict[str, np.ndarray]:
+        return onnx_frontend.run_values(proto, batch.astype(np.float32), names)
+
+    built = {}
+    for keep_all in (True, False):
+        ctx = OnnxLowering(proto, vit, opset, x, values, flops_before / x.shape[0], keep_all, run_original)
+        try:
+            pass_.lower_onnx(ctx)
+        except VitpruneError as exc:
+            raise PassError(f"pass {method!r} refused: {exc}") from exc
+        built[keep_all] = (_checked(ctx.finish()), ctx)
+
+    # keep-all: every original tensor and every output as before
+    keep_all_model = built[True][0]
+    original_names = [o for n in proto.graph.node for o in n.output if o]
+    present = {o for n in keep_all_model.graph.node for o in n.output}
+    missing = [n for n in original_names if n not in present]
+    if missing:
+        raise VerificationError(f"tensor {missing[0]!r} of the original graph is not in the rewritten graph "
+                                f"({len(missing)} missing): the lowering removed or renamed it")
+    kept = onnx_frontend.run_values(keep_all_model, x, original_names)
+    worst, worst_name = 0.0, None
+    for name in original_names:
+        d = _relative(values[name], kept[name])
+        if d > worst:
+            worst, worst_name = d, name
+        if d > tolerance:
+            raise VerificationError(f"with every token kept, tensor {name!r} differs from the original by {d:.3g} "
+                                    f"(relative; tolerance {tolerance:g}): the rewrite is not exact")
+    outputs = [o.name for o in proto.graph.output]
+    out_diff = max(float(np.abs(values[o].astype(np.float64) - kept[o]).max(initial=0.0)) for o in outputs)
+
+    # the rewrite: token axes follow the kept counts, outputs finite, batch stays dynamic
+    new, ctx = built[False]
+    after = onnx_frontend.run_values(new, x)  # every tensor: the FLOPs count needs the new ones too
+    check_token_shapes(after, values, ctx)
+    finite = all(np.isfinite(after[o]).all() for o in outputs)
+    other = onnx_frontend.run_values(new, onnx_frontend.example_input(proto, 3, input_size, seed + 1), outputs)
+    if not finite or not all(np.isfinite(v).all() for v in other.values()):
+        raise VerificationError("the rewritten ONNX graph gives non-finite outputs")
+    if any(other[o].shape[0] != 3 for o in outputs if other[o].ndim):
+        raise VerificationError("the rewritten ONNX graph does not keep the batch dynamic")
+    flops_after = _flops(new, after, x)
+    report = RewriteReport(
+        method=method, params=pass_.params, decisions=pass_.record, input_shape=list(x.shape),
+        flops_before=flops_before, flops_after=flops_after, flops_after_train=flops_after,
+        keep_all_max_abs_diff=out_diff, keep_all_nodes_compared=len(original_names),
+        keep_all_worst_node=worst_name, keep_all_worst_node_diff=worst, outputs_finite=True,
+        seconds=time.perf_counter() - start, analysis=vit.to_dict(),
+    )
+    return new, report
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path`` atomically (a temporary file beside it, then a rename); a model over
+    2 GB keeps its weights in ``<name>.data`` beside it (ONNX external data).
+
+    Raises:
+        VitpruneError: the folder does not exist or cannot be written.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise VitpruneError(f"the folder {path.parent} does not exist")
+    external = model.ByteSize() >= 2 ** 31 - 2 ** 20
+    with atomic_file(path) as tmp:
+        if external:  # the data file lands first under its final name; the graph pointing to it last
+            onnx.save(model, str(tmp), save_as_external_data=True, location=path.name + ".data",
+                      all_tensors_to_one_file=True)
+            os.replace(tmp.with_name(path.name + ".data"), path.with_name(path.name + ".data"))
+        else:
+            onnx.save(model, str(tmp))
