@@ -223,8 +223,15 @@ class ImportanceMaskPass(VitPass):
                 ctx.insert_on_stream(vit.blocks[b].input_node, vit.num_prefix_tokens + keep, build)
                 alive = keep
         else:
+            fused = {b.attention_node: b for b in vit.blocks if b.attention == "multihead-module"}
+
             def record(names: set[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-                return {n: torch.from_numpy(v) for n, v in ctx.run_original(names, x.numpy()).items()}
+                # a fused attention op hides its map: computed from the op's input and weights instead
+                want = {n for n in names if n not in fused} | {ctx.fused_input(fused[n]) for n in names if n in fused}
+                got = ctx.run_original(want, x.numpy())
+                out = {n: torch.from_numpy(v) for n, v in got.items()}
+                out.update({n: torch.from_numpy(ctx.fused_attention_map(fused[n], got)) for n in names if n in fused})
+                return out
 
             sets = nested_static_sets(vit, counts, significance(vit, _attention_maps(vit, self._calibration_batches(vit), record)))
             previous = list(range(vit.num_patches))

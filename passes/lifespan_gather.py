@@ -170,8 +170,6 @@ class LifespanGatherPass(VitPass):
         if not 1 <= k0 <= L - 1:
             raise PassError(f"--after-block must be in 1..{L - 1} for a model with {L} blocks, got {k0}")
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
-        if prev.attention not in ("sdpa", "matmul-softmax"):
-            raise PassError(f"block {k0 - 1} uses {prev.attention}: its queries and keys are not in the graph")
         total = ctx.flops_per_image
         counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0)
         score, cls_index = score_query(vit)
@@ -182,7 +180,8 @@ class LifespanGatherPass(VitPass):
             q, k = (torch.from_numpy(ctx.values[n]) for n in (prev.query_node, prev.key_node))
             self._fit_bias(vit, module, total, lambda: module.lives(x, q, k))
         else:  # the attention map's query row (the same softmax(q_r · Kᵀ · scale))
-            attn = torch.from_numpy(ctx.values[prev.attention_node])
+            attn = torch.from_numpy(ctx.values[prev.attention_node] if prev.attention == "matmul-softmax"
+                                    else ctx.fused_attention_map(prev, ctx.values))
             rows = attn[:, :, cls_index] if score == "cls" else attn.mean(dim=2)
             scores_value = rows.mean(dim=1)[:, vit.num_prefix_tokens:]
             self._fit_bias(vit, module, total, lambda: module.lives_from_scores(x, scores_value))
@@ -192,9 +191,11 @@ class LifespanGatherPass(VitPass):
             if prev.attention == "sdpa":
                 scores = onnx_ops.attention_row_scores(o, ctx.tensor(prev.query_node), ctx.tensor(prev.key_node),
                                                        vit.num_prefix_tokens, prev.attention_scale, score, cls_index)
-            else:
+            elif prev.attention == "matmul-softmax":
                 scores = onnx_ops.attention_map_scores(o, ctx.tensor(prev.attention_node), vit.num_prefix_tokens,
                                                        score, cls_index)
+            else:
+                scores = ctx.fused_attention_scores(o, prev, score, cls_index)
             order = onnx_ops.lifespan_order(o, scores, vit.num_patches, k0, L, float(module.score_weight.detach()),
                                             float(module.bias.detach()))
             if ctx.keep_all:  # verification: the gather runs, every token stays in its place

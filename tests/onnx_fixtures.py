@@ -20,7 +20,6 @@ Kinds (how the file was written):
   com.microsoft Attention in hf-vit only (see ``_legacy_hf_attention``; timm's attention stays unfused)
 
 Every file has one input ``pixel_values`` [batch, 3, 32, 32] and one output ``logits`` with a dynamic batch.
-See /tmp/onnx_survey.md (written with this module) for the graph patterns in each kind.
 """
 
 from __future__ import annotations

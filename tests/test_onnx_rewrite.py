@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vitprune
-from onnx_fixtures import cached_onnx, make_model, run_onnx
+from onnx_fixtures import cached_onnx, make_model
 from vitprune.errors import AnalysisError, PassError, VitpruneError
 from vitprune.frontends.onnx import OnnxModel
 from vitprune.rewrite_onnx import inspect_onnx, rewrite_onnx
@@ -80,6 +80,7 @@ def test_onnx_analysis_of_each_family(onnx_dir, family):
     ("ts17", "token-drop"), ("ts17", "importance-mask"), ("ts17", "importance-mask-static"), ("ts17", "lifespan-gather"),
     ("dynamo18", "token-drop"), ("dynamo18", "importance-mask"), ("dynamo18", "lifespan-gather"),
     ("dynamo23", "importance-mask"), ("dynamo23", "lifespan-gather"), ("ts14", "importance-mask"),
+    ("ort-fused", "token-drop"), ("ort-fused", "importance-mask"), ("ort-fused", "lifespan-gather"),
 ])
 def test_onnx_rewrite_computes_the_fx_rewrite(onnx_dir, kind, name):
     model, gm, fx_report = _fx_rewrite("timm-cls", name)
@@ -109,12 +110,35 @@ def _run(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
-@pytest.mark.parametrize("family", ["timm-reg", "timm-gap", "hf-vit"])
-def test_onnx_rewrite_of_each_family_computes_the_fx_rewrite(onnx_dir, family):
+@pytest.mark.parametrize("family,kind", [("timm-reg", "ts17"), ("timm-gap", "ts17"), ("hf-vit", "ts17"),
+                                         ("hf-vit", "dynamo23")])
+def test_onnx_rewrite_of_each_family_computes_the_fx_rewrite(onnx_dir, family, kind):
+    """timm-gap has width 64 = 64 patches: a token count found by its value alone would rewrite the width too.
+    The dynamo export of a Hugging Face ViT feeds every Attention an all-true [B, 1, N, N] mask (dropped)."""
     model, gm, fx_report = _fx_rewrite(family, "importance-mask")
-    new, report = rewrite_onnx(cached_onnx(family, "ts17", onnx_dir), "importance-mask", flops=0.6, first_block=1)
+    new, report = rewrite_onnx(cached_onnx(family, kind, onnx_dir), "importance-mask", flops=0.6, first_block=1)
     assert report.keep_all_worst_node_diff <= 1e-5
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = gm(x)
+    assert torch.allclose(torch.from_numpy(_run(new, x)), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["importance-mask", "importance-mask-static", "lifespan-gather"])
+def test_fused_attention_of_onnx_runtime_is_rewritten(onnx_dir, name):
+    """ONNX Runtime's transformer optimizer fuses a Hugging Face ViT's attention into com.microsoft Attention
+    (q and k inside the op) and the residual adds into SkipLayerNormalization: the rewrite splits what it
+    must (the attention into projection + MultiHeadAttention, a cut SkipLayerNormalization into Add +
+    LayerNormalization) and still computes the fx rewrite of the PyTorch model."""
+    model, gm, fx_report = _fx_rewrite("hf-vit", name)
+    method, params = _method(name)
+    source = cached_onnx("hf-vit", "ort-fused", onnx_dir)
+    assert any(n.op_type == "Attention" and n.domain == "com.microsoft" for n in onnx.load(source).graph.node)
+    new, report = rewrite_onnx(source, method, **_calibration(params))
+    assert report.keep_all_worst_node_diff <= 1e-5
+    assert abs(report.flops_ratio - 0.6) < 0.02, report.flops_ratio
+    assert report.decisions["tokens_per_block"] == fx_report.decisions["tokens_per_block"]
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = gm(x)
     assert torch.allclose(torch.from_numpy(_run(new, x)), want, atol=1e-4)

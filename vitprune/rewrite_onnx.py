@@ -37,7 +37,28 @@ def inspect_onnx(model: Any, *, input_size: tuple[int, int, int] | None = None) 
 
     proto = onnx_frontend.load_model(model)
     x = onnx_frontend.example_input(proto, 2, input_size)
-    return analyse_opgraph(onnx_frontend.to_opgraph(proto, x), list(x.shape))
+    proto, values = _without_noop_masks(proto, x, 1e-5)
+    return analyse_opgraph(onnx_frontend.to_opgraph(proto, x, values), list(x.shape))
+
+
+def _without_noop_masks(proto: "onnx.ModelProto", x: np.ndarray, tolerance: float):
+    """``(model, values of every tensor on x)`` with the masks that mask nothing dropped
+    (:func:`vitprune.frontends.onnx.drop_noop_attention_masks`), checked to leave every output as it was."""
+    from vitprune.frontends import onnx as onnx_frontend
+
+    values = onnx_frontend.run_values(proto, x)
+    clean, changed = onnx_frontend.drop_noop_attention_masks(proto, values, onnx_frontend.image_input(proto).name)
+    if not changed:
+        return proto, values
+    import onnx_graphsurgeon as gs
+
+    clean = gs.export_onnx(gs.import_onnx(clean).cleanup())  # the mask's own ops are dead now
+    again = onnx_frontend.run_values(clean, x)
+    for o in proto.graph.output:
+        if _relative(values[o.name], again[o.name]) > tolerance:
+            raise VerificationError(f"dropping the attention masks that mask nothing ({changed[0]!r}) changed "
+                                    f"output {o.name!r}: vitprune cannot rewrite this graph")
+    return clean, again
 
 
 def _flops(proto: onnx.ModelProto, values: dict[str, np.ndarray], x: np.ndarray) -> int:
@@ -118,7 +139,7 @@ def rewrite_onnx(
     proto = onnx_frontend.load_model(model)
     opset = onnx_frontend.opset_of(proto)
     x = onnx_frontend.example_input(proto, 2, input_size, seed)
-    values = onnx_frontend.run_values(proto, x)
+    proto, values = _without_noop_masks(proto, x, tolerance)
     vit = analyse_opgraph(onnx_frontend.to_opgraph(proto, x, values), list(x.shape))
     pass_ = make_pass(method, **params)
     if not hasattr(pass_, "lower_onnx"):

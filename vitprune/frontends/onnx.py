@@ -321,7 +321,9 @@ def to_opgraph(model: onnx.ModelProto, x: np.ndarray, values: dict[str, np.ndarr
         for k, (out, kind, ins, attrs) in enumerate(_map_node(node, consts, shapes, outs)):
             tensor = out not in non_tensor and node.op_type not in ("Shape", "Size")
             reads = known(ins)
-            extra = [i for i in known(node.input) if i is not None and i not in reads]
+            # the other operands (weights, shape tensors); data operands a mapping leaves out (the norm of a
+            # SkipLayerNormalization reads the sum, not the op's two inputs) are not read
+            extra = [i for i in known(node.input) if i is not None and i not in reads and not og.is_data(i)]
             og.add(out, kind, shape=shapes.get(out), tensor=tensor, inputs=reads, extra_inputs=extra,
                    label=label + (f" output {k}" if len(outs) > 1 else ""), **attrs)
             if not tensor:
@@ -353,15 +355,12 @@ def _map_node(node: onnx.NodeProto, consts: _Consts, shapes: dict[str, tuple[int
             return [(outs[0], "mha", ins, {"heads": heads, "head_dim": c // heads, "embed_dim": c,
                                           "batch_first": True, "projections": 0})]
         if op == "SkipLayerNormalization":
-            result = []
-            total = outs[3] if len(node.output) > 3 and node.output[3] else None
-            if total:  # the residual sum: input + skip (+ bias)
-                result.append((total, "add", [ins[0], ins[1]], {}))
-            result.append((node.output[0], "norm", [total] if total else [ins[0], ins[1]], {}))
-            for o in outs:
-                if o not in (total, node.output[0]):
-                    result.append((o, "other", ins, {}))
-            return result
+            # output 3 is the residual sum input + skip (+ bias); when the graph does not read it (the last
+            # block), the op graph still gets the sum, under a name no tensor has, so the stream is complete
+            total = node.output[3] if len(node.output) > 3 and node.output[3] else f"{node.output[0]}#sum"
+            shapes.setdefault(total, shapes.get(ins[1]))
+            result = [(total, "add", [ins[0], ins[1]], {}), (node.output[0], "norm", [total], {})]
+            return result + [(o, "other", ins, {}) for o in outs if o not in (total, node.output[0])]
         if op in ("LayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"):
             return [(outs[0], "norm", ins[:1], {})] + [(o, "other", ins, {}) for o in outs[1:]]
         return [(o, "other", ins, {}) for o in outs]
@@ -414,3 +413,49 @@ def _map_node(node: onnx.NodeProto, consts: _Consts, shapes: dict[str, tuple[int
     if op in _SIMPLE_KINDS:
         return [(outs[0], _SIMPLE_KINDS[op], ins, {})] + [(o, "other", ins, {}) for o in outs[1:]]
     return [(o, "other", ins, {}) for o in outs]
+
+
+def drop_noop_attention_masks(model: onnx.ModelProto, values: dict[str, np.ndarray],
+                              image: str) -> tuple[onnx.ModelProto, list[str]]:
+    """Remove attention masks that mask nothing: image-independent, and all-true (boolean) or all-zero
+    (additive) on the example. Hugging Face models exported by the dynamo exporter carry one
+    ``[B, 1, N, N]`` mask built from ``arange(N)`` into every attention (opset 23 ``Attention`` input 3, or
+    an ``Add`` to the scores before ``Softmax``); it holds no information, yet it is indexed by token
+    position, so a pruned model would have to gather it. An ``Attention`` loses the input; an ``Add`` gets a
+    scalar zero instead, so every tensor keeps its name. Returns ``(model, names of the ops changed)``; the
+    caller checks the outputs did not move.
+    """
+    from vitprune.frontends.onnx_lowering import image_dependent
+
+    data = image_dependent(model, image)
+    softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
+
+    def noop(name: str, additive: bool) -> bool:
+        v = values.get(name)
+        if v is None or name in data:
+            return False
+        return bool(v.all()) if v.dtype == bool else additive and bool((v == 0).all())
+
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    changed = []
+    zero = None
+    for node in new.graph.node:
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx") and len(node.input) > 3 \
+                and node.input[3] and noop(node.input[3], additive=True):
+            node.input[3] = ""
+            while node.input and not node.input[-1]:
+                del node.input[-1]
+            changed.append(node.name or node.output[0])
+        elif node.op_type == "Add" and node.output[0] in softmax_inputs:
+            for k in (0, 1):
+                other = node.input[1 - k]
+                if other in data and noop(node.input[k], additive=True):
+                    if zero is None:
+                        zero = "vitprune/no_mask"
+                        dtype = onnx.helper.np_dtype_to_tensor_dtype(values[node.input[k]].dtype)
+                        new.graph.initializer.append(onnx.helper.make_tensor(zero, dtype, [], [0]))
+                    node.input[k] = zero
+                    changed.append(node.name or node.output[0])
+                    break
+    return new, changed

@@ -18,7 +18,7 @@ not.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import networkx as nx
 import numpy as np
@@ -34,6 +34,7 @@ SHAPE_OPERANDS: dict[str, tuple[int, ...]] = {
     "Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Slice": (1, 2), "Range": (0, 1), "Tile": (1,),
 }
 _NOT_DATA = ("Shape", "Size")
+MS_DOMAIN = "com.microsoft"
 
 
 def tensor_graph(model: onnx.ModelProto) -> nx.DiGraph:
@@ -46,6 +47,8 @@ def tensor_graph(model: onnx.ModelProto) -> nx.DiGraph:
                 for i in node.input:
                     if i:
                         g.add_edge(i, o)
+        if node.op_type == "SkipLayerNormalization" and len(node.output) > 3 and node.output[3]:
+            g.add_edge(node.output[3], node.output[0])  # the norm of the residual sum (as once unfused)
     return g
 
 
@@ -102,6 +105,7 @@ class OnnxLowering:
         """Call ``build`` on the stream tensor ``name`` ``[B, N, C]`` (or on ``stream``, a token op's output
         that replaced it); every other reader then reads ``build``'s output ``[B, tokens_after, C]``."""
         stream = stream if stream is not None else self.tensor(name)
+        self._unfuse_skip_layer_norm(stream)
         readers = list(stream.outputs)
         out = build(stream)
         for node in readers:
@@ -111,6 +115,93 @@ class OnnxLowering:
         self.graph.outputs = [out if t is stream else t for t in self.graph.outputs]
         self.sites.append((name, tokens_after))
         return out
+
+    def _unfuse_skip_layer_norm(self, stream: gs.Tensor) -> None:
+        """A cut at ONNX Runtime's ``SkipLayerNormalization`` residual sum (output 3): the fused op also
+        normalises that sum for the next block from its *own* inputs, which the cut would not reach. Split it
+        into ``Add`` and ``LayerNormalization`` (what the optimizer fused) writing the same tensors, so the
+        norm reads the pruned stream. ``LayerNormalization`` below opset 17 is ONNX Runtime's own (the
+        optimizer emits it there too)."""
+        node = stream.inputs[0] if stream.inputs else None
+        if node is None or node.op != "SkipLayerNormalization" or node.domain != MS_DOMAIN:
+            return
+        if len(node.outputs) < 4 or node.outputs[3] is not stream:
+            return
+        x, skip, gamma = node.inputs[:3]
+        beta = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        bias = node.inputs[4] if len(node.inputs) > 4 and node.inputs[4].name else None
+        normed = node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        self.graph.nodes.remove(node)
+        b = self.builder("skip_layer_norm")
+        operands = [b.op("Add", [x, skip]), bias] if bias is not None else [x, skip]
+        self.graph.nodes.append(gs.Node("Add", name=b.name("Add"), inputs=operands, outputs=[stream]))
+        self.graph.nodes.append(gs.Node("LayerNormalization", name=b.name("LayerNormalization"),
+                                        attrs={"axis": -1, "epsilon": float(node.attrs.get("epsilon", 1e-12))},
+                                        inputs=[stream, gamma] + ([beta] if beta is not None else []),
+                                        outputs=[normed]))
+
+    def fused_attention_scores(self, b: Builder, block: Any, score: str, cls_index: int) -> gs.Variable:
+        """Patch scores ``[B, P]`` of a block whose attention is ONNX Runtime's fused ``com.microsoft``
+        ``Attention`` (q and k live inside the op). The op is split into its packed projection
+        (``MatMul`` + ``Add``, ``Split``) and ``com.microsoft`` ``MultiHeadAttention`` on q, k, v: the same
+        computation and the same fused attention kernel, with q and k now tensors the score reads (no
+        extra FLOPs)."""
+        node = self.tensor(block.attention_node).inputs[0]
+        x, weight, bias = (list(node.inputs) + [None, None])[:3]
+        extra = [t for t in node.inputs[3:] if t is not None and t.name]
+        if not (node.op == "Attention" and node.domain == MS_DOMAIN and isinstance(weight, gs.Constant)
+                and not node.attrs.get("qkv_hidden_sizes") and not extra and not node.attrs.get("unidirectional")):
+            raise PassError(f"block {block.index}'s attention ({node.op} {node.name!r}) is fused in a form vitprune "
+                            "cannot split into queries and keys (packed weights with a mask, past state or unequal sizes)")
+        heads = int(node.attrs["num_heads"])
+        c = int(weight.values.shape[1]) // 3
+        d = c // heads
+        qkv = b.op("MatMul", [x, weight])
+        if bias is not None and bias.name:
+            qkv = b.op("Add", [qkv, bias])
+        q, k, v = b.op("Split", [qkv, b.const([c, c, c], "split")], {"axis": 2}, outputs=3)
+        out = node.outputs[0]
+        attrs = {"num_heads": heads}
+        if node.attrs.get("scale"):
+            attrs["scale"] = float(node.attrs["scale"])
+        node.inputs.clear()
+        node.outputs.clear()
+        self.graph.nodes.remove(node)
+        self.graph.nodes.append(gs.Node("MultiHeadAttention", name=b.name("MultiHeadAttention"), domain=MS_DOMAIN,
+                                        attrs=attrs, inputs=[q, k, v], outputs=[out]))
+
+        def heads_first(t):
+            return b.op("Transpose", [b.op("Reshape", [t, b.const([0, 0, heads, d], "heads")])], {"perm": [0, 2, 1, 3]})
+
+        scale = float(attrs.get("scale", 0.0)) or d ** -0.5
+        from vitprune.ops.onnx_ops import attention_row_scores
+
+        return attention_row_scores(b, heads_first(q), heads_first(k), self.vit.num_prefix_tokens, scale, score, cls_index)
+
+    def fused_input(self, block: Any) -> str:
+        """The input tensor ``[B, N, C]`` of a block's fused ``com.microsoft`` ``Attention``."""
+        return self.tensor(block.attention_node).inputs[0].inputs[0].name
+
+    def fused_attention_map(self, block: Any, values: dict[str, np.ndarray]) -> np.ndarray:
+        """The attention map ``[B, H, N, N]`` a fused ``com.microsoft`` ``Attention`` computes inside, from its
+        input in ``values`` (an ONNX Runtime run) and its packed weights."""
+        node = self.tensor(block.attention_node).inputs[0]
+        x = values[node.inputs[0].name]
+        w = np.asarray(node.inputs[1].values)
+        bias = np.asarray(node.inputs[2].values) if isinstance(node.inputs[2], gs.Constant) else np.zeros(w.shape[1], w.dtype)
+        heads = int(node.attrs["num_heads"])
+        c = w.shape[1] // 3
+        d = c // heads
+
+        def heads_first(t):
+            return t.reshape(t.shape[0], t.shape[1], heads, d).transpose(0, 2, 1, 3)
+
+        q, k = heads_first(x @ w[:, :c] + bias[:c]), heads_first(x @ w[:, c:2 * c] + bias[c:2 * c])
+        logits = q @ k.transpose(0, 1, 3, 2) * (float(node.attrs.get("scale", 0.0)) or d ** -0.5)
+        logits = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return logits / logits.sum(axis=-1, keepdims=True)
 
     # ---- after the insertions
 
@@ -142,7 +233,7 @@ class OnnxLowering:
         shapes = {k: tuple(v.shape) for k, v in self.values.items()}
         shapes.update({k: tuple(np.shape(v)) for k, v in consts.items()})
         shapes[self.vit_input()] = tuple(self.example.shape)
-        self.axes, unknown = propagate(self.model, shapes, self.sites[0][0], consts)
+        self.axes, unknown = propagate(self.model, shapes, self.vit.token_stream_start, consts)
         self.regions = self._regions()
         old = self.vit.num_tokens
         memo: dict[tuple[str, tuple[int, ...]], gs.Tensor] = {}

@@ -103,8 +103,10 @@ def propagate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], start:
                 unknown[o] = unknown[next(i for i in ins if i in unknown)]
             continue
         result = _op_axes(node, known, ins, shapes, consts)
-        for k, o in enumerate(outs):
-            r = result[k] if isinstance(result, list) else result
+        for k, o in enumerate(node.output):
+            if not o:
+                continue  # an optional output the graph does not use
+            r = (result[k] if k < len(result) else None) if isinstance(result, list) else result
             if r is None:
                 unknown[o] = label
             elif r:

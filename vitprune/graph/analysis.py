@@ -247,7 +247,9 @@ def _linear_flops_per_token(g: OpGraph, branch: set[str]) -> int:
         if g.kind(n) == "linear" and a:
             total += 2 * a["in_features"] * a["out_features"]
         elif g.kind(n) == "mha":
-            total += 2 * 4 * a["embed_dim"] * a["embed_dim"]  # in-projection (q, k, v) + out-projection
+            # the projections inside the op: q, k, v and out (nn.MultiheadAttention), q, k, v (ONNX Runtime's
+            # fused Attention, its out-projection a MatMul of its own) or none (MultiHeadAttention)
+            total += 2 * a.get("projections", 4) * a["embed_dim"] * a["embed_dim"]
     return total
 
 
