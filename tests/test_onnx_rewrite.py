@@ -205,3 +205,21 @@ def test_refusals_name_the_reason(onnx_dir):
         rewrite_onnx(path, "lifespan-gather", flops=0.6, after_block=9)
     with pytest.raises(PassError, match="below"):
         rewrite_onnx(path, "importance-mask", flops=0.05, first_block=3)
+
+
+def test_external_data_round_trip(onnx_dir, tmp_path):
+    """Weights in ONNX external data (what a model over 2 GB needs) are written beside the graph, read back by
+    the loader, and the file rewrites again."""
+    new, _ = rewrite_onnx(cached_onnx("timm-cls", "ts17", onnx_dir), "token-drop", keep_rate=0.5, selection="magnitude")
+    path = tmp_path / "big.onnx"
+    vitprune.save_onnx(new, path, external_data=True)
+    assert (tmp_path / "big.onnx.data").stat().st_size > path.stat().st_size  # the weights live in the data file
+    again = vitprune.load(path)
+    assert isinstance(again, OnnxModel)
+    x = torch.randn(2, 3, 32, 32)
+    assert np.allclose(_run(again.proto, x), _run(new, x), atol=1e-6)
+    from vitprune.rewrite_onnx import recipe_of
+
+    assert recipe_of(again.proto)[0]["decisions"]["keep_count"] == 32  # what was done travels with the file
+    with pytest.raises(AnalysisError, match="already rewritten by vitprune"):
+        inspect_onnx(path)

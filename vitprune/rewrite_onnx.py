@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from vitprune.errors import PassError, VerificationError, VitpruneError
+from vitprune.errors import AnalysisError, PassError, VerificationError, VitpruneError
 from vitprune.graph.analysis import ViTGraph, analyse_opgraph
 from vitprune.io.outputs import atomic_file
 from vitprune.rewrite import RewriteReport
@@ -36,9 +36,32 @@ def inspect_onnx(model: Any, *, input_size: tuple[int, int, int] | None = None) 
     from vitprune.frontends import onnx as onnx_frontend
 
     proto = onnx_frontend.load_model(model)
+    _refuse_rewritten(proto)
     x = onnx_frontend.example_input(proto, 2, input_size)
     proto, values = _without_noop_masks(proto, x, 1e-5)
     return analyse_opgraph(onnx_frontend.to_opgraph(proto, x, values), list(x.shape))
+
+
+#: metadata key of an ONNX model vitprune rewrote: the passes it ran, as JSON
+RECIPE_KEY = "vitprune.recipe"
+
+
+def recipe_of(proto: "onnx.ModelProto") -> list[dict[str, Any]] | None:
+    """The passes vitprune ran on this ONNX model (its ``vitprune.recipe`` metadata), or None."""
+    import json
+
+    for prop in proto.metadata_props:
+        if prop.key == RECIPE_KEY:
+            return json.loads(prop.value)
+    return None
+
+
+def _refuse_rewritten(proto: "onnx.ModelProto") -> None:
+    recipe = recipe_of(proto)
+    if recipe:
+        done = ", ".join(step["pass"] for step in recipe)
+        raise AnalysisError(f"this ONNX model was already rewritten by vitprune ({done}); its token ops are "
+                            "plain ONNX nodes the analysis does not read back: rewrite or inspect the original file")
 
 
 def _without_noop_masks(proto: "onnx.ModelProto", x: np.ndarray, tolerance: float):
@@ -137,6 +160,7 @@ def rewrite_onnx(
 
     start = time.perf_counter()
     proto = onnx_frontend.load_model(model)
+    _refuse_rewritten(proto)
     opset = onnx_frontend.opset_of(proto)
     x = onnx_frontend.example_input(proto, 2, input_size, seed)
     proto, values = _without_noop_masks(proto, x, tolerance)
@@ -194,6 +218,12 @@ def rewrite_onnx(
     if any(other[o].shape[0] != 3 for o in outputs if other[o].ndim):
         raise VerificationError("the rewritten ONNX graph does not keep the batch dynamic")
     flops_after = _flops(new, after, x)
+    import json
+
+    recipe = [{"pass": method, "params": {k: v for k, v in pass_.params.items() if k != "calibration"} | (
+        {"calibration": str(pass_.params["calibration"])} if pass_.params.get("calibration") else {}),
+        "decisions": pass_.record}]
+    new.metadata_props.add(key=RECIPE_KEY, value=json.dumps(recipe, default=str))
     report = RewriteReport(
         method=method, params=pass_.params, decisions=pass_.record, input_shape=list(x.shape),
         flops_before=flops_before, flops_after=flops_after, flops_after_train=flops_after,
@@ -204,9 +234,10 @@ def rewrite_onnx(
     return new, report
 
 
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` atomically (a temporary file beside it, then a rename); a model over
-    2 GB keeps its weights in ``<name>.data`` beside it (ONNX external data).
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
+    """Write ``model`` to ``path`` atomically (a temporary file beside it, then a rename). With
+    ``external_data`` (default: when the model is over 2 GB, protobuf's limit) the weights go to
+    ``<name>.data`` beside it (ONNX external data), written first; the graph pointing to it lands last.
 
     Raises:
         VitpruneError: the folder does not exist or cannot be written.
@@ -216,11 +247,12 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise VitpruneError(f"the folder {path.parent} does not exist")
-    external = model.ByteSize() >= 2 ** 31 - 2 ** 20
+    external = model.ByteSize() >= 2 ** 31 - 2 ** 20 if external_data is None else external_data
     with atomic_file(path) as tmp:
         if external:  # the data file lands first under its final name; the graph pointing to it last
-            onnx.save(model, str(tmp), save_as_external_data=True, location=path.name + ".data",
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # onnx.save moves the weights of the model it is given out to the file
+            onnx.save(copy, str(tmp), save_as_external_data=True, location=path.name + ".data",
                       all_tensors_to_one_file=True)
-            os.replace(tmp.with_name(path.name + ".data"), path.with_name(path.name + ".data"))
         else:
             onnx.save(model, str(tmp))
