@@ -190,6 +190,7 @@ _METHOD_OPTIONS = {
     "token-drop": ("keep_rate", "selection", "at_inference"),
     "importance-mask": ("keep", "flops", "mode", "calibration", "first_block"),
     "lifespan-gather": ("flops", "after_block", "exact"),
+    "token-merge": ("r", "flops", "first_block", "proportional_attention"),
 }
 
 
@@ -202,12 +203,18 @@ _METHOD_OPTIONS = {
               help="token-drop: random patches (PatchDropout) or largest L1 norm (PSS) [default: random].")
 @click.option("--at-inference", is_flag=True, default=None, help="token-drop: also drop tokens in eval mode.")
 @click.option("--keep", metavar="BLOCK:RATE,...", help="importance-mask: before BLOCK keep RATE of the alive patches.")
-@click.option("--flops", type=float, help="importance-mask and lifespan-gather: target eval FLOPs as a fraction of "
-              "the original's, in (0, 1] [lifespan-gather default: 0.5; importance-mask: --flops or --keep].")
+@click.option("--flops", type=float, help="importance-mask, lifespan-gather and token-merge: target eval FLOPs as a "
+              "fraction of the original's, in (0, 1] [lifespan-gather default: 0.5; importance-mask: --flops or "
+              "--keep; token-merge: --flops or --r].")
 @click.option("--mode", type=click.Choice(["dynamic", "static"]), help="importance-mask: per-image top-k "
               "(dynamic, default) or fixed index sets from calibration images (static).")
 @click.option("--calibration", type=click.Path(), help="importance-mask static: folder of calibration images.")
-@click.option("--first-block", type=int, help="importance-mask with --flops: first pruned block [default: 3].")
+@click.option("--first-block", type=int, help="importance-mask with --flops: first pruned block [default: 3]; "
+              "token-merge: first merging block [default: 0].")
+@click.option("--r", "r", metavar="R|R0,R1,...", help="token-merge: tokens merged per block (ToMe's r), or one "
+              "count per block.")
+@click.option("--proportional-attention/--no-proportional-attention", default=None,
+              help="token-merge: weigh merged keys by their size in later blocks' attention [default: on].")
 @click.option("--after-block", type=int, help="lifespan-gather: the life regressor sits before this block [default: 3].")
 @click.option("--exact", is_flag=True, default=None, help="lifespan-gather: batch 1, keep exactly the tokens whose "
               "life > block (variable token counts: no static shapes).")

@@ -5,6 +5,9 @@ A schedule maps a block index ``b`` to the patch tokens kept before block ``b``;
 FLOPs are predicted from the analysed graph: per block ``linear_flops_per_token · N`` plus
 ``4 · heads · head_dim · N²`` for attention (what ``torch.utils.flop_counter`` counts), and the rest of
 the model (patch embedding, head) is constant in the token count.
+
+Token merging (ToMe, token-merge) has schedules of its own: ``{block: r}``, ``r`` tokens merged between
+the block's attention and its MLP (:func:`merge_schedule`, :func:`merge_flops`, :func:`solve_merge_for_flops`).
 """
 
 from __future__ import annotations
@@ -107,3 +110,94 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
     candidates = [counts_for(lo), counts_for(hi)]
     best = min(candidates, key=lambda c: abs(predicted_ratio(vit, c, total_flops) - target))
     return {b: k for b, k in best.items() if k < vit.num_patches or b == first_block}
+
+
+# --------------------------------------------------------------------------------------------
+# token merging (ToMe): a block merges r tokens between its attention and its MLP
+
+
+def merge_schedule(vit: ViTGraph, r: int, first_block: int = 0) -> dict[int, int]:
+    """ToMe's schedule for a constant ``r``: every block from ``first_block`` merges ``min(r, P_b // 2)`` of
+    the ``P_b`` patch tokens alive there (merge.py caps ``r`` at half the tokens the same way, bipartite
+    matching merging at most one set into the other); blocks that would merge nothing are left out.
+
+    Returns:
+        ``{block: tokens merged in that block}``, every value ``>= 1``.
+    """
+    merges, alive = {}, vit.num_patches
+    for block in range(first_block, vit.num_blocks):
+        merged = min(r, alive // 2)
+        if merged > 0:
+            merges[block] = merged
+            alive -= merged
+    return merges
+
+
+def merge_tokens_per_block(vit: ViTGraph, merges: dict[int, int]) -> list[int]:
+    """Tokens (prefix + patches) each block's attention sees when block ``b`` merges ``merges[b]`` tokens
+    after its attention (its MLP sees ``merges[b]`` fewer)."""
+    out, tokens = [], vit.num_tokens
+    for block in range(vit.num_blocks):
+        out.append(tokens)
+        tokens -= merges.get(block, 0)
+    return out
+
+
+def merge_flops(vit: ViTGraph, merges: dict[int, int], mlp_flops_per_token: list[int]) -> int:
+    """Predicted FLOPs of all blocks under ``merges`` (the counter's view, as :func:`block_flops`).
+
+    A merging block with ``N`` tokens, ``r`` merged: its attention branch costs
+    ``(linear_flops_per_token - mlp) · N + 4 · heads · head_dim · N²``, its MLP branches ``mlp · (N - r)``
+    (``mlp_flops_per_token[b]``: the linear FLOPs per token of the residual branches after the attention),
+    and the merge its two matmuls (:func:`vitprune.ops.token_ops.bipartite_soft_matching`'s similarities
+    ``2 · |A| · |B| · head_dim``, :func:`~vitprune.ops.token_ops.merge_tokens`'s assignment
+    ``2 · (N - r) · r · (C + 1)``).
+    """
+    total = 0
+    for b, n, mlp in zip(vit.blocks, merge_tokens_per_block(vit, merges), mlp_flops_per_token):
+        r = merges.get(b.index, 0)
+        head_dim = b.head_dim or b.dim // b.heads
+        total += (b.linear_flops_per_token - mlp) * n + 4 * b.heads * head_dim * n * n + mlp * (n - r)
+        if r:
+            patches = n - vit.num_prefix_tokens
+            total += 2 * (patches - patches // 2) * (patches // 2) * head_dim + 2 * (n - r) * r * (b.dim + 1)
+    return total
+
+
+def merge_predicted_ratio(vit: ViTGraph, merges: dict[int, int], total_flops: int,
+                          mlp_flops_per_token: list[int]) -> float:
+    """Predicted FLOPs ratio to the original under ``merges``; ``total_flops``: the original's, per image."""
+    fixed = total_flops - block_flops(vit, [vit.num_tokens] * vit.num_blocks)
+    return (fixed + merge_flops(vit, merges, mlp_flops_per_token)) / total_flops
+
+
+def solve_merge_for_flops(vit: ViTGraph, target: float, total_flops: int, mlp_flops_per_token: list[int],
+                          first_block: int = 0) -> int:
+    """The constant ``r`` (ToMe's schedule, :func:`merge_schedule`) whose predicted FLOPs ratio is closest to
+    ``target``, by bisection (the ratio falls as ``r`` grows).
+
+    Raises:
+        VitpruneError: ``target`` outside (0, 1], ``first_block`` outside the model, or a target below what
+            merging as much as bipartite matching allows from ``first_block`` on can reach.
+    """
+    if not 0.0 < target <= 1.0:
+        raise VitpruneError(f"FLOPs target must be in (0, 1], got {target}")
+    if not 0 <= first_block < vit.num_blocks:
+        raise VitpruneError(f"first merging block must be in 0..{vit.num_blocks - 1}, got {first_block}")
+
+    def ratio(r: int) -> float:
+        return merge_predicted_ratio(vit, merge_schedule(vit, r, first_block), total_flops, mlp_flops_per_token)
+
+    most = vit.num_patches // 2
+    floor = ratio(most)
+    if target < floor - 0.01:
+        raise VitpruneError(f"FLOPs target {target} is below {floor:.3f}, the least reachable by merging half the "
+                            f"patch tokens in every block from block {first_block} on")
+    lo, hi = 0, most  # ratio(lo) >= target > ratio(hi) once the loop ends (or lo == hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ratio(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return min((lo, hi), key=lambda r: abs(ratio(r) - target))

@@ -8,8 +8,8 @@ cannot be reached by any spelling.
 
 How the sets were enumerated (torch 2.14.1, timm 1.0.31, torchvision 0.29.1): every op in the graphs
 that ``vitprune.frontends.capture`` produces, and that ``vitprune.rewrite`` produces with token-drop (random and
-magnitude), importance-mask (dynamic and static) and lifespan-gather (soft and exact), in train and
-eval mode, with timm's fused attention on and off, for timm vit_small_patch16_224 (class token;
+magnitude), importance-mask (dynamic and static), lifespan-gather (soft and exact) and token-merge, in train
+and eval mode, with timm's fused attention on and off, for timm vit_small_patch16_224 (class token;
 ``class_token=False, global_pool="avg"``; ``qk_norm=True``; dropout and drop path),
 deit_tiny_distilled_patch16_224, deit3_small_patch16_224 (LayerScale), vit_small_patch14_dinov2,
 vit_small_patch14_reg4_dinov2, vit_xsmall_patch16_clip_224 (pre-norm), flexivit_small and

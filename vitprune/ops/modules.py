@@ -419,3 +419,67 @@ def auxiliary_losses(model: nn.Module) -> torch.Tensor | None:
     losses = [m.aux_loss() for m in model.modules() if hasattr(m, "aux_loss") and type(m) in LEAF_MODULES.values()]
     losses = [l for l in losses if l is not None]
     return sum(losses) if losses else None
+
+
+@register_leaf
+class TokenMerge(TokenModule):
+    """ToMe token merging (Bolya et al., arXiv 2210.09461, §3): merge ``r`` tokens into others between a
+    block's attention and its MLP.
+
+    Bipartite soft matching (:func:`token_ops.bipartite_soft_matching`) on the block's attention keys
+    averaged over heads (ToMe's metric): the patch tokens alternate into sets A and B, each A token's most
+    similar B token (cosine) is its match, and the ``r`` A tokens with the closest matches are merged into
+    them by size-weighted average (:func:`token_ops.merge_tokens`). Prefix tokens are never merged and
+    never merged into. The tokens that stay keep their original order. Active in train and eval mode, as
+    in ToMe; ``r`` is a Python int, so every shape is static. Verification's keep-all
+    (:func:`force_keep_all`) merges nothing: the output is the input, sizes unchanged.
+
+    Shapes: ``x [B, num_prefix_tokens + num_patches, C]``, ``k [B, H, N, d]`` (the same ``N``),
+    ``size [B, N, 1]`` (or ``None``: ones, before the first merge) -> ``(x [B, N - r, C], size [B, N - r, 1])``.
+    With ``record_kept``, ``last_kept`` ``[B, num_patches - r]`` holds the patch tokens that stay.
+
+    Raises:
+        ValueError: at construction, ``r`` outside ``[0, num_patches // 2]`` (bipartite matching merges at
+            most half the patch tokens).
+    """
+
+    def __init__(self, num_prefix_tokens: int, num_patches: int, r: int, block: int) -> None:
+        super().__init__()
+        if not 0 <= r <= num_patches // 2:
+            raise ValueError(f"r must be in [0, {num_patches // 2}] for {num_patches} patch tokens, got {r}")
+        self.num_prefix_tokens, self.num_patches, self.r, self.block = (int(num_prefix_tokens), int(num_patches),
+                                                                        int(r), int(block))
+        self.keep_count = self.num_patches - self.r
+        self._force_keep_all = False
+
+    def config(self) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches, "r": self.r,
+                "block": self.block}
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, size: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if size is None:
+            size = x.new_ones(x.shape[0], x.shape[1], 1)
+        r = 0 if self._force_keep_all else self.r
+        kept, src, dst = token_ops.bipartite_soft_matching(k.mean(dim=1), self.num_prefix_tokens, r)
+        if self.record_kept:
+            self.last_kept = (kept[:, self.num_prefix_tokens:] - self.num_prefix_tokens).detach()
+        return token_ops.merge_tokens(x, size, kept, src, dst)
+
+
+@register_leaf
+class ProportionalAttentionMask(nn.Module):
+    """ToMe's proportional attention (arXiv 2210.09461, §3 "Proportional attention") as an SDPA mask:
+    ``log(size)`` added to every query's score of each key, so a token holding ``s`` merged tokens weighs
+    as ``s`` keys would. An additive float mask keeps the block's fused SDPA kernel. Sizes of one give a
+    mask of zeros.
+
+    Shapes: ``size [B, N, 1]`` -> ``[B, 1, 1, N]`` (broadcast over heads and queries).
+    """
+
+    def config(self) -> dict[str, Any]:
+        """No arguments: ``ProportionalAttentionMask()`` rebuilds it."""
+        return {}
+
+    def forward(self, size: torch.Tensor) -> torch.Tensor:
+        return size.log().transpose(1, 2).unsqueeze(1)

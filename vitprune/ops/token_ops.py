@@ -126,3 +126,82 @@ def attention_patch_scores(
 def top_patch_indices(scores: torch.Tensor, keep_count: int) -> torch.Tensor:
     """``[B, P]`` scores -> ``[B, keep_count]`` indices of the highest, ascending (original order)."""
     return torch.sort(torch.topk(scores, keep_count, dim=1, sorted=False).indices, dim=1).values
+
+
+def bipartite_soft_matching(metric: torch.Tensor, num_prefix_tokens: int, r: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching (arXiv 2210.09461 §3, "Token Merging"): which ``r`` tokens to merge into which.
+
+    The patch tokens alternate into sets A (even patch positions) and B (odd); each A token's most
+    similar B token (cosine similarity of ``metric``) is its match, and the ``r`` A tokens with the most
+    similar matches are merged into them. Prefix tokens (CLS, registers, distillation) take no part: they
+    are never merged and nothing merges into them (ToMe's merge.py puts CLS in A with a score of -inf,
+    and a distillation token in B with -inf; leaving the prefix out does the same for any number of them).
+
+    Args:
+        metric: ``[B, N, d]`` what tokens are compared by (ToMe: the block's attention keys averaged over
+            heads), prefix tokens first.
+        num_prefix_tokens: tokens at the front that are never merged.
+        r: tokens to merge away (a Python int, ``0 <= r <= (N - num_prefix_tokens) // 2``).
+
+    Returns:
+        ``(kept [B, N - r], src [B, r], dst [B, r])`` int64 token indices into ``N``: the tokens that stay,
+        ascending (so the merged stream keeps the original order), the tokens merged away, and the token
+        each of those is merged into (always one of ``kept``).
+
+    Raises:
+        ValueError: ``r`` outside ``[0, (N - num_prefix_tokens) // 2]``.
+    """
+    batch, tokens, _ = metric.shape
+    p = num_prefix_tokens
+    nb = (tokens - p) // 2  # |B|; |A| = tokens - p - nb >= nb
+    if not 0 <= r <= nb:
+        raise ValueError(f"r must be in [0, {nb}] for {tokens - p} patch tokens, got {r}")
+    device = metric.device
+    if nb == 0:  # one patch token at most: nothing to match
+        kept = torch.arange(tokens, device=device).expand(batch, tokens)
+        empty = kept[:, :0]
+        return kept, empty, empty
+    patches = metric[:, p:].detach()
+    patches = patches / patches.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, b = patches[:, 0::2], patches[:, 1::2]
+    scores = a @ b.transpose(-1, -2)  # [B, |A|, |B|] cosine similarities
+    best, match = scores.max(dim=-1)  # each A token's most similar B token
+    # every A token ranked by its best similarity (one TopK over all of A: a static-size sort)
+    order = torch.topk(best, a.shape[1], dim=1, largest=True, sorted=True).indices
+    src_a, unmerged_a = order[:, :r], order[:, r:]
+    dst_b = gather_tokens(match.unsqueeze(-1), src_a).squeeze(-1)  # flat Gather, not GatherElements
+    prefix = torch.arange(p, device=device).expand(batch, p)
+    b_tokens = (p + 1 + 2 * torch.arange(nb, device=device)).expand(batch, nb)
+    kept = torch.sort(torch.cat([prefix, p + 2 * unmerged_a, b_tokens], dim=1), dim=1).values
+    return kept, p + 2 * src_a, p + 1 + 2 * dst_b
+
+
+def merge_tokens(x: torch.Tensor, size: torch.Tensor, kept: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the tokens ``src`` into ``dst`` by size-weighted average (ToMe's ``merge_wavg``, arXiv 2210.09461 §3).
+
+    A merged token is ``Σ size_i · x_i / Σ size_i`` over the tokens it holds, its size ``Σ size_i``; the other
+    tokens are unchanged. No scatter with a reduction (ONNX Runtime and TensorRT refuse ``ScatterElements``
+    with add): one flat gather (:func:`gather_tokens`) puts the kept tokens and the merged-away ones side by
+    side, and a one-hot assignment ``[B, N - r, r]`` (kept token == destination) times the merged-away tokens
+    adds each to its destination as one batched matmul.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        size: ``[B, N, 1]`` how many original tokens each token holds (ones before the first merge).
+        kept, src, dst: from :func:`bipartite_soft_matching` (``[B, N - r]``, ``[B, r]``, ``[B, r]``).
+
+    Returns:
+        ``(x [B, N - r, C], size [B, N - r, 1])`` in the order of ``kept``. With ``r = 0`` and sizes of one,
+        ``x`` comes back unchanged (bit for bit).
+    """
+    keep, channels = kept.shape[1], x.shape[-1]
+    weighted = torch.cat([x * size, size], dim=-1)  # size rides along as channel C
+    picked = gather_tokens(weighted, torch.cat([kept, src], dim=1))
+    stay, gone = picked[:, :keep], picked[:, keep:]
+    assign = (kept.unsqueeze(2) == dst.unsqueeze(1)).to(x.dtype)  # [B, N - r, r]
+    total = stay + assign @ gone
+    # sizes are counts: no gradient flows into them (and SDPA's fused CPU kernel refuses a mask that needs one)
+    merged_size = total[..., channels:].detach()
+    return total[..., :channels] / merged_size, merged_size
