@@ -8,7 +8,8 @@ bench times fewer rounds, eager only; the script path points into this repositor
 uses three files a reader brings along and the block itself does not make; the test makes them first
 (:func:`_users_files`):
 ``my_vit.pt`` (a pickled whole-module ViT, 10 blocks so ``--keep 3:..,6:..,9:..`` applies),
-``weights.safetensors`` (weights of the 10-class architecture the block names) and ``photo.png``.
+``weights.safetensors`` (weights of the 10-class architecture the block names), ``photo.png`` and
+``their_vit.onnx`` (the 10-block ViT exported by the TorchScript exporter, as third-party ONNX files are).
 """
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ def readme_commands() -> list[str]:
 
 
 def _users_files(folder: Path) -> None:
-    """What the block expects a reader to have: a pickled model, a weights file, a photo."""
+    """What the block expects a reader to have: a pickled model, a weights file, a photo, an ONNX file."""
     torch.manual_seed(0)
     torch.save(vitprune.load(ARCH, model_args={**SMALL_ARGS, "depth": 10}), folder / "my_vit.pt")
     weights = vitprune.load(ARCH, model_args={**SMALL_ARGS, "num_classes": 10}).state_dict()
     save_file(weights, str(folder / "weights.safetensors"))
+    onnx_model = vitprune.load(ARCH, model_args={**SMALL_ARGS, "depth": 10}).eval()
+    with torch.no_grad():
+        torch.onnx.export(onnx_model, (torch.randn(2, 3, 32, 32),), str(folder / "their_vit.onnx"), dynamo=False,
+                          opset_version=17, input_names=["pixel_values"],
+                          dynamic_axes={"pixel_values": {0: "batch"}})
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / "photo.png")
 
@@ -85,3 +91,4 @@ def test_readme_command_line_block_runs_top_to_bottom(tmp_path, monkeypatch, cli
     for made in ("vit_s_td", "vs_im", "my_ps", "vit_s_td_ft/model", "vit_s_pss/model"):
         assert (tmp_path / made / "vitprune.json").is_file(), made
     assert (tmp_path / "kept.png").is_file() and (tmp_path / "vs_im.onnx").is_file()
+    assert (tmp_path / "their_vit_im.onnx").is_file()

@@ -96,7 +96,7 @@ def test_refusals_name_the_reason_and_the_passes_before():
         with pytest.raises(PassError, match="keep rate"):
             vitprune.rewrite(model, "token-drop", keep_rate=bad, example_input=example(32))
     with pytest.raises(PassError, match="unknown method"):
-        vitprune.rewrite(model, "token-merge", example_input=example(32))
+        vitprune.rewrite(model, "token-shuffle", example_input=example(32))
 
 
 def test_keep_all_on_natural_photographs_at_224():
