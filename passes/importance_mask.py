@@ -210,14 +210,7 @@ class ImportanceMaskPass(VitPass):
 
                 def build(x, prev=prev, keep=keep):
                     o = ctx.builder("importance_topk")
-                    if prev.attention == "sdpa":
-                        scores = onnx_ops.attention_row_scores(o, ctx.tensor(prev.query_node), ctx.tensor(prev.key_node),
-                                                               vit.num_prefix_tokens, prev.attention_scale, score, cls_index)
-                    elif prev.attention == "matmul-softmax":
-                        scores = onnx_ops.attention_map_scores(o, ctx.tensor(prev.attention_node), vit.num_prefix_tokens,
-                                                               score, cls_index)
-                    else:
-                        scores = ctx.fused_attention_scores(o, prev, score, cls_index)
+                    scores = ctx.block_scores(o, prev, score, cls_index)
                     return onnx_ops.keep_patch_tokens(o, x, vit.num_prefix_tokens, onnx_ops.top_patch_indices(o, scores, keep))
 
                 ctx.insert_on_stream(vit.blocks[b].input_node, vit.num_prefix_tokens + keep, build)

@@ -188,14 +188,7 @@ class LifespanGatherPass(VitPass):
 
         def build(stream):
             o = ctx.builder("lifespan_gather")
-            if prev.attention == "sdpa":
-                scores = onnx_ops.attention_row_scores(o, ctx.tensor(prev.query_node), ctx.tensor(prev.key_node),
-                                                       vit.num_prefix_tokens, prev.attention_scale, score, cls_index)
-            elif prev.attention == "matmul-softmax":
-                scores = onnx_ops.attention_map_scores(o, ctx.tensor(prev.attention_node), vit.num_prefix_tokens,
-                                                       score, cls_index)
-            else:
-                scores = ctx.fused_attention_scores(o, prev, score, cls_index)
+            scores = ctx.block_scores(o, prev, score, cls_index)
             order = onnx_ops.lifespan_order(o, scores, vit.num_patches, k0, L, float(module.score_weight.detach()),
                                             float(module.bias.detach()))
             if ctx.keep_all:  # verification: the gather runs, every token stays in its place

@@ -142,6 +142,19 @@ class OnnxLowering:
                                         inputs=[stream, gamma] + ([beta] if beta is not None else []),
                                         outputs=[normed]))
 
+    def block_scores(self, b: Builder, block: Any, score: str, cls_index: int) -> gs.Variable:
+        """Patch scores ``[B, P]`` from ``block``'s attention, however the graph holds it: q and k of an SDPA,
+        the rows of an explicit attention map, or a fused ONNX Runtime ``Attention`` (split to expose q, k)."""
+        from vitprune.ops.onnx_ops import attention_map_scores, attention_row_scores
+
+        prefix = self.vit.num_prefix_tokens
+        if block.attention == "sdpa":
+            return attention_row_scores(b, self.tensor(block.query_node), self.tensor(block.key_node), prefix,
+                                        block.attention_scale, score, cls_index)
+        if block.attention == "matmul-softmax":
+            return attention_map_scores(b, self.tensor(block.attention_node), prefix, score, cls_index)
+        return self.fused_attention_scores(b, block, score, cls_index)
+
     def fused_attention_scores(self, b: Builder, block: Any, score: str, cls_index: int) -> gs.Variable:
         """Patch scores ``[B, P]`` of a block whose attention is ONNX Runtime's fused ``com.microsoft``
         ``Attention`` (q and k live inside the op). The op is split into its packed projection
