@@ -188,7 +188,7 @@ def _check_output(output: Path, inputs: list[str], overwrite: bool = False, kind
 
 _METHOD_OPTIONS = {
     "token-drop": ("keep_rate", "selection", "at_inference"),
-    "importance-mask": ("keep", "flops", "mode", "calibration", "first_block"),
+    "importance-mask": ("keep", "flops", "mode", "calibration", "first_block", "score"),
     "lifespan-gather": ("flops", "after_block", "exact"),
     "token-merge": ("r", "flops", "first_block", "proportional_attention"),
 }
@@ -209,6 +209,9 @@ _METHOD_OPTIONS = {
 @click.option("--mode", type=click.Choice(["dynamic", "static"]), help="importance-mask: per-image top-k "
               "(dynamic, default) or fixed index sets from calibration images (static).")
 @click.option("--calibration", type=click.Path(), help="importance-mask static: folder of calibration images.")
+@click.option("--score", type=click.Choice(["auto", "cls", "mean-query", "attention-received", "l1", "l2", "cls-norm"]),
+              help="importance-mask dynamic: how patches are scored [default: auto, the CLS attention row, or the "
+              "mean query's without a CLS token].")
 @click.option("--first-block", type=int, help="importance-mask with --flops: first pruned block [default: 3]; "
               "token-merge: first merging block [default: 0].")
 @click.option("--r", "r", metavar="R|R0,R1,...", help="token-merge: tokens merged per block (ToMe's r), or one "

@@ -124,6 +124,25 @@ def score_query(vit: ViTGraph) -> tuple[str, int]:
     return "mean-query", 0
 
 
+def resolve_score(vit: ViTGraph, score: str) -> tuple[str, int]:
+    """The patch score a pass uses (``"auto"``: :func:`score_query`'s choice) and the CLS index it reads.
+
+    Raises:
+        PassError: an unknown score, or a CLS-row score on a model whose readout reads no CLS token.
+    """
+    from vitprune.ops.token_ops import SCORES
+
+    default, cls_index = score_query(vit)
+    if score == "auto":
+        return default, cls_index
+    if score not in SCORES:
+        raise PassError(f"unknown score {score!r}; expected auto or one of {', '.join(SCORES)}")
+    if score in ("cls", "cls-norm") and default != "cls":
+        raise PassError(f"score {score!r} reads the CLS token's attention row, and this model's readout reads no "
+                        "CLS token: use mean-query, attention-received, l1 or l2")
+    return score, cls_index
+
+
 def schedule_record(vit: ViTGraph, counts: dict[int, int], total_flops: float, score: str, **extra: Any) -> dict[str, Any]:
     """What a keep-count pass decided, for the report and the saved recipe (the same for every frontend)."""
     from vitprune.graph.keep_counts import predicted_ratio, tokens_per_block

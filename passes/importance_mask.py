@@ -27,7 +27,7 @@ from vitprune.errors import PassError, VitpruneError
 from vitprune.graph.flops import count_flops
 from vitprune.ops.modules import AttentionTopK, StaticTokenSelect
 from vitprune.frontends.fx import RecordValues
-from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass, schedule_record, score_query
+from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass, resolve_score, schedule_record
 from vitprune.graph.keep_counts import counts_from_rates, parse_keep, solve_for_flops
 
 MODES = ("dynamic", "static")
@@ -119,13 +119,14 @@ class ImportanceMaskPass(VitPass):
     """Parameters: ``keep`` (``{block: rate}`` or ``"3:0.7,6:0.7"``) or ``flops`` (target ratio),
     ``mode`` (``dynamic`` | ``static``), ``first_block`` (first pruned block for ``flops``, default 3),
     ``calibration`` (static: a folder of images or an iterable of ``[B, C, H, W]`` tensors),
-    ``calibration_limit`` (images read from a folder, default 256)."""
+    ``calibration_limit`` (images read from a folder, default 256), ``score`` (dynamic: ``auto`` or one of
+    :data:`~vitprune.ops.token_ops.SCORES`, see :func:`~vitprune.ops.token_ops.patch_scores`)."""
 
     name = "importance-mask"
     needs = ("readout_is_position_free", "every_reader_known", "no_token_indexed_tensors", "no_token_ops")
 
     def __init__(self, keep: Any = None, flops: float | None = None, mode: str = "dynamic", first_block: int = 3,
-                 calibration: Any = None, calibration_limit: int = 256) -> None:
+                 calibration: Any = None, calibration_limit: int = 256, score: str = "auto") -> None:
         if (keep is None) == (flops is None):
             raise PassError("give exactly one of a keep schedule (--keep BLOCK:RATE,...) or a FLOPs target (--flops F)")
         if mode not in MODES:
@@ -134,12 +135,14 @@ class ImportanceMaskPass(VitPass):
             raise PassError("static mode needs calibration images (--calibration DIR)")
         if flops is not None and not 0.0 < float(flops) <= 1.0:
             raise PassError(f"FLOPs target must be in (0, 1], got {flops}")
+        if mode == "static" and score != "auto":
+            raise PassError("static mode chooses patches by top-down significance; --score applies to dynamic mode")
         self._calibration = calibration
         super().__init__(keep=parse_keep(keep) if keep is not None else None,
                          flops=float(flops) if flops is not None else None, mode=mode, first_block=int(first_block),
                          calibration=None if calibration is None else
                          str(calibration) if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__")
-                         else "<tensors>", calibration_limit=int(calibration_limit))
+                         else "<tensors>", calibration_limit=int(calibration_limit), score=str(score))
 
     @property
     def needs_visible_attention(self) -> bool:
@@ -168,10 +171,12 @@ class ImportanceMaskPass(VitPass):
         counts = self._counts(vit, total)
         alive = vit.num_patches
         if self.params["mode"] == "dynamic":
-            score, cls_index = score_query(vit)
+            score, cls_index = resolve_score(vit, self.params["score"])
             for b, k in counts.items():
                 prev = vit.blocks[b - 1]
-                if prev.attention == "sdpa":
+                if score in ("l1", "l2"):  # the stream alone
+                    args, source = (), "qk"
+                elif prev.attention == "sdpa":
                     args, source = (prev.query_node, prev.key_node), "qk"
                 elif prev.attention == "matmul-softmax":
                     args, source = (prev.attention_node,), "attn"
@@ -203,14 +208,14 @@ class ImportanceMaskPass(VitPass):
         counts = self._counts(vit, int(ctx.flops_per_image))
         alive = vit.num_patches
         if self.params["mode"] == "dynamic":
-            score, cls_index = score_query(vit)
+            score, cls_index = resolve_score(vit, self.params["score"])
             for b, k in counts.items():
                 prev = vit.blocks[b - 1]
                 keep = alive if ctx.keep_all else k
 
                 def build(x, prev=prev, keep=keep):
                     o = ctx.builder("importance_topk")
-                    scores = ctx.block_scores(o, prev, score, cls_index)
+                    scores = ctx.patch_scores(o, x, prev, score, cls_index)
                     return onnx_ops.keep_patch_tokens(o, x, vit.num_prefix_tokens, onnx_ops.top_patch_indices(o, scores, keep))
 
                 ctx.insert_on_stream(vit.blocks[b].input_node, vit.num_prefix_tokens + keep, build)

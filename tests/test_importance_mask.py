@@ -58,6 +58,42 @@ def test_dynamic_keeps_top_cls_attention_patches():
     assert torch.equal(out[:, 1:], torch.stack([x[i, prefix + expected[i]] for i in range(b)]))
 
 
+@pytest.mark.parametrize("score", ["mean-query", "attention-received", "l1", "l2", "cls-norm"])
+def test_each_score_keeps_the_patches_it_rates_highest(score):
+    torch.manual_seed(1)
+    b, h, n, d, prefix = 2, 3, 11, 4, 1
+    q, k, x = torch.randn(b, h, n, d), torch.randn(b, h, n, d), torch.randn(b, n, 8)
+    attn = torch.softmax(q @ k.transpose(-2, -1) * d ** -0.5, dim=-1)  # the full map, [B, H, N, N]
+    norms = x[:, prefix:].norm(dim=-1)
+    expected_scores = {
+        "mean-query": torch.softmax(q.mean(2, keepdim=True) @ k.transpose(-2, -1) * d ** -0.5, -1).mean(1)[:, 0, prefix:],
+        "attention-received": attn.mean(dim=(1, 2))[:, prefix:],
+        "l1": x[:, prefix:].abs().sum(-1),
+        "l2": norms,
+        "cls-norm": attn.mean(1)[:, 0, prefix:] * norms,
+    }[score]
+    mod = AttentionTopK(num_prefix_tokens=prefix, num_patches=n - prefix, keep_count=4, scale=d ** -0.5, score=score)
+    mod.record_kept = True
+    out = mod(x, q, k)
+    expected = expected_scores.topk(4, dim=1).indices.sort(dim=1).values
+    assert torch.equal(mod.last_kept, expected)
+    assert torch.equal(out[:, 1:], torch.stack([x[i, prefix + expected[i]] for i in range(b)]))
+    if score != "mean-query":  # the same score from an explicit attention map (source="attn")
+        from_map = AttentionTopK(prefix, n - prefix, 4, score=score, source="attn")
+        from_map.record_kept = True
+        from_map(x, attn)
+        assert torch.equal(from_map.last_kept, expected)
+
+
+def test_score_choice_is_checked_against_the_readout():
+    _, report = rewrite_family("vit_small", "importance-mask", flops=0.7, score="l2")
+    assert report.decisions["score"] == "l2" and report.keep_all_worst_node_diff <= 1e-5
+    with pytest.raises(vitprune.PassError, match="reads no CLS token"):
+        rewrite_family("gap", "importance-mask", flops=0.7, score="cls-norm")
+    with pytest.raises(vitprune.PassError, match="unknown score"):
+        rewrite_family("vit_small", "importance-mask", flops=0.7, score="entropy")
+
+
 def test_dynamic_stages_are_nested_and_image_dependent():
     model = vitprune.load("timm:vit_small_patch16_224", model_args=dict(depth=6))
     rewritten, report = vitprune.rewrite(model, "importance-mask", keep="2:0.5,4:0.5")
@@ -138,3 +174,11 @@ def test_cli_flops_json(cli_inprocess, tmp_path):
     assert 0.57 <= d["flops_after"] / d["flops_before"] <= 0.63 and d["keep_all_max_abs_diff"] <= 1e-5
     code, _, err = cli_inprocess("rewrite", "timm:vit_small_patch16_224", "--flops", "0.6", "-o", tmp_path / "x")
     assert code == 2 and "--flops does not apply to --method token-drop" in err
+
+
+def test_cli_offers_every_score():
+    from vitprune.cli.main import rewrite
+    from vitprune.ops.token_ops import SCORES
+
+    option = next(p for p in rewrite.params if p.name == "score")
+    assert tuple(option.type.choices) == ("auto", *SCORES)  # the CLI's literal list (no torch import) is complete

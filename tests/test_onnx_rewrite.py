@@ -103,6 +103,22 @@ def test_onnx_rewrite_computes_the_fx_rewrite(onnx_dir, kind, name):
     onnx.checker.check_model(new, full_check=True)
 
 
+@pytest.mark.parametrize("kind,score", [("ts17", "l2"), ("ts17", "cls-norm"), ("ts17", "attention-received"),
+                                        ("ort-fused", "cls-norm")])
+def test_every_patch_score_lowers_to_onnx(onnx_dir, kind, score):
+    model, _ = make_model("timm-cls")
+    params = dict(flops=0.6, first_block=1, score=score)
+    gm, fx_report = vitprune.rewrite(model, "importance-mask", input_size=(3, 32, 32), **params)
+    new, report = rewrite_onnx(cached_onnx("timm-cls", kind, onnx_dir), "importance-mask", **params)
+    assert report.keep_all_worst_node_diff <= 1e-5 and report.decisions["score"] == score
+    assert report.decisions["tokens_per_block"] == fx_report.decisions["tokens_per_block"]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = gm.eval()(x)
+    assert (want - model(x)).abs().max() > 1e-2
+    assert torch.allclose(torch.from_numpy(_run(new, x)), want, atol=1e-4)
+
+
 def _run(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
     import onnxruntime as ort
 

@@ -144,6 +144,29 @@ def test_mean_pool_readout_merges_and_stays_exact():
     assert report.keep_all_worst_node_diff <= 1e-5 and report.decisions["tokens_per_block"] == [64, 58]
 
 
+def _other_frontends():
+    """Models the other passes accept through torch.export: Hugging Face ViT / DINOv2 / CLIP, torchvision."""
+    from test_frontends import _hf, _torchvision  # the same small models the other passes are tested on
+
+    return {"hf_vit": lambda: _hf("vit"), "hf_dinov2_classifier": lambda: _hf("dinov2_classifier"),
+            "hf_clip_vision": lambda: _hf("clip_vision"), "torchvision": _torchvision}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES) + ["hf_vit", "hf_dinov2_classifier", "hf_clip_vision", "torchvision"])
+def test_every_family_the_other_passes_accept_is_exact_with_every_token_kept(family):
+    model = small_model(family).eval() if family in FAMILIES else _other_frontends()[family]()
+    size = 56 if family in ("registers", "dinov2") else 32
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    rewritten, report = vitprune.rewrite(model, "token-merge", r=4, example_input=x)
+    assert report.keep_all_nodes_compared > 50 and report.keep_all_worst_node_diff <= 1e-5, report.keep_all_worst_node
+    assert abs(report.flops_ratio - report.decisions["predicted_flops_ratio"]) < 2e-3  # predicted as counted
+    assert report.flops_ratio < 0.97 and min(report.decisions["merges"].values()) == 4
+    with torch.no_grad():
+        out, ref = rewritten.eval()(x), model(x)
+    out, ref = (o if torch.is_tensor(o) else o[0] for o in (out, ref))
+    assert torch.isfinite(out).all() and out.shape == ref.shape
+
+
 def test_compile_serves_every_batch_size_with_one_graph(merged):
     from torch._dynamo.utils import counters
 

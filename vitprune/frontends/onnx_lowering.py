@@ -155,6 +155,19 @@ class OnnxLowering:
             return attention_map_scores(b, self.tensor(block.attention_node), prefix, score, cls_index)
         return self.fused_attention_scores(b, block, score, cls_index)
 
+    def patch_scores(self, b: Builder, x: gs.Tensor, block: Any, score: str, cls_index: int) -> gs.Variable:
+        """Patch scores ``[B, P]`` at a pruning point whose stream is ``x`` and whose previous block is ``block``:
+        the ONNX form of :func:`vitprune.ops.token_ops.patch_scores`."""
+        from vitprune.ops.onnx_ops import magnitude_scores, norm_scores
+
+        prefix = self.vit.num_prefix_tokens
+        if score == "l1":
+            return magnitude_scores(b, x, prefix)
+        if score == "l2":
+            return norm_scores(b, x, prefix)
+        rows = self.block_scores(b, block, "cls" if score == "cls-norm" else score, cls_index)
+        return b.op("Mul", [rows, norm_scores(b, x, prefix)]) if score == "cls-norm" else rows
+
     def fused_attention_scores(self, b: Builder, block: Any, score: str, cls_index: int) -> gs.Variable:
         """Patch scores ``[B, P]`` of a block whose attention is ONNX Runtime's fused ``com.microsoft``
         ``Attention`` (q and k live inside the op). The op is split into its packed projection

@@ -130,11 +130,12 @@ def force_keep_all(model: nn.Module) -> Iterator[None]:
 
 @register_leaf
 class AttentionTopK(TokenModule):
-    """Keep the ``keep_count`` patch tokens the previous block's attention rates highest.
+    """Keep the ``keep_count`` patch tokens scored highest at the pruning point.
 
-    Dynamic (input-dependent) form of Patch Slimming (arXiv 2106.02852, DPS-ViT) with the one-row
-    score of EViT (arXiv 2202.07800): ``softmax(q_cls · Kᵀ · scale)`` averaged over heads, from the
-    attention block just before the pruning point (see :func:`token_ops.attention_patch_scores`).
+    Dynamic (input-dependent) form of Patch Slimming (arXiv 2106.02852, DPS-ViT). By default the score is
+    the one-row score of EViT (arXiv 2202.07800): ``softmax(q_cls · Kᵀ · scale)`` averaged over heads, from
+    the attention block just before the pruning point; ``score`` picks another of
+    :data:`token_ops.SCORES` (:func:`token_ops.patch_scores`; ``"l1"`` / ``"l2"`` read ``x`` alone).
     With ``source="attn"`` the scores are read from an explicit attention map ``[B, H, N, N]`` instead.
     Active in train and eval mode; the kept count is static.
 
@@ -158,12 +159,10 @@ class AttentionTopK(TokenModule):
                 "keep_count": self.keep_count, "scale": self.scale, "score": self.score,
                 "cls_index": self.cls_index, "source": self.source}
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
-        if self.source == "qk":
-            scores = token_ops.attention_patch_scores(q, k, self.num_prefix_tokens, self.scale, self.score, self.cls_index)
-        else:  # q is the attention map [B, H, N, N]
-            rows = q[:, :, self.cls_index] if self.score == "cls" else q.mean(dim=2)
-            scores = rows.mean(dim=1)[:, self.num_prefix_tokens:]
+    def forward(self, x: torch.Tensor, q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> torch.Tensor:
+        # q is the attention map [B, H, N, N] with source="attn"; norm scores read x alone
+        maps = {"q": q, "k": k, "scale": self.scale} if self.source == "qk" else {"attn": q}
+        scores = token_ops.patch_scores(x, self.num_prefix_tokens, self.score, cls_index=self.cls_index, **maps)
         keep = x.shape[1] - self.num_prefix_tokens if self._force_keep_all else self.keep_count
         return self._keep(token_ops.keep_patch_tokens(x, self.num_prefix_tokens, token_ops.top_patch_indices(scores, keep)))
 

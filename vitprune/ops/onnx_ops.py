@@ -112,6 +112,12 @@ def magnitude_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int) -> gs.Var
     return b.reduce("ReduceL1", patches, [2], keepdims=False)
 
 
+def norm_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int) -> gs.Variable:
+    """L2 norm over channels of each patch token ``[B, P]``."""
+    patches = b.slice(x, num_prefix_tokens, None, axis=1) if num_prefix_tokens else x
+    return b.reduce("ReduceL2", patches, [2], keepdims=False)
+
+
 def random_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int) -> gs.Variable:
     """Uniform noise ``[B, P]``, one value per patch token (PatchDropout, arXiv 2208.07220 §3)."""
     patches = b.slice(x, num_prefix_tokens, None, axis=1) if num_prefix_tokens else x
@@ -124,11 +130,12 @@ def attention_row_scores(b: Builder, q: gs.Tensor, k: gs.Tensor, num_prefix_toke
     """``softmax(q_r · Kᵀ · scale)`` averaged over heads, patch keys only: ``[B, P]`` (EViT, arXiv 2202.07800 §3).
 
     ``q, k``: ``[B, H, N, d]``; ``score="cls"`` takes the row of query ``cls_index``, ``"mean-query"`` the mean
-    query (:func:`vitprune.ops.token_ops.attention_patch_scores`).
+    query (:func:`vitprune.ops.token_ops.attention_patch_scores`), ``"attention-received"`` every row (the
+    full map, averaged over queries too).
     """
     query = (b.slice(q, cls_index, cls_index + 1, axis=2) if score == "cls"
-             else b.reduce("ReduceMean", q, [2], keepdims=True))
-    logits = b.op("MatMul", [query, b.op("Transpose", [k], {"perm": [0, 1, 3, 2]})])  # [B, H, 1, N]
+             else q if score == "attention-received" else b.reduce("ReduceMean", q, [2], keepdims=True))
+    logits = b.op("MatMul", [query, b.op("Transpose", [k], {"perm": [0, 1, 3, 2]})])  # [B, H, 1 or N, N]
     attn = b.op("Softmax", [b.op("Mul", [logits, b.scalar(scale)])], {"axis": -1})
     mean = b.reduce("ReduceMean", attn, [1, 2], keepdims=False)  # [B, N]
     return b.slice(mean, num_prefix_tokens, None, axis=1)

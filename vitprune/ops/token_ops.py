@@ -92,7 +92,10 @@ def keep_count_for_rate(num_patches: int, keep_rate: float) -> int:
     return max(1, min(num_patches, int(num_patches * keep_rate + 1e-9)))
 
 
-SCORES = ("cls", "mean-query")
+#: Scores read from one attention row (linear cost: the block keeps its fused attention kernel).
+ROW_SCORES = ("cls", "mean-query")
+#: Every patch score a pruning point can use (see :func:`patch_scores`).
+SCORES = ("cls", "mean-query", "attention-received", "l1", "l2", "cls-norm")
 
 
 def attention_patch_scores(
@@ -118,9 +121,56 @@ def attention_patch_scores(
     elif score == "mean-query":
         query = q.mean(dim=2, keepdim=True)
     else:
-        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
+        raise ValueError(f"unknown score {score!r}; expected one of {ROW_SCORES}")
     attn = torch.softmax((query @ k.transpose(-2, -1)) * scale, dim=-1)  # [B, H, 1, N]
     return attn.mean(dim=1)[:, 0, num_prefix_tokens:]
+
+
+def patch_scores(x: torch.Tensor, num_prefix_tokens: int, score: str, *, q: torch.Tensor | None = None,
+                 k: torch.Tensor | None = None, attn: torch.Tensor | None = None, scale: float | None = None,
+                 cls_index: int = 0) -> torch.Tensor:
+    """Importance of every patch token at a pruning point; higher is kept.
+
+    - ``"cls"`` / ``"mean-query"``: one attention row of the block before
+      (:func:`attention_patch_scores`; EViT, arXiv 2202.07800 §3).
+    - ``"attention-received"``: attention each token receives, averaged over queries and heads (the
+      column mean of the full map; costs an ``O(N² · d)`` score matrix beside a fused kernel).
+    - ``"l1"`` / ``"l2"``: the token's norm over channels in the residual stream (magnitude, as
+      PSS, arXiv 2208.09520 §3.2, uses L1).
+    - ``"cls-norm"``: the CLS row times the token's L2 norm: attention weighted by the size of what the
+      token carries (the ``‖α·f(x)‖`` view of Kobayashi et al., arXiv 2004.10102, with the stream token
+      standing in for the value vector).
+
+    Args:
+        x: ``[B, N, C]`` residual stream at the pruning point (prefix tokens first).
+        q, k: ``[B, H, N, d]`` of the block before, or ``attn``: its attention map ``[B, H, N, N]``.
+        scale: the block's softmax scale (with ``q, k``).
+
+    Returns:
+        ``[B, N - num_prefix_tokens]`` scores.
+
+    Raises:
+        ValueError: unknown ``score``, or an attention score without ``q, k`` / ``attn``.
+    """
+    patches = x[:, num_prefix_tokens:]
+    if score == "l1":
+        return patches.abs().sum(dim=-1)
+    if score == "l2":
+        return patches.norm(dim=-1)
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
+    if attn is None and (q is None or k is None):
+        raise ValueError(f"score {score!r} needs the attention of the block before (q and k, or its map)")
+    if score == "attention-received":
+        if attn is None:
+            attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+        return attn.mean(dim=(1, 2))[:, num_prefix_tokens:]
+    row = "mean-query" if score == "mean-query" else "cls"
+    if attn is None:
+        rows = attention_patch_scores(q, k, num_prefix_tokens, scale, row, cls_index)
+    else:
+        rows = (attn[:, :, cls_index] if row == "cls" else attn.mean(dim=2)).mean(dim=1)[:, num_prefix_tokens:]
+    return rows * patches.norm(dim=-1) if score == "cls-norm" else rows
 
 
 def top_patch_indices(scores: torch.Tensor, keep_count: int) -> torch.Tensor:
