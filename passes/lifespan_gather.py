@@ -27,9 +27,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from vitprune.graph.analysis import ViTGraph
 from vitprune.errors import PassError
 from vitprune.graph.flops import count_flops
+from vitprune.ops import token_ops
 from vitprune.ops.modules import LifespanGather, PrefixSlice, SurvivalGate, SurvivalKeyMask
 from vitprune.frontends.fx import RecordValues
-from vitprune.passes.base import (VitPass, insert_on_stream, node_named, register_pass, schedule_record, score_query,
+from vitprune.passes.base import (VitPass, insert_on_stream, node_named, register_pass, resolve_score, schedule_record,
                                    unique_attr_name)
 from vitprune.graph.keep_counts import block_flops, predicted_ratio, solve_for_flops
 
@@ -49,11 +50,12 @@ class LifespanGatherPass(VitPass):
     needs = ("readout_is_position_free", "every_reader_known", "no_token_indexed_tensors", "no_token_ops")
 
     def __init__(self, flops: float = 0.5, after_block: int = 3, exact: bool = False, budget_weight: float = 2.0,
-                 tau_start: float = 1.0, tau_end: float = 0.1) -> None:
+                 tau_start: float = 1.0, tau_end: float = 0.1, score: str = "auto") -> None:
         if not 0.0 < float(flops) <= 1.0:
             raise PassError(f"FLOPs target must be in (0, 1], got {flops}")
         super().__init__(flops=float(flops), after_block=int(after_block), exact=bool(exact),
-                         budget_weight=float(budget_weight), tau_start=float(tau_start), tau_end=float(tau_end))
+                         budget_weight=float(budget_weight), tau_start=float(tau_start), tau_end=float(tau_end),
+                         score=str(score))
 
     @property
     def single_image(self) -> bool:
@@ -77,7 +79,7 @@ class LifespanGatherPass(VitPass):
         x = self.example_input
         total = count_flops(gm, x) / x.shape[0]
         counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0)
-        score, cls_index = score_query(vit)
+        score, cls_index = resolve_score(vit, p["score"])
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
         block_att = [4 * b.heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
@@ -172,23 +174,22 @@ class LifespanGatherPass(VitPass):
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
         total = ctx.flops_per_image
         counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0)
-        score, cls_index = score_query(vit)
+        score, cls_index = resolve_score(vit, p["score"])
         module = LifespanGather(vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale or 1.0,
                                 score=score, cls_index=cls_index)
         x = torch.from_numpy(ctx.values[block.input_node])
         if prev.attention == "sdpa":
             q, k = (torch.from_numpy(ctx.values[n]) for n in (prev.query_node, prev.key_node))
             self._fit_bias(vit, module, total, lambda: module.lives(x, q, k))
-        else:  # the attention map's query row (the same softmax(q_r · Kᵀ · scale))
+        else:  # scores from the attention map (the same softmax(q · Kᵀ · scale) rows)
             attn = torch.from_numpy(ctx.values[prev.attention_node] if prev.attention == "matmul-softmax"
                                     else ctx.fused_attention_map(prev, ctx.values))
-            rows = attn[:, :, cls_index] if score == "cls" else attn.mean(dim=2)
-            scores_value = rows.mean(dim=1)[:, vit.num_prefix_tokens:]
+            scores_value = token_ops.patch_scores(x, vit.num_prefix_tokens, score, attn=attn, cls_index=cls_index)
             self._fit_bias(vit, module, total, lambda: module.lives_from_scores(x, scores_value))
 
         def build(stream):
             o = ctx.builder("lifespan_gather")
-            scores = ctx.block_scores(o, prev, score, cls_index)
+            scores = ctx.patch_scores(o, stream, prev, score, cls_index)
             order = onnx_ops.lifespan_order(o, scores, vit.num_patches, k0, L, float(module.score_weight.detach()),
                                             float(module.bias.detach()))
             if ctx.keep_all:  # verification: the gather runs, every token stays in its place

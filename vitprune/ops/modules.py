@@ -273,11 +273,13 @@ class LifespanGather(TokenModule):
 
     def lives(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Predicted lives ``[B, P]`` (in blocks, within ``(first_block - ½, num_blocks)``), in token order."""
-        scores = token_ops.attention_patch_scores(q, k, self.num_prefix_tokens, self.scale, self.score, self.cls_index)
+        scores = token_ops.patch_scores(x, self.num_prefix_tokens, self.score, q=q, k=k, scale=self.scale,
+                                        cls_index=self.cls_index)
         return self.lives_from_scores(x, scores)
 
     def lives_from_scores(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """:meth:`lives` from the patches' attention scores ``[B, P]`` (stream ``x [B, prefix + P, C]``)."""
+        """:meth:`lives` from the patches' scores ``[B, P]`` (:func:`token_ops.patch_scores`; stream
+        ``x [B, prefix + P, C]``)."""
         z = scores.clamp_min(1e-12).log()
         z = (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-6)
         logit = self.score_weight * z + self.mlp(x[:, self.num_prefix_tokens:]).squeeze(-1) + self.bias
