@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -24,16 +22,12 @@ def load_example() -> ModuleType:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    """Write ``text`` to ``path`` atomically (:func:`vitprune.io.outputs.atomic_file`), making its folder."""
+    from vitprune.io.outputs import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def token_drop_keep_count(model: torch.nn.Module, target: float, example_input: torch.Tensor,

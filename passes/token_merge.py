@@ -51,11 +51,13 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+import networkx as nx
 import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from vitprune.errors import PassError, VitpruneError
+from vitprune.frontends.fx import fx_digraph
 from vitprune.graph.analysis import ViTGraph
 from vitprune.graph.flops import flop_counter
 from vitprune.graph.keep_counts import (merge_predicted_ratio, merge_schedule, merge_tokens_per_block,
@@ -87,26 +89,6 @@ def parse_r(r: Any) -> int | list[int]:
     return r
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for u in todo.pop().users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for i in todo.pop().all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return seen
-
-
 class _NodeFlops(fx.Interpreter):
     """Runs the graph under a FLOPs counter and keeps each node's FLOPs in :attr:`flops`."""
 
@@ -134,12 +116,11 @@ def measure_flops(gm: fx.GraphModule, vit: ViTGraph, x: torch.Tensor) -> tuple[i
             run.run(x)
     finally:
         gm.train(was)
-    mlp = []
+    mlp, g = [], fx_digraph(gm)
     for b in vit.blocks:
         names: set[str] = set()
         for stream_in, branch_out in zip(b.residual_adds, b.residual_branches[1:]):
-            start, end = node_named(gm, stream_in), node_named(gm, branch_out)
-            names |= {n.name for n in (_ancestors(end) | {end}) & _descendants(start)}
+            names |= (nx.ancestors(g, branch_out) | {branch_out}) & nx.descendants(g, stream_in)
         mlp.append(round(sum(run.flops.get(n, 0) for n in names) / (x.shape[0] * b.tokens)))
     return int(counter.get_total_flops()) // x.shape[0], mlp
 

@@ -14,6 +14,7 @@ import io
 import operator
 from typing import Any
 
+import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -176,6 +177,15 @@ def _attrs(gm: fx.GraphModule, node: fx.Node, kind: str) -> dict[str, Any]:
     if kind == "token_op":  # changes_tokens: a TokenModule (drops/gathers), not a training-only gate
         return {"module": type(mod).__name__, "config": mod.config(), "changes_tokens": isinstance(mod, TokenModule)}
     return {}
+
+
+def fx_digraph(gm: fx.GraphModule) -> nx.DiGraph:
+    """The data flow of ``gm`` as a ``networkx.DiGraph`` over node names (an edge from each input to its user)."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name)
+        g.add_edges_from((i.name, node.name) for i in node.all_input_nodes)
+    return g
 
 
 class RecordValues(fx.Interpreter):
