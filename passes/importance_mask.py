@@ -231,7 +231,9 @@ class ImportanceMaskPass(VitPass):
                 out.update({n: torch.from_numpy(ctx.fused_attention_map(fused[n], got)) for n in names if n in fused})
                 return out
 
-            sets = nested_static_sets(vit, counts, significance(vit, _attention_maps(vit, self._calibration_batches(vit), record)))
+            # keep-all keeps every token in place: the calibration run is only for the real lowering
+            sets = None if ctx.keep_all else nested_static_sets(
+                vit, counts, significance(vit, _attention_maps(vit, self._calibration_batches(vit), record)))
             previous = list(range(vit.num_patches))
             for b in counts:
                 position = {g: i for i, g in enumerate(previous)}
