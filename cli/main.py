@@ -189,7 +189,7 @@ def _check_output(output: Path, inputs: list[str], overwrite: bool = False, kind
 _METHOD_OPTIONS = {
     "token-drop": ("keep_rate", "selection", "at_inference"),
     "importance-mask": ("keep", "flops", "mode", "calibration", "first_block", "score"),
-    "lifespan-gather": ("flops", "after_block", "exact"),
+    "lifespan-gather": ("flops", "after_block", "exact", "score"),
     "token-merge": ("r", "flops", "first_block", "proportional_attention"),
 }
 
@@ -210,8 +210,8 @@ _METHOD_OPTIONS = {
               "(dynamic, default) or fixed index sets from calibration images (static).")
 @click.option("--calibration", type=click.Path(), help="importance-mask static: folder of calibration images.")
 @click.option("--score", type=click.Choice(["auto", "cls", "mean-query", "attention-received", "l1", "l2", "cls-norm"]),
-              help="importance-mask dynamic: how patches are scored [default: auto, the CLS attention row, or the "
-              "mean query's without a CLS token].")
+              help="importance-mask dynamic and lifespan-gather: how patches are scored [default: auto, the CLS "
+              "attention row, or the mean query's without a CLS token].")
 @click.option("--first-block", type=int, help="importance-mask with --flops: first pruned block [default: 3]; "
               "token-merge: first merging block [default: 0].")
 @click.option("--r", "r", metavar="R|R0,R1,...", help="token-merge: tokens merged per block (ToMe's r), or one "
@@ -221,6 +221,8 @@ _METHOD_OPTIONS = {
 @click.option("--after-block", type=int, help="lifespan-gather: the life regressor sits before this block [default: 3].")
 @click.option("--exact", is_flag=True, default=None, help="lifespan-gather: batch 1, keep exactly the tokens whose "
               "life > block (variable token counts: no static shapes).")
+@click.option("--schedule", type=click.Path(dir_okay=False), help="A schedule file from `vitprune search`: the method "
+              "and its parameters come from it (no --method or method options then).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder to write the rewritten model to.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is a model saved by vitprune.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the verification run.")
@@ -228,7 +230,7 @@ _METHOD_OPTIONS = {
               help="Capture with torch.fx symbolic trace, torch.export, or trace and export when tracing fails "
               "(or when the method needs the queries and keys an nn.MultiheadAttention module hides).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, frontend, as_json,
+def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, frontend, as_json, schedule,
             **options) -> None:
     """Rewrite MODEL with METHOD, verify it and save it to OUTPUT.
 
@@ -242,6 +244,11 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
     from vitprune.rewrite import rewrite as do_rewrite
     from vitprune.io.save import save
 
+    if schedule is not None:  # the method and its parameters from `vitprune search`'s file
+        from vitprune.cli.search import schedule_method
+
+        method, options = schedule_method(schedule, options)
+        inputs = [*inputs, schedule]
     output = Path(output)
     is_onnx = _is_onnx(model)
     if is_onnx and output.suffix.lower() != ".onnx":
@@ -288,6 +295,8 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
         when = "in training and inference" if given.get("at_inference") or is_onnx else "in training"
         click.echo(f"{method}: keep {d['keep_count']} of {d['num_patches']} patch tokens "
                    f"(+{d['num_prefix_tokens']} prefix) {when}")
+    elif method == "token-merge":
+        click.echo(f"{method} (r per block {d['merges']}): tokens per block {d['tokens_per_block']}")
     else:
         click.echo(f"{method} ({d['score']}): tokens per block {d['tokens_per_block']}")
     click.echo(f"FLOPs            {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G eval "
@@ -348,9 +357,11 @@ cli.add_command(finetune), cli.add_command(evaluate_cmd)
 
 def _register_commands() -> None:
     from vitprune.cli.ship import bench, export
+    from vitprune.cli.search import search
 
     cli.add_command(export)
     cli.add_command(bench)
+    cli.add_command(search)
 
 
 _register_commands()

@@ -44,6 +44,15 @@ def small_model(family: str) -> torch.nn.Module:
     return vitprune.load(source, model_args=args)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread (the suite's heavier modules; restores the count after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     """Run ``python -m vitprune ARGS`` in a subprocess, as a user's shell would."""
     return subprocess.run([sys.executable, "-m", "vitprune", *map(str, args)], capture_output=True, text=True,

@@ -33,12 +33,7 @@ CLI_ARGS = [a for k, v in ARGS.items() for a in ("--model-arg", f"{k}={v}")]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model() -> torch.nn.Module:

@@ -263,3 +263,7 @@ def test_cli(cli_inprocess, tmp_path):
     code, _, err = cli_inprocess("rewrite", "timm:vit_small_patch16_224", *small, "--method", "token-merge",
                                  "-o", tmp_path / "none")
     assert code == 1 and "exactly one of" in err
+    code, out, err = cli_inprocess("rewrite", "timm:vit_small_patch16_224", *small, "--method", "token-merge",
+                                   "--r", "4", "-o", tmp_path / "text")
+    assert code == 0, err  # the text summary names the merges per block
+    assert "token-merge (r per block {'0': 4, '1': 4}): tokens per block [65, 61]" in out

@@ -30,6 +30,7 @@ from vitprune.train.finetune import finetune
 from vitprune.io.load import load
 from vitprune.rewrite import RewriteReport, inspect_model, rewrite
 from vitprune.rewrite_onnx import inspect_onnx, rewrite_onnx, save_onnx
+from vitprune.search import SearchError, SearchResult, search
 from vitprune.io.save import save  # noqa: E402
 
 __version__ = "0.1.0"
@@ -39,5 +40,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AnalysisError", "CaptureError", "LoadError", "PassError", "RewriteReport", "SaveError",
     "VerificationError", "ViTGraph", "VitpruneError", "analyse", "capture", "compile", "evaluate", "export_onnx", "finetune", "inspect_model",
-    "load", "rewrite", "save", "inspect_onnx", "rewrite_onnx", "save_onnx",
+    "load", "rewrite", "save", "inspect_onnx", "rewrite_onnx", "save_onnx", "SearchError", "SearchResult", "search",
 ]

@@ -32,3 +32,8 @@ class VerificationError(VitpruneError):
 
 class SaveError(VitpruneError):
     """A model could not be saved (unserialisable graph op, output path refused)."""
+
+
+class SearchError(VitpruneError):
+    """A search that cannot run or cannot succeed: a bad target or budget, empty or malformed calibration
+    data, a target no method reaches, an unreadable schedule file."""

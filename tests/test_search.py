@@ -1,0 +1,290 @@
+"""``vitprune search``: per-block schedule search at a FLOPs or latency budget (vitprune/search.py, cli/search.py).
+
+Judged on a ViT trained here on scikit-learn's real digits (16x16 input, 4x4 patches: 16 patch tokens, 4 blocks),
+never on random init: what a user relies on is that the searched schedule is admissible, keeps at least as much
+of the output as the pass's own default, is the same for the same seed, and that the schedule file rebuilds
+exactly the searched model through `vitprune rewrite --schedule`. One torch thread throughout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitprune
+from vitprune.graph.keep_counts import counts_from_rates
+from vitprune.search import FLOPS_TOLERANCE, SearchError, SearchResult, rates_for_counts, read_schedule, search
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "timm:vit_small_patch16_224"
+ARGS = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=10)
+FLAGS = ["--arch", ARCH, *[a for k, v in ARGS.items() for a in ("--model-arg", f"{k}={v}")]]
+# token-merge's default (ToMe's constant r = 3 from block 0) predicts 0.6248 here: admissible at 0.63
+TARGET = 0.63
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The trained model, its weights file, 64 held-out digits as a tensor and as a folder of PNGs."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    x_train, y_train, x_test, y_test = example.digits_split()
+    size = (ARGS["img_size"],) * 2
+    x_train, x_test = (F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+                       for x in (x_train, x_test))
+    torch.manual_seed(0)
+    model = vitprune.load(ARCH, model_args=ARGS)
+    epochs, batch = 4, 16
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, pct_start=0.15,
+                                                total_steps=epochs * math.ceil(len(x_train) / batch))
+    model.train()
+    for _ in range(epochs):  # ~8 s on one idle core
+        order = torch.randperm(len(x_train))
+        for i in range(0, len(x_train), batch):
+            idx = order[i:i + batch]
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        top1 = (model(x_test).argmax(-1) == y_test).float().mean().item()
+    assert top1 > 0.45, top1  # trained (0.62 when written), not random (0.1)
+
+    root = tmp_path_factory.mktemp("search")
+    save_file(model.state_dict(), str(root / "w.safetensors"))
+    calib = x_test[:64]
+    folder = root / "calib"
+    for i, img in enumerate(calib):  # the model's normalisation is 0.5 / 0.5: [-1, 1] <-> [0, 255]
+        pixels = ((img[0] + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        (folder / "digits").mkdir(parents=True, exist_ok=True)  # read recursively, in path order
+        Image.fromarray(pixels).save(folder / "digits" / f"{i:03d}.png")
+    return {"model": model, "weights": root / "w.safetensors", "calib": calib, "folder": folder, "root": root}
+
+
+@pytest.fixture(scope="module")
+def searched(digits):
+    return search(digits["model"], flops=TARGET, calibration=digits["calib"], budget=12, progress=False)
+
+
+def _one_line_error(code, out, err) -> str:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vitprune: error: "), err
+    return lines[0]
+
+
+# -- exact counts as rates ------------------------------------------------------------------------------------
+
+
+def test_rates_for_counts_reproduce_every_nested_schedule():
+    rng = random.Random(0)
+    for patches in (1, 16, 196, 1024, 4096, 50176):
+        blocks = 12
+        for _ in range(50):
+            counts, alive = {}, patches
+            for b in sorted(rng.sample(range(1, blocks), rng.randint(1, blocks - 1))):
+                alive = rng.randint(1, alive)
+                counts[b] = alive
+            rates = rates_for_counts(patches, counts, blocks)
+            stages, prev = {}, patches
+            for b, k in counts.items():
+                if k < prev:
+                    stages[b] = prev = k
+            assert counts_from_rates(patches, blocks, rates) == stages
+            assert all(0 < r < 1 for r in rates.values())
+    with pytest.raises(SearchError, match="must not increase"):
+        rates_for_counts(16, {1: 8, 2: 9})
+    with pytest.raises(SearchError):
+        rates_for_counts(16, {1: 0})
+
+
+# -- the search -----------------------------------------------------------------------------------------------
+
+
+def test_searched_schedule_is_admissible_and_keeps_at_least_the_defaults_fidelity(digits, searched):
+    r = searched
+    assert r.predicted_flops_ratio <= TARGET + FLOPS_TOLERANCE
+    assert r.measured_flops_ratio <= TARGET + FLOPS_TOLERANCE + 1e-3
+    assert r.measured_flops_ratio == pytest.approx(r.predicted_flops_ratio, abs=1e-3)
+    assert r.evaluations <= 12 and r.calibration_images == 64
+    tm = r.per_method["token-merge"]
+    assert tm["default_admissible"] and tm["default_cosine"] is not None
+    assert r.default_cosine == max(i["default_cosine"] for i in r.per_method.values() if i["default_admissible"])
+    assert r.cosine >= r.default_cosine
+    assert 0.9 < r.cosine <= 1.0 + 1e-9 and r.agreement is not None
+    assert r.cosine == max(e["cosine"] for e in r.evaluated
+                           if e["cosine"] is not None and e["predicted_flops_ratio"] <= TARGET + FLOPS_TOLERANCE)
+
+    # the params are exactly what vitprune.rewrite takes: it rebuilds the searched schedule and verifies it
+    rewritten, report = vitprune.rewrite(digits["model"], r.method, **r.params)
+    assert report.flops_ratio == pytest.approx(r.measured_flops_ratio, rel=1e-9)
+    key = "keep_counts" if r.method == "importance-mask" else "merges"
+    assert report.decisions[key] == {str(b): k for b, k in getattr(r, key).items()}
+    assert report.decisions["tokens_per_block"] == r.tokens_per_block
+
+    again = SearchResult.from_json(r.to_json())
+    assert again == r
+
+
+def test_same_seed_gives_the_same_schedule(digits, searched):
+    again = search(digits["model"], flops=TARGET, calibration=digits["calib"], budget=12, progress=False)
+    assert (again.method, again.params, again.cosine, again.evaluations) == \
+           (searched.method, searched.params, searched.cosine, searched.evaluations)
+
+
+def test_importance_mask_search_is_never_worse_than_its_default(digits):
+    # the pass's default (geometric from block 3) predicts 0.8525 here: admissible at 0.85
+    r = search(digits["model"], flops=0.85, calibration=digits["calib"], methods=("importance-mask",), budget=8,
+               progress=False)
+    assert r.method == "importance-mask" and r.default_method == "importance-mask"
+    assert r.cosine >= r.default_cosine and r.predicted_flops_ratio <= 0.85 + FLOPS_TOLERANCE
+    counts = list(r.keep_counts.values())
+    assert counts == sorted(counts, reverse=True) and min(r.keep_counts) >= 1
+    # the patch score is chosen on the default schedule: every admissible score tried, the best one kept
+    scores = r.per_method["importance-mask"]["scores"]
+    assert set(scores) == {"auto", "mean-query", "l1", "l2", "cls-norm"}
+    assert r.params["score"] == max(scores, key=scores.get) == r.per_method["importance-mask"]["score"]
+    gm, _ = vitprune.rewrite(digits["model"], r.method, **r.params)
+    assert gm.meta["vitprune"]["recipe"][-1]["decisions"]["score"] in ("cls", r.params["score"])
+
+
+def test_latency_target_is_met_and_reported(digits, monkeypatch):
+    """The latency search with a timer that is exactly proportional to FLOPs (a shared CPU is too noisy to
+    assert on): the schedule found meets the latency and its latency is reported."""
+    from vitprune.graph.flops import count_flops
+
+    mod = importlib.import_module("vitprune.search")  # the module (vitprune.search is also the function)
+
+    base = count_flops(digits["model"].eval(), torch.zeros(1, 3, 16, 16))
+
+    def fake_latency(model, size, backend, batch):
+        return 10.0 * count_flops(model.eval(), torch.zeros(1, *size)) / base
+
+    monkeypatch.setattr(mod, "_latency", fake_latency)
+    r = search(digits["model"], latency_ms=6.0, calibration=digits["calib"], budget=6, progress=False)
+    assert r.latency_original_ms == pytest.approx(10.0)
+    assert r.latency_ms is not None and r.latency_met and r.latency_ms <= 6.0
+    assert 0.45 < r.flops_target <= 0.6 + 1e-9 and r.predicted_flops_ratio <= r.flops_target + FLOPS_TOLERANCE
+    with pytest.raises(SearchError, match="nothing to prune"):
+        search(digits["model"], latency_ms=11.0, calibration=digits["calib"], budget=6, progress=False)
+
+
+def test_latency_is_measured_with_bench(digits):
+    from vitprune.search import _latency
+
+    assert _latency(digits["model"], (3, 16, 16), "eager", 2) > 0
+
+
+def test_calibration_is_sampled_with_the_seed(digits):
+    from vitprune.search import _calibration_batches
+
+    def pick(seed):
+        batches, _, n = _calibration_batches(digits["folder"], (3, 16, 16), (0.5,) * 3, (0.5,) * 3, 20, seed,
+                                             torch.device("cpu"))
+        return torch.cat(batches), n
+
+    a, n = pick(0)
+    assert n == 20 and torch.equal(a, pick(0)[0]) and not torch.equal(a, pick(1)[0])
+    whole = torch.cat(_calibration_batches(digits["folder"], (3, 16, 16), (0.5,) * 3, (0.5,) * 3, 64, 0,
+                                           torch.device("cpu"))[0])
+    assert whole.shape == (64, 3, 16, 16) and (whole - digits["calib"]).abs().max() < 0.02  # 8-bit PNGs
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(flops=1.0), "in \\(0, 1\\)"),
+    (dict(flops=0.5, latency_ms=3.0), "exactly one"),
+    (dict(flops=0.5, methods=("token-drop",)), "unknown method"),
+    (dict(flops=0.5, budget=1), "below one per method"),
+    (dict(flops=0.5, calibration=torch.empty(0, 3, 16, 16)), "no images"),
+    (dict(flops=0.5, calibration=torch.zeros(2, 3, 8, 8)), "input size"),
+    (dict(flops=0.05), "no method admits FLOPs target 0.05"),
+])
+def test_user_errors(digits, kwargs, message):
+    kwargs = {"calibration": digits["calib"], "progress": False, "budget": 4, **kwargs}
+    with pytest.raises(SearchError, match=message):
+        search(digits["model"], **kwargs)
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+
+
+def test_cli_schedule_round_trips_through_rewrite(digits, cli_inprocess, tmp_path):
+    w, folder = digits["weights"], digits["folder"]
+    sched = tmp_path / "schedule.json"
+    code, out, err = cli_inprocess("search", w, *FLAGS, "--flops", "0.85", "--calibration", folder,
+                                   "--calibration-limit", "32", "--methods", "importance-mask", "--budget", "6",
+                                   "-o", sched, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["schema"] == "vitprune.search/1" and doc["calibration_images"] == 32
+    assert doc["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert doc["predicted_flops_ratio"] <= 0.85 + FLOPS_TOLERANCE and doc["cosine"] >= doc["default_cosine"]
+    saved = json.loads(sched.read_text())
+    assert saved["vitprune_schedule"] == 1 and saved["method"] == "importance-mask"
+    assert read_schedule(sched) == ("importance-mask", SearchResult.from_json(saved).params)
+
+    code, out, err = cli_inprocess("rewrite", w, *FLAGS, "--schedule", sched, "-o", tmp_path / "im", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["method"] == "importance-mask"
+    assert report["decisions"]["keep_counts"] == saved["keep_counts"]
+    assert report["flops_ratio"] == pytest.approx(saved["measured_flops_ratio"], rel=1e-9)
+    assert vitprune.load(tmp_path / "im").meta["vitprune"]["recipe"][-1]["decisions"]["keep_counts"] == saved["keep_counts"]
+
+    code, out, err = cli_inprocess("search", w, *FLAGS, "--flops", "0.85", "--calibration", folder,
+                                   "--calibration-limit", "32", "--methods", "importance-mask", "--budget", "6",
+                                   "-o", tmp_path / "again.json")
+    assert code == 0, err
+    assert "fidelity         cosine" in out and "vitprune rewrite MODEL --schedule" in out
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert (again["params"], again["cosine"]) == (saved["params"], saved["cosine"])
+
+
+def test_cli_user_errors_are_one_line_and_write_nothing(digits, cli_inprocess, tmp_path):
+    w, folder = digits["weights"], digits["folder"]
+    good = tmp_path / "good.json"
+    SearchResult(method="token-merge", params={"r": [3, 3, 3, 3]}, keep_counts=None, merges={0: 3, 1: 3, 2: 3, 3: 3},
+                 tokens_per_block=[17, 14, 11, 8], flops_target=0.63, predicted_flops_ratio=0.62,
+                 measured_flops_ratio=0.62, cosine=0.99, agreement=1.0).save(good)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text('{"method": "token-merge", "params": {}}')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "exists.json").write_text("{}")
+    search_args = ["search", w, *FLAGS, "--calibration", folder, "--budget", "2"]
+    cases = [
+        (["rewrite", w, *FLAGS, "--schedule", good, "--method", "token-merge", "-o", tmp_path / "o1"], "--method"),
+        (["rewrite", w, *FLAGS, "--schedule", good, "--r", "2", "-o", tmp_path / "o2"], "--r does not apply"),
+        (["rewrite", w, *FLAGS, "--schedule", tmp_path / "bad.json", "-o", tmp_path / "o3"], "not JSON"),
+        (["rewrite", w, *FLAGS, "--schedule", tmp_path / "other.json", "-o", tmp_path / "o4"], "not a vitprune schedule"),
+        (["rewrite", w, *FLAGS, "--schedule", tmp_path / "missing.json", "-o", tmp_path / "o5"], "no such schedule"),
+        (["rewrite", w, *FLAGS, "--schedule", good, "-o", good], "is the input"),
+        ([*search_args, "--flops", "1.5", "-o", tmp_path / "s1.json"], "--flops"),
+        ([*search_args, "--flops", "0.5", "--latency-ms", "3", "-o", tmp_path / "s2.json"], "exactly one"),
+        ([*search_args, "--flops", "0.5", "--methods", "token-drop", "-o", tmp_path / "s3.json"], "unknown method"),
+        (["search", w, *FLAGS, "--calibration", tmp_path / "empty", "--flops", "0.5", "-o", tmp_path / "s4.json"],
+         "no images"),
+        ([*search_args, "--flops", "0.5", "-o", folder / "s5.json"], "inside the input"),
+        ([*search_args, "--flops", "0.5", "-o", tmp_path / "exists.json"], "--overwrite"),
+    ]
+    for args, message in cases:
+        line = _one_line_error(*cli_inprocess(*args))
+        assert message in line, (args, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "empty", "exists.json", "good.json", "other.json"]
+    assert (tmp_path / "exists.json").read_text() == "{}" and not list(folder.rglob("*.json"))
