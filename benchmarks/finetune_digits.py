@@ -48,46 +48,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 import vitprune
-from common import ROOT, load_example, write_atomic
+from common import ROOT, load_example, saved_activation_bytes, train_step, write_results
 
 KEEP_RATES = [1.0, 0.8, 0.6, 0.4]
 
 
 # -- step cost -------------------------------------------------------------------------------------------------
-
-
-def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One training step (forward, cross-entropy, backward, AdamW) on a fixed batch."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
-
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd keeps for backward in one training forward (each storage once)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    del out
-    return sum(n for ptr, n in storages.items() if ptr not in params)  # weights are not activations
 
 
 def profiler_peak_bytes(step: Callable[[], None]) -> int:
@@ -109,7 +77,7 @@ def step_costs(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Ten
                repeats: int) -> dict[str, dict[str, Any]]:
     """Per model: images/s of training steps (median over interleaved rounds), saved activations, profiler peak."""
     models = {name: copy.deepcopy(m) for name, m in models.items()}  # the steps change the weights
-    fns = {name: train_step(m, x, y) for name, m in models.items()}
+    fns = {name: train_step(m, x, y)[0] for name, m in models.items()}
     for fn in fns.values():
         fn()  # warm-up (allocator, optimizer state)
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -238,11 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["config"] = {"arch": digits.ARCH, "model_args": digits.MODEL_ARGS, "epochs": args.epochs, "lr": args.lr,
                         "batch": 64, "seed": args.seed, "steps": args.steps, "repeats": args.repeats,
                         "vit_steps": args.vit_steps, "train_images": 1347, "val_images": 450}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    md = to_markdown(result)
-    write_atomic(args.out.with_suffix(".md"), md)
-    print(md)
+    write_results(args.out, result, to_markdown(result))
     return result
 
 
