@@ -40,6 +40,7 @@ SUBSTITUTIONS = [
     # compiling and exporting the three models take minutes on 2 CPU cores (the export line above, and
     # tests/test_export_compile.py, cover those backends)
     ("--backend eager,compile,onnxruntime", "--backend eager"),
+    ("-o schedule.json", "--budget 6 -o schedule.json"),  # the search scores 6 rewrites instead of 48
     ("python examples/digits.py", f"{shlex.quote(sys.executable)} {shlex.quote(str(REPO / 'examples' / 'digits.py'))}"),
 ]
 
@@ -88,7 +89,7 @@ def test_readme_command_line_block_runs_top_to_bottom(tmp_path, monkeypatch, cli
             done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
             code, err = done.returncode, done.stderr
         assert code == 0, f"{line}\nexit {code}\n{err[-2000:]}"
-    for made in ("vit_s_td", "vs_im", "my_ps", "vit_s_td_ft/model", "vit_s_pss/model"):
+    for made in ("vit_s_td", "vs_im", "my_ps", "vit_s_td_ft/model", "vit_s_pss/model", "my_searched"):
         assert (tmp_path / made / "vitprune.json").is_file(), made
     assert (tmp_path / "kept.png").is_file() and (tmp_path / "vs_im.onnx").is_file()
     assert (tmp_path / "their_vit_im.onnx").is_file()
