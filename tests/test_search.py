@@ -1,4 +1,4 @@
-"""``vitprune search``: per-block schedule search at a FLOPs or latency budget (vitprune/search.py, cli/search.py).
+"""``vitprune search``: per-block schedule search at a FLOPs or latency budget (vitprune/search/, cli/search.py).
 
 Judged on a ViT trained here on scikit-learn's real digits (16x16 input, 4x4 patches: 16 patch tokens, 4 blocks),
 never on random init: what a user relies on is that the searched schedule is admissible, keeps at least as much
@@ -170,7 +170,7 @@ def test_latency_target_is_met_and_reported(digits, monkeypatch):
     assert on): the schedule found meets the latency and its latency is reported."""
     from vitprune.graph.flops import count_flops
 
-    mod = importlib.import_module("vitprune.search")  # the module (vitprune.search is also the function)
+    mod = importlib.import_module("vitprune.search.engine")
 
     base = count_flops(digits["model"].eval(), torch.zeros(1, 3, 16, 16))
 
@@ -187,22 +187,22 @@ def test_latency_target_is_met_and_reported(digits, monkeypatch):
 
 
 def test_latency_is_measured_with_bench(digits):
-    from vitprune.search import _latency
+    from vitprune.search.engine import _latency
 
     assert _latency(digits["model"], (3, 16, 16), "eager", 2) > 0
 
 
 def test_calibration_is_sampled_with_the_seed(digits):
-    from vitprune.search import _calibration_batches
+    from vitprune.search.calibration import calibration_batches
 
     def pick(seed):
-        batches, _, n = _calibration_batches(digits["folder"], (3, 16, 16), (0.5,) * 3, (0.5,) * 3, 20, seed,
+        batches, _, n = calibration_batches(digits["folder"], (3, 16, 16), (0.5,) * 3, (0.5,) * 3, 20, seed,
                                              torch.device("cpu"))
         return torch.cat(batches), n
 
     a, n = pick(0)
     assert n == 20 and torch.equal(a, pick(0)[0]) and not torch.equal(a, pick(1)[0])
-    whole = torch.cat(_calibration_batches(digits["folder"], (3, 16, 16), (0.5,) * 3, (0.5,) * 3, 64, 0,
+    whole = torch.cat(calibration_batches(digits["folder"], (3, 16, 16), (0.5,) * 3, (0.5,) * 3, 64, 0,
                                            torch.device("cpu"))[0])
     assert whole.shape == (64, 3, 16, 16) and (whole - digits["calib"]).abs().max() < 0.02  # 8-bit PNGs
 

@@ -1,62 +1,12 @@
-"""``vitprune.search``: the per-block schedule that keeps the most of a model's output at a FLOPs (or latency) budget.
-
-For users who cannot fine-tune: Patch Slimming (Tang et al., arXiv 2106.02852, §3.3) searches each layer's
-kept-patch count top-down under an error tolerance on calibration data; DiffRate (Chen et al., arXiv
-2305.17997) learns per-layer prune and merge rates under a FLOPs constraint. vitprune searches the same
-object, a static per-block schedule, without gradients and without fine-tuning: every candidate is a real
-rewrite of the captured graph (the same pass ``vitprune rewrite`` runs), scored by how close its output
-stays to the original's on calibration images.
-
-Search space (every count a Python int, the rewrite's static shapes):
-
-- ``importance-mask`` (dynamic mode: each image keeps its top-k patches by a patch score, step 0 below):
-  nested keep counts, ``a[b]`` patches alive at block ``b``, ``a[0] = P`` (block 0 sees every
-  patch: dropping there is token-drop's place), non-increasing. The pass takes rates; exact counts are
-  written as rates ``(k + 0.5) / alive`` (:func:`rates_for_counts`).
-- ``token-merge`` (ToMe, arXiv 2210.09461): ``r[b]`` tokens merged in block ``b``, at most half the patch
-  tokens alive there (bipartite matching), as the pass's per-block list ``r=[r0, r1, ...]``.
-
-FLOPs are predicted exactly from the graph analysis (:mod:`vitprune.graph.keep_counts`; the same model the
-passes use); a schedule is admissible iff its predicted ratio is ``<= target + 0.005``.
-
-Algorithm (deterministic, at most ``budget`` evaluations; one evaluation = one rewrite + one forward of the
-calibration images; a schedule already scored costs nothing):
-
-0. importance-mask's patch score (:data:`SEARCHED_SCORES`: the CLS row, the mean query's, L1/L2 norm, CLS row
-   x norm) is chosen on the default schedule: no score wins on every model
-   (``benchmarks/results/importance_scores.md``), so each is scored once and the best is kept for the rest.
-1. Seeds, per method: the pass's own default for the target (importance-mask: geometric decay from block 3,
-   :func:`~vitprune.graph.keep_counts.solve_for_flops`; token-merge: ToMe's constant ``r`` from block 0,
-   :func:`~vitprune.graph.keep_counts.solve_merge_for_flops`), always evaluated first, then the same solvers
-   from every other first block (spread evenly when they do not fit in half the budget). A seed whose
-   closest-to-target solution overshoots the tolerance is repaired by lowering its last blocks.
-2. Refinement of the best seed by greedy coordinate moves: give ``δ`` more tokens to block ``i`` and
-   re-solve block ``j``'s count so the predicted FLOPs is admissible and as close to the target as it can
-   be, or take ``δ`` from block ``i`` and re-solve ``j`` upward (nesting kept: raising a block raises the
-   earlier ones below it, lowering one lowers the later ones above it). Pairs are tried nearest first,
-   a move is accepted only if the calibration cosine strictly improves, ``δ`` starts at 4% of the patches
-   and halves after a full round of moves without improvement.
-
-The result is never worse on calibration than the best seed, so never worse than a method's default when
-that default is admissible.
-
-Latency targets: the largest FLOPs target whose default schedule (the first method whose default reaches it)
-meets the latency is found in at most 5 measured steps (:func:`vitprune.ship.bench.bench`), the FLOPs search
-runs there, and the searched schedule's latency is measured; if it misses, the target steps down in proportion
-(at most twice, half the budget each).
-"""
+"""The search itself: seeds, greedy moves, latency targets, and :func:`search`."""
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import random
 import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,448 +14,12 @@ from torch import fx, nn
 
 from vitprune.errors import PassError, SearchError, VitpruneError
 from vitprune.frontends.capture import capture
-from vitprune.graph import keep_counts as kc
-from vitprune.graph.analysis import ViTGraph, analyse
+from vitprune.graph.analysis import analyse
 from vitprune.graph.flops import count_flops
 from vitprune.passes import make_pass, run_passes
-
-#: the methods :func:`search` can schedule.
-METHODS = ("importance-mask", "token-merge")
-#: importance-mask scores the search tries (no patch score wins on every model: benchmarks/results/importance_scores.md).
-#: Not "attention-received": its full attention map costs FLOPs the schedule's prediction leaves out.
-SEARCHED_SCORES = ("cls", "mean-query", "l1", "l2", "cls-norm")
-#: a schedule is admissible iff its predicted FLOPs ratio is at most the target plus this.
-FLOPS_TOLERANCE = 0.005
-#: the version of the schedule file layout (``{"vitprune_schedule": 1, ...}``).
-SCHEDULE_VERSION = 1
-_CALIBRATION_BATCH = 32
-
-
-# --------------------------------------------------------------------------------------------------------
-# exact counts as the rates importance-mask takes
-
-
-def rates_for_counts(num_patches: int, counts: dict[int, int], num_blocks: int | None = None) -> dict[int, float]:
-    """Keep rates that make :func:`~vitprune.graph.keep_counts.counts_from_rates` give exactly ``counts``.
-
-    ``counts``: ``{block: patches kept before block}``, non-increasing in the block, each in
-    ``1 .. num_patches``. A block that keeps every patch alive there is left out (it prunes nothing). Each
-    rate is ``(k + 0.5) / alive``: ``int(alive · rate)`` is ``k`` with half a token of margin against
-    rounding (rates are rounded to 6 decimals when that still reproduces the counts).
-
-    Returns:
-        ``{block: rate}`` with every rate in ``(0, 1)``.
-
-    Raises:
-        SearchError: a count outside ``1 .. alive`` (counts increase, or a count below 1), or a block
-            outside ``1 .. num_blocks - 1``.
-    """
-    stages, alive = {}, int(num_patches)
-    for block, k in sorted((int(b), int(v)) for b, v in counts.items()):
-        if not 1 <= k <= alive:
-            raise SearchError(f"keep count {k} before block {block} is outside 1..{alive} (counts must not increase)")
-        if k < alive:
-            stages[block] = alive = k
-    blocks = int(num_blocks) if num_blocks is not None else max(stages, default=0) + 1
-    for digits in (6, None):
-        rates, alive = {}, int(num_patches)
-        for block, k in stages.items():
-            rate = (k + 0.5) / alive
-            rates[block] = round(rate, digits) if digits else rate
-            alive = k
-        try:
-            got = kc.counts_from_rates(int(num_patches), blocks, rates)
-        except VitpruneError as exc:
-            raise SearchError(str(exc)) from exc
-        if got == stages:
-            return rates
-    raise RuntimeError(f"rates {rates} do not reproduce the keep counts {stages}")  # pragma: no cover
-
-
-# --------------------------------------------------------------------------------------------------------
-# schedule spaces: a schedule is a tuple of one int per block
-
-
-class _KeepSpace:
-    """importance-mask: ``v[b]`` patches alive at block ``b``; ``v[0] = P``, non-increasing, ``>= 1``."""
-
-    method = "importance-mask"
-    first = 1  # the first block whose count may change
-
-    def __init__(self, vit: ViTGraph, total: int) -> None:
-        self.vit, self.total, self.P, self.L = vit, total, vit.num_patches, vit.num_blocks
-        self.score = "auto"  # the patch score; the search fixes it from the defaults (see SEARCHED_SCORES)
-
-    @property
-    def key(self) -> str:
-        return f"{self.method}:{self.score}"
-
-    def scores(self) -> list[str]:
-        """``auto`` and every other score the model's readout admits (``auto`` is the CLS row, or the mean
-        query's without a CLS token: that one is not tried twice)."""
-        auto = "cls" if self.vit.readout.token_indices and self.vit.num_prefix_tokens else "mean-query"
-        return ["auto"] + [s for s in SEARCHED_SCORES if s != auto and (auto == "cls" or s not in ("cls", "cls-norm"))]
-
-    def from_counts(self, counts: dict[int, int]) -> tuple[int, ...]:
-        v, alive = [], self.P
-        for b in range(self.L):
-            alive = min(alive, counts.get(b, alive))
-            v.append(alive)
-        return tuple(v)
-
-    def counts(self, v: Sequence[int]) -> dict[int, int]:
-        return {b: v[b] for b in range(1, self.L) if v[b] < v[b - 1]}
-
-    def ratio(self, v: Sequence[int]) -> float:
-        return kc.predicted_ratio(self.vit, self.counts(v), self.total)
-
-    def params(self, v: Sequence[int]) -> dict[str, Any]:
-        return {"keep": rates_for_counts(self.P, self.counts(v), self.L), "mode": "dynamic", "score": self.score}
-
-    def tokens(self, v: Sequence[int]) -> list[int]:
-        return kc.tokens_per_block(self.vit, self.counts(v))
-
-    def default(self, target: float) -> tuple[int, ...]:
-        return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, 3))
-
-    def scan(self, target: float) -> list[tuple[int, ...]]:
-        out = []
-        for s in range(1, self.L):
-            try:
-                out.append(self.from_counts(kc.solve_for_flops(self.vit, target, self.total, s)))
-            except VitpruneError:
-                continue  # the target is out of reach from that first block
-        return out
-
-    def step(self, v: Sequence[int], i: int, d: int) -> tuple[int, ...] | None:
-        w = list(v)
-        new = min(self.P, w[i] + d) if d > 0 else max(1, w[i] + d)
-        if new == w[i]:
-            return None
-        w[i] = new
-        if d > 0:  # kept at i means alive before i too
-            for m in range(1, i):
-                w[m] = max(w[m], new)
-        else:  # dropped before i means gone after i too
-            for m in range(i + 1, self.L):
-                w[m] = min(w[m], new)
-        return tuple(w)
-
-    def options(self, v: Sequence[int], j: int, down: bool, i: int) -> Iterable[tuple[int, ...]]:
-        """Schedules with block ``j``'s count re-solved (down or up), nearest first, ``v`` itself included."""
-        if down:
-            lo = v[i] if j < i else 1  # lower than block i's count would undo the move at i
-            for k in range(v[j], lo - 1, -1):
-                yield tuple(v[:j]) + (k,) + tuple(min(a, k) for a in v[j + 1:])
-        else:
-            for k in range(v[j], v[j - 1] + 1):
-                yield tuple(v[:j]) + (k,) + tuple(v[j + 1:])
-
-    def schedule(self, v: Sequence[int]) -> dict[int, int]:
-        return self.counts(v)
-
-
-class _MergeSpace:
-    """token-merge: ``v[b]`` tokens merged in block ``b``, at most half of the patch tokens alive there."""
-
-    method = "token-merge"
-    key = method
-    first = 0
-
-    def __init__(self, vit: ViTGraph, total: int, mlp: list[int]) -> None:
-        self.vit, self.total, self.mlp, self.P, self.L = vit, total, mlp, vit.num_patches, vit.num_blocks
-
-    def normalise(self, v: Sequence[int]) -> tuple[int, ...]:
-        out, alive = [], self.P
-        for r in v:
-            r = max(0, min(int(r), alive // 2))
-            out.append(r)
-            alive -= r
-        return tuple(out)
-
-    def from_merges(self, merges: dict[int, int]) -> tuple[int, ...]:
-        return self.normalise([merges.get(b, 0) for b in range(self.L)])
-
-    def merges(self, v: Sequence[int]) -> dict[int, int]:
-        return {b: r for b, r in enumerate(v) if r}
-
-    def ratio(self, v: Sequence[int]) -> float:
-        return kc.merge_predicted_ratio(self.vit, self.merges(v), self.total, self.mlp)
-
-    def params(self, v: Sequence[int]) -> dict[str, Any]:
-        return {"r": [int(r) for r in v]}
-
-    def tokens(self, v: Sequence[int]) -> list[int]:
-        return kc.merge_tokens_per_block(self.vit, self.merges(v))
-
-    def default(self, target: float) -> tuple[int, ...]:
-        r = kc.solve_merge_for_flops(self.vit, target, self.total, self.mlp, 0)
-        return self.from_merges(kc.merge_schedule(self.vit, r, 0))
-
-    def scan(self, target: float) -> list[tuple[int, ...]]:
-        out = []
-        for s in range(self.L):
-            try:
-                r = kc.solve_merge_for_flops(self.vit, target, self.total, self.mlp, s)
-            except VitpruneError:
-                continue
-            out.append(self.from_merges(kc.merge_schedule(self.vit, r, s)))
-        return out
-
-    def step(self, v: Sequence[int], i: int, d: int) -> tuple[int, ...] | None:
-        w = list(v)
-        w[i] = max(0, w[i] + d)
-        w = self.normalise(w)
-        return None if w[i] == v[i] else w
-
-    def options(self, v: Sequence[int], j: int, down: bool, i: int) -> Iterable[tuple[int, ...]]:
-        if down:
-            values = range(v[j], -1, -1)
-        else:
-            alive = self.P - sum(v[:j])
-            values = range(v[j], alive // 2 + 1)
-        for k in values:
-            yield self.normalise(tuple(v[:j]) + (k,) + tuple(v[j + 1:]))
-
-    def schedule(self, v: Sequence[int]) -> dict[int, int]:
-        return self.merges(v)
-
-
-# --------------------------------------------------------------------------------------------------------
-# the result
-
-
-@dataclass
-class SearchResult:
-    """What :func:`search` found. Ratios are FLOPs per image relative to the original model's; cosines are the
-    mean over calibration images of the cosine similarity between the rewritten and the original output
-    (flattened per image); agreements the fraction of calibration images whose top-1 class is unchanged
-    (``None`` unless the output is ``[B, classes]``).
-
-    ``params`` are exactly the keyword arguments of ``vitprune.rewrite(model, method=method, **params)``
-    (and what ``vitprune rewrite MODEL --schedule FILE`` reads from the schedule file).
-    """
-
-    method: str
-    params: dict[str, Any]
-    keep_counts: dict[int, int] | None  # importance-mask: {block: patches kept before it} (stages only)
-    merges: dict[int, int] | None  # token-merge: {block: tokens merged in it}
-    tokens_per_block: list[int]  # tokens (prefix + patches) each block's attention sees
-    flops_target: float
-    predicted_flops_ratio: float
-    measured_flops_ratio: float | None  # torch.utils.flop_counter on the rewritten model
-    cosine: float
-    agreement: float | None
-    default_method: str | None = None  # the method whose admissible default scored best
-    default_params: dict[str, Any] | None = None
-    default_cosine: float | None = None
-    default_agreement: float | None = None
-    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)  # each method's default and best
-    evaluations: int = 0  # rewrites scored on the calibration images
-    budget: int = 0
-    seed: int = 0
-    calibration: str | None = None  # the folder, or "<tensors>"
-    calibration_images: int = 0
-    preprocessing: dict[str, Any] | None = None  # mean / std / source, for a folder of images
-    num_patches: int = 0
-    num_prefix_tokens: int = 0
-    num_blocks: int = 0
-    flops_per_image: int = 0  # the original's
-    latency_ms: float | None = None  # the searched schedule's, measured (latency searches only)
-    latency_target_ms: float | None = None
-    latency_original_ms: float | None = None
-    latency_met: bool | None = None
-    backend: str | None = None
-    batch: int | None = None
-    evaluated: list[dict[str, Any]] = field(default_factory=list)  # every evaluation, in order
-    seconds: float = 0.0
-    model: str | None = None  # what the command line was given as MODEL
-
-    def to_dict(self) -> dict[str, Any]:
-        """The result as plain JSON values (block keys as strings), starting with ``vitprune_schedule``."""
-        d = asdict(self)
-        d["params"] = _jsonable(self.params)
-        d["default_params"] = _jsonable(self.default_params)
-        for key in ("keep_counts", "merges"):
-            if d[key] is not None:
-                d[key] = {str(b): int(v) for b, v in d[key].items()}
-        d["per_method"] = _jsonable(d["per_method"])
-        return {"vitprune_schedule": SCHEDULE_VERSION, **d}
-
-    def to_json(self) -> str:
-        """The schedule file's text: ``{"vitprune_schedule": 1, "method": ..., "params": {...}, ...}``."""
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, data: str | bytes | dict[str, Any]) -> "SearchResult":
-        """Read :meth:`to_json`'s text (or its dict) back.
-
-        Raises:
-            SearchError: not JSON, not a vitprune schedule, a newer layout, or required fields missing.
-        """
-        doc = _schedule_document(data)
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in doc.items() if k in names}
-        missing = sorted({"method", "params", "keep_counts", "merges", "tokens_per_block", "flops_target",
-                          "predicted_flops_ratio", "measured_flops_ratio", "cosine", "agreement"} - set(kwargs))
-        if missing:
-            raise SearchError(f"the schedule lacks {', '.join(missing)}")
-        kwargs["params"] = _params_from_json(kwargs["method"], kwargs["params"])
-        if kwargs.get("default_params") is not None:
-            kwargs["default_params"] = _params_from_json(kwargs.get("default_method") or kwargs["method"],
-                                                         kwargs["default_params"])
-        for key in ("keep_counts", "merges"):
-            if kwargs[key] is not None:
-                kwargs[key] = {int(b): int(v) for b, v in kwargs[key].items()}
-        return cls(**kwargs)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the schedule file atomically (:func:`vitprune.io.outputs.atomic_file`); returns the path."""
-        from vitprune.io.outputs import atomic_file
-
-        path = Path(path)
-        with atomic_file(path) as tmp:
-            tmp.write_text(self.to_json() + "\n")
-        return path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def _params_from_json(method: str, params: Any) -> dict[str, Any]:
-    if not isinstance(params, dict):
-        raise SearchError("the schedule's params must be an object of the method's parameters")
-    params = dict(params)
-    if method == "importance-mask" and isinstance(params.get("keep"), dict):
-        try:
-            params["keep"] = {int(b): float(r) for b, r in params["keep"].items()}
-        except (TypeError, ValueError):
-            raise SearchError("the schedule's keep rates must map block numbers to rates") from None
-    return params
-
-
-def _schedule_document(data: str | bytes | dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        try:
-            data = json.loads(data)
-        except (ValueError, TypeError) as exc:
-            raise SearchError(f"the schedule is not JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or "vitprune_schedule" not in data:
-        raise SearchError("not a vitprune schedule (no \"vitprune_schedule\" field; write one with `vitprune search`)")
-    version = data["vitprune_schedule"]
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEDULE_VERSION:
-        raise SearchError(f"schedule layout {version!r} is not one this vitprune reads (1..{SCHEDULE_VERSION})")
-    method = data.get("method")
-    if not isinstance(method, str) or not method:
-        raise SearchError("the schedule names no method")
-    return data
-
-
-def read_schedule(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    """``(method, params)`` from a schedule file, for ``vitprune.rewrite(model, method, **params)``.
-
-    Only ``vitprune_schedule``, ``method`` and ``params`` are read, so a hand-written file serves too.
-
-    Raises:
-        SearchError: the file is missing or unreadable, not JSON, not a vitprune schedule or of a newer layout,
-            or its params are not an object.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SearchError(f"no such schedule file: {path}")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SearchError(f"cannot read the schedule {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        doc = _schedule_document(text)
-    except SearchError as exc:
-        raise SearchError(f"{path}: {exc}") from None
-    return doc["method"], _params_from_json(doc["method"], doc.get("params"))
-
-
-def load_schedule(path: str | os.PathLike) -> SearchResult:
-    """A schedule file written by :meth:`SearchResult.save` (or ``vitprune search -o``), read back.
-
-    Raises:
-        SearchError: as :func:`read_schedule`, or fields of a search result are missing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SearchError(f"no such schedule file: {path}")
-    try:
-        return SearchResult.from_json(path.read_text())
-    except SearchError as exc:
-        raise SearchError(f"{path}: {exc}") from None
-
-
-# --------------------------------------------------------------------------------------------------------
-# calibration data
-
-
-def _calibration_batches(calibration: Any, input_size: tuple[int, int, int], mean, std, limit: int, seed: int,
-                         device: torch.device) -> tuple[list[torch.Tensor], str, int]:
-    """``(batches, description, images)``: at most ``limit`` calibration images, sampled with ``seed`` when there
-    are more (the same ones for the same seed), as ``[<=32, C, H, W]`` batches."""
-    from vitprune.io.images import image_files, load_image
-
-    if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__"):
-        folder = os.fsdecode(calibration)
-        try:
-            files = image_files(folder)
-        except VitpruneError as exc:
-            raise SearchError(f"calibration: {exc}") from None
-        if len(files) > limit:
-            files = [files[i] for i in sorted(random.Random(seed).sample(range(len(files)), limit))]
-        images = [load_image(f, input_size, mean, std)[0] for f in files]
-        x, what = torch.cat(images), folder
-    else:
-        if isinstance(calibration, torch.Tensor):
-            tensors = [calibration]
-        else:
-            try:
-                tensors = list(calibration)
-            except TypeError:
-                raise SearchError("calibration must be a folder of images, a [N, C, H, W] tensor or an iterable of "
-                                  "[B, C, H, W] tensors") from None
-        for t in tensors:
-            if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[1:]) != tuple(input_size):
-                shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise SearchError(f"calibration batches must be [B, {', '.join(map(str, input_size))}] tensors "
-                                  f"(the model's input size), got {shape}")
-        x = torch.cat([t.detach().float() for t in tensors]) if tensors else torch.empty(0, *input_size)
-        if len(x) > limit:
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit]
-            x = x[order.sort().values]
-        what = "<tensors>"
-    if len(x) == 0:
-        raise SearchError("the calibration data holds no images")
-    return [b.to(device) for b in x.split(_CALIBRATION_BATCH)], what, len(x)
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
-    return []
-
-
-def _flat(out: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``([B, D] float64 of every output tensor, [B] top-1 or None)``."""
-    leaves = [t for t in _tensors(out) if t.dim() >= 1 and t.shape[0] == batch]
-    if not leaves:
-        raise SearchError("the model's output holds no [B, ...] tensor to compare")
-    flat = torch.cat([t.detach().reshape(batch, -1).double().cpu() for t in leaves], 1)
-    top = leaves[0].argmax(-1).cpu() if len(leaves) == 1 and leaves[0].dim() == 2 and leaves[0].shape[1] > 1 else None
-    return flat, top
+from vitprune.search.calibration import calibration_batches, flat_outputs
+from vitprune.search.schedule import SearchResult, jsonable
+from vitprune.search.spaces import FLOPS_TOLERANCE, METHODS, KeepSpace, MergeSpace
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -546,7 +60,7 @@ class _Searcher:
         if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__"):
             prep = resolve_preprocessing(model, mean, std, channels=size[0])
             mean, std, self.preprocessing = prep.mean, prep.std, prep.to_dict()
-        self.batches, self.calibration, self.images = _calibration_batches(
+        self.batches, self.calibration, self.images = calibration_batches(
             calibration, size, mean, std, limit, seed, device)
         self.x = example_input(model, size)  # what `vitprune rewrite` analyses and verifies with
         ref = capture(model, self.x, frontend)
@@ -560,13 +74,13 @@ class _Searcher:
         self.spaces: dict[str, Any] = {}
         for m in methods:
             if m == "importance-mask":
-                self.spaces[m] = _KeepSpace(self.vit, self.total)
+                self.spaces[m] = KeepSpace(self.vit, self.total)
             else:
                 from vitprune.passes.token_merge import measure_flops
 
-                self.spaces[m] = _MergeSpace(self.vit, self.total, measure_flops(ref, self.vit, self.x)[1])
+                self.spaces[m] = MergeSpace(self.vit, self.total, measure_flops(ref, self.vit, self.x)[1])
         with torch.no_grad():
-            self.original = [_flat(ref(b), b.shape[0]) for b in self.batches]
+            self.original = [flat_outputs(ref(b), b.shape[0]) for b in self.batches]
         self.cache: dict[tuple[str, tuple[int, ...]], _Candidate] = {}
         self.evaluations = 0
         self.evaluated: list[dict[str, Any]] = []
@@ -589,7 +103,7 @@ class _Searcher:
         cos, agree, n = [], 0, 0
         with torch.no_grad():
             for b, (ref, ref_top) in zip(self.batches, self.original):
-                flat, top = _flat(gm(b), b.shape[0])
+                flat, top = flat_outputs(gm(b), b.shape[0])
                 cos.append(F.cosine_similarity(flat, ref, dim=1, eps=1e-12))
                 if ref_top is not None and top is not None:
                     agree += int((top == ref_top).sum())
@@ -768,7 +282,7 @@ class _Searcher:
             per_method[m].update(
                 best_cosine=top.cosine if top else None, best_agreement=top.agreement if top else None,
                 best_predicted_flops_ratio=top.predicted if top else None,
-                best_params=_jsonable(self.spaces[m].params(top.vector)) if top else None,
+                best_params=jsonable(self.spaces[m].params(top.vector)) if top else None,
                 errors=sorted({c.error for (mm, _), c in self.cache.items() if mm.split(":")[0] == m and c.error}))
         return {"best": best, "per_method": per_method}
 
