@@ -70,6 +70,8 @@ def test_compile_one_graph_for_every_batch_size(name):
             torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs and counters["frames"]["ok"] == frames
     assert graphs <= 2
+    # the caller's tensor is not marked dynamic: another compiled model given it would recompile
+    assert not getattr(x, "_dynamo_dynamic_indices", None)
 
 
 def test_export_and_bench_cli(cli_inprocess, tmp_path):

@@ -34,6 +34,9 @@ class CompiledModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 1:
+            # mark a view, not the caller's tensor: the mark stays on the tensor object, and another
+            # torch.compile'd model given that tensor later would recompile for a dynamic batch
+            x = x.view(x.shape)
             torch._dynamo.mark_dynamic(x, 0)
         return self._compiled(x)
 
