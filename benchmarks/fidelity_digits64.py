@@ -190,7 +190,7 @@ def schedule_rows(paths: list[Path], model, example, calibration) -> list[tuple[
             continue
         if params.get("mode") == "static" and not isinstance(params.get("calibration"), str):
             params["calibration"] = calibration()
-        target = spec.get("target", params.get("flops"))
+        target = spec.get("target", spec.get("flops_target", params.get("flops")))  # vitprune search: flops_target
         setting = f"schedule {path.name}: " + json.dumps({k: v for k, v in params.items() if k != "calibration"})
         build = lambda m=method, p=params: vitprune.rewrite(model, m, example_input=example, **p)  # noqa: E731
         rows.append((method, setting, target, build))
