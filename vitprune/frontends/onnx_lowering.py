@@ -158,15 +158,13 @@ class OnnxLowering:
     def patch_scores(self, b: Builder, x: gs.Tensor, block: Any, score: str, cls_index: int) -> gs.Variable:
         """Patch scores ``[B, P]`` at a pruning point whose stream is ``x`` and whose previous block is ``block``:
         the ONNX form of :func:`vitprune.ops.token_ops.patch_scores`."""
-        from vitprune.ops.onnx_ops import magnitude_scores, norm_scores
+        from vitprune.ops.onnx_ops import magnitude_scores
 
         prefix = self.vit.num_prefix_tokens
-        if score == "l1":
-            return magnitude_scores(b, x, prefix)
-        if score == "l2":
-            return norm_scores(b, x, prefix)
+        if score in ("l1", "l2"):
+            return magnitude_scores(b, x, prefix, "ReduceL1" if score == "l1" else "ReduceL2")
         rows = self.block_scores(b, block, "cls" if score == "cls-norm" else score, cls_index)
-        return b.op("Mul", [rows, norm_scores(b, x, prefix)]) if score == "cls-norm" else rows
+        return b.op("Mul", [rows, magnitude_scores(b, x, prefix, "ReduceL2")]) if score == "cls-norm" else rows
 
     def fused_attention_scores(self, b: Builder, block: Any, score: str, cls_index: int) -> gs.Variable:
         """Patch scores ``[B, P]`` of a block whose attention is ONNX Runtime's fused ``com.microsoft``

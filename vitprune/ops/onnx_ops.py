@@ -106,16 +106,11 @@ def keep_patch_tokens(b: Builder, x: gs.Tensor, num_prefix_tokens: int, kept: gs
     return b.op("Concat", [b.slice(x, 0, num_prefix_tokens, axis=1), gathered], {"axis": 1})
 
 
-def magnitude_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int) -> gs.Variable:
-    """L1 norm over channels of each patch token ``[B, P]`` (PSS, arXiv 2208.09520 §3.2)."""
+def magnitude_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int, norm: str = "ReduceL1") -> gs.Variable:
+    """L1 (PSS, arXiv 2208.09520 §3.2) or, with ``norm="ReduceL2"``, L2 norm over channels of each patch token
+    ``[B, P]``."""
     patches = b.slice(x, num_prefix_tokens, None, axis=1) if num_prefix_tokens else x
-    return b.reduce("ReduceL1", patches, [2], keepdims=False)
-
-
-def norm_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int) -> gs.Variable:
-    """L2 norm over channels of each patch token ``[B, P]``."""
-    patches = b.slice(x, num_prefix_tokens, None, axis=1) if num_prefix_tokens else x
-    return b.reduce("ReduceL2", patches, [2], keepdims=False)
+    return b.reduce(norm, patches, [2], keepdims=False)
 
 
 def random_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int) -> gs.Variable:

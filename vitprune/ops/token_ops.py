@@ -31,7 +31,7 @@ def select_patch_indices(patches: torch.Tensor, keep_count: int, selection: str)
     if selection == "random":
         scores = torch.rand(patches.shape[0], patches.shape[1], device=patches.device)
     elif selection == "magnitude":
-        scores = patches.detach().abs().sum(dim=-1)
+        scores = patch_scores(patches.detach(), 0, "l1")
     else:
         raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
     return top_patch_indices(scores, keep_count)
