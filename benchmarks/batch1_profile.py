@@ -9,8 +9,8 @@ Three measurements, one run:
    layers), attention (SDPA), token ops (vitprune's top-k, sort, gathers), and the rest (norms, GELU, adds,
    reshapes, Python dispatch), for the original and each rewrite.
 3. **Matrix-product efficiency**: GFLOP/s of ``F.linear`` on the model's four linear shapes with ``M`` =
-   the token counts the rewrite's blocks see, at batch 1 and batch 16: a product over fewer rows runs
-   at a lower rate on this CPU, which FLOPs-ideal does not account for.
+   the token counts the rewrite's blocks see, at batch 1 and batch 16, and the speed-up / FLOPs-ideal those
+   rates alone predict for the linear layers (FLOPs-ideal assumes every row costs the same).
 
     python benchmarks/batch1_profile.py                       # about 5 minutes on 2 idle cores
     python benchmarks/batch1_profile.py --quick --threads 1   # smoke run
