@@ -80,7 +80,9 @@ class KeepSpace:
     def scores(self) -> list[str]:
         """``auto`` and every other score the model's readout admits (``auto`` is the CLS row, or the mean
         query's without a CLS token: that one is not tried twice)."""
-        auto = "cls" if self.vit.readout.token_indices and self.vit.num_prefix_tokens else "mean-query"
+        from vitprune.passes.base import score_query
+
+        auto = score_query(self.vit)[0]
         return ["auto"] + [s for s in SEARCHED_SCORES if s != auto and (auto == "cls" or s not in ("cls", "cls-norm"))]
 
     def from_counts(self, counts: dict[int, int]) -> tuple[int, ...]:
