@@ -21,17 +21,23 @@ PASSES: dict[str, type["VitPass"]] = {}
 #: What a pass may require of the analysed graph: name -> (holds?, reason it does not).
 REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], str]]] = {
     "readout_is_position_free": (
-        lambda v: all(i < v.num_prefix_tokens for i in v.readout.token_indices)
+        lambda v: v.readout.kind != "tokens" and all(i < v.num_prefix_tokens for i in v.readout.token_indices)
         and (v.readout.kind == "token"
              or (v.readout.mean_start or 0) in (0, v.num_prefix_tokens) and v.readout.mean_stop is None),
         lambda v: f"the readout ({v.readout.describe(v.num_prefix_tokens)}) reads patch tokens by position, "
-        "which dropping tokens would change",
+        "which dropping tokens would change" + (", and this pass cannot put them back in place yet"
+                                                if v.readout.kind == "tokens" else ""),
     ),
     "no_token_indexed_tensors": (
         lambda v: not v.token_indexed,
         lambda v: "the graph uses tensors indexed by token position after the embedding "
         f"({', '.join(t['node'] + ' ' + str(t['shape']) for t in v.token_indexed[:3])}): relative position "
         "bias or RoPE tables, which this pass does not gather yet",
+    ),
+    "readers_restorable": (
+        lambda v: all(r["restorable"] for r in v.stream_readers),
+        lambda v: next(f"node {r['node']!r} ({r['op']}) {r['what']}: dropping tokens would change what it reads, "
+                       "and tokens cannot be put back inside a block" for r in v.stream_readers if not r["restorable"]),
     ),
     "every_reader_known": (
         lambda v: not v.stream_readers,
@@ -44,6 +50,12 @@ REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], s
         lambda v: f"the model already drops tokens ({v.token_ops[0]['module']} at node {v.token_ops[0]['node']!r})",
     ),
 }
+
+
+def readout_is_position_free(v: ViTGraph) -> bool:
+    """Whether the readout reads prefix tokens by index and/or a mean over all tokens or all patch tokens,
+    which dropping patch tokens keeps meaningful (else a pass restores every token before it, or refuses)."""
+    return REQUIREMENTS["readout_is_position_free"][0](v)
 
 
 def register_pass(cls: type["VitPass"]) -> type["VitPass"]:
@@ -64,6 +76,9 @@ class VitPass(PassBase):
 
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
+    #: Whether the pass's token modules can report the tokens they keep (``return_kept``), so dropped tokens
+    #: can be put back before dense readers (:mod:`vitprune.passes.token_restore`).
+    restores_tokens: ClassVar[bool] = False
 
     @property
     def needs_visible_attention(self) -> bool:

@@ -81,15 +81,17 @@ def _fx_recorder(gm: fx.GraphModule) -> Callable[[set[str], torch.Tensor], dict[
 def significance(vit: ViTGraph, maps: list[torch.Tensor]) -> list[torch.Tensor]:
     """Top-down token significance ``[N]`` at the input of every block (Patch Slimming §3.2).
 
-    The readout's tokens start with significance 1 (a CLS index) or a uniform share (a mean; half each
-    when the head reads both); each
+    The readout's tokens start with significance 1 (a CLS index) or a uniform share (a mean, or every token
+    for a dense readout; half each when the head reads a CLS token and a mean); each
     block, last to first, passes it back through ``(A + I) / 2``.
     """
     n = vit.num_tokens
     s = torch.zeros(n)
-    if vit.readout.kind != "mean":
+    if vit.readout.kind == "tokens":  # a dense head reads every token: all of them matter alike
+        s = torch.full((n,), 1.0 / n)
+    elif vit.readout.kind != "mean":
         s[vit.readout.token_indices] = 1.0 / len(vit.readout.token_indices)
-    if vit.readout.kind != "token":  # a mean pool, alone or beside the CLS token (half each)
+    if vit.readout.kind in ("mean", "token+mean"):  # a mean pool, alone or beside the CLS token (half each)
         mean = torch.zeros(n)
         mean[vit.readout.mean_start or 0:vit.readout.mean_stop] = 1.0
         s = mean / mean.sum() if vit.readout.kind == "mean" else 0.5 * s + 0.5 * mean / mean.sum()
@@ -123,7 +125,8 @@ class ImportanceMaskPass(VitPass):
     :data:`~vitprune.ops.token_ops.SCORES`, see :func:`~vitprune.ops.token_ops.patch_scores`)."""
 
     name = "importance-mask"
-    needs = ("readout_is_position_free", "every_reader_known", "no_token_indexed_tensors", "no_token_ops")
+    needs = ("readers_restorable", "no_token_indexed_tensors", "no_token_ops")
+    restores_tokens = True
 
     def __init__(self, keep: Any = None, flops: float | None = None, mode: str = "dynamic", first_block: int = 3,
                  calibration: Any = None, calibration_limit: int = 256, score: str = "auto") -> None:

@@ -47,7 +47,8 @@ class LifespanGatherPass(VitPass):
     ``budget_weight``, ``tau_start``, ``tau_end``."""
 
     name = "lifespan-gather"
-    needs = ("readout_is_position_free", "every_reader_known", "no_token_indexed_tensors", "no_token_ops")
+    needs = ("readers_restorable", "no_token_indexed_tensors", "no_token_ops")
+    restores_tokens = True
 
     def __init__(self, flops: float = 0.5, after_block: int = 3, exact: bool = False, budget_weight: float = 2.0,
                  tau_start: float = 1.0, tau_end: float = 0.1, score: str = "auto") -> None:

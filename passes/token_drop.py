@@ -26,7 +26,8 @@ class TokenDropPass(VitPass):
     """Parameters: ``keep_rate`` in (0, 1], ``selection`` (``random`` | ``magnitude``), ``at_inference``."""
 
     name = "token-drop"
-    needs = ("readout_is_position_free", "every_reader_known", "no_token_indexed_tensors", "no_token_ops")
+    needs = ("readers_restorable", "no_token_indexed_tensors", "no_token_ops")
+    restores_tokens = True
 
     def __init__(self, keep_rate: float = 0.5, selection: str = "random", at_inference: bool = False) -> None:
         if not 0.0 < float(keep_rate) <= 1.0:

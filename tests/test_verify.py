@@ -183,22 +183,37 @@ class _Readers(nn.Module):
         return logits, extra
 
 
-@pytest.mark.parametrize("kind,node", [("grid", "getitem_"), ("static-grid", "getitem_"), ("token-40", "getitem_")])
-@pytest.mark.parametrize("method,params", [("token-drop", dict(keep_rate=0.5, at_inference=True)),
-                                           ("importance-mask", dict(keep={4: 0.5}))])
-def test_a_reader_outside_the_blocks_and_readout_is_refused_by_name(kind, node, method, params):
+@pytest.mark.parametrize("kind", ["grid", "static-grid", "token-40"])
+def test_a_reader_outside_the_blocks_and_readout_is_refused_by_name_where_tokens_cannot_be_restored(kind):
     model = _Readers(kind).eval()
-    with pytest.raises(PassError, match=rf"node '{node}\d*' \(x\[:, .*\]\) reads the token stream") as info:
-        vitprune.rewrite(model, method, example_input=torch.randn(2, 3, 32, 32), **params)
+    with pytest.raises(PassError, match=r"node 'getitem_\d*' \(x\[:, .*\]\) reads the token stream") as info:
+        vitprune.rewrite(model, "token-merge", example_input=torch.randn(2, 3, 32, 32), r=8)
     assert "\n" not in str(info.value)
     vit = vitprune.inspect_model(model, example_input=torch.randn(2, 3, 32, 32))
     assert [r["after_block"] for r in vit.stream_readers] == [4 if kind == "token-40" else 3]
+
+
+@pytest.mark.parametrize("kind", ["grid", "static-grid", "token-40"])
+@pytest.mark.parametrize("method,params", [("token-drop", dict(keep_rate=0.5, at_inference=True)),
+                                           ("importance-mask", dict(keep={2: 0.5}))])
+def test_a_reader_outside_the_blocks_reads_every_token_back_in_place(kind, method, params):
+    """A pass that drops tokens restores them before the reader (tests/test_token_restore.py checks the values)."""
+    model = _Readers(kind).eval()
+    x = torch.randn(2, 3, 32, 32)
+    vit = vitprune.inspect_model(model, example_input=x)
+    rewritten, report = vitprune.rewrite(model, method, example_input=x, **params)
+    assert report.decisions["token_restore"]["restored_before"] == [vit.stream_readers[0]["node"]]
+    assert report.keep_all_worst_node_diff <= 1e-6
+    with torch.no_grad():
+        out, ref = rewritten(x), model(x)
+    if kind != "token-40":
+        assert out[1].shape == ref[1].shape  # the grid of every patch, as before
 
 
 def test_a_reader_refusal_is_one_line_on_the_command_line(tmp_path, cli_inprocess):
     path = tmp_path / "dense.pt"
     torch.save(_Readers("static-grid").eval(), path)
     code, out, err = cli_inprocess("rewrite", path, "--trust-pickle", "--input-size", "3,32,32", "--method",
-                                   "token-drop", "--keep-rate", "0.5", "-o", tmp_path / "out")
+                                   "token-merge", "--r", "8", "-o", tmp_path / "out")
     assert code != 0 and err.count("\n") == 1 and "reads the token stream" in err
     assert not (tmp_path / "out").exists()

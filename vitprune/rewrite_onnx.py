@@ -157,6 +157,7 @@ def rewrite_onnx(
     from vitprune.frontends import onnx as onnx_frontend
     from vitprune.frontends.onnx_lowering import OnnxLowering, check_token_shapes
     from vitprune.passes import make_pass
+    from vitprune.passes.token_restore import restore_points
 
     start = time.perf_counter()
     proto = onnx_frontend.load_model(model)
@@ -173,6 +174,11 @@ def rewrite_onnx(
         pass_.requires(None)
     except VitpruneError as exc:
         raise PassError(f"pass {method!r} refused: {exc}") from exc
+    end, readers = restore_points(vit)
+    if end is not None or readers:
+        what = "the dense readout" if end is not None else f"node {readers[0]['node']!r}"
+        raise PassError(f"pass {method!r} refused: {what} needs every token back in place, and token restore is not "
+                        "lowered to ONNX yet: rewrite the PyTorch model, then export it (vitprune export)")
     flops_before = _flops(proto, values, x)
 
     def run_original(names: Iterable[str], batch: np.ndarray) -> dict[str, np.ndarray]:

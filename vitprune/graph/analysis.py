@@ -14,14 +14,17 @@ shapes propagated from one example input); no class or attribute name of the mod
   embedding add (an add of an image-independent tensor), the prefix-token concat (a ``cat`` on the
   token axis of image-independent tokens and the patch tokens), down to the patch tokens;
 - **readout**: from the last residual add through per-token ops (final norm) to the ops that remove
-  the token axis: a token index (``x[:, 0]``) or a mean over a token range;
+  the token axis: a token index (``x[:, 0]``) or a mean over a token range; or, for a dense model, readers
+  that take every token in place (the token sequence as an output, a grid reshape for a segmentation or
+  depth head): kind ``"tokens"``, for which a pass puts dropped tokens back (:mod:`vitprune.passes.token_restore`);
 - **token-indexed tensors**: image-independent tensors with a token-sized axis used after the point
   where tokens can be dropped (relative position bias, RoPE tables): a token pass must gather them;
 - **other readers of the token stream**: every node after the drop point that reads the stream yet
   neither flows back into it (a block's branch, the chain between blocks) nor is the readout or after
   it: a second output that reads an intermediate block's tokens, a grid reshape for a dense head, a
-  fixed token index (``x[:, 40]``); also token-axis indexing inside a block that reaches past the prefix
-  tokens. Dropping tokens would silently change what they read, so passes refuse them by name.
+  fixed token index (``x[:, 40]``). A pass that drops tokens restores every token in place before such a
+  reader (``restorable``); token-axis indexing *inside* a block that reaches past the prefix tokens cannot be
+  restored, so passes refuse it by name.
 
 A graph that does not fit gets :class:`~vitprune.errors.AnalysisError` with the reason.
 """
@@ -62,15 +65,17 @@ class AttentionBlock:
 
 @dataclass
 class Readout:
-    """How the head reads the token axis: one or more token indices, or a mean over a range."""
+    """How the head reads the token axis: one or more token indices, a mean over a range, or every token in place."""
 
-    kind: str  # "token" | "mean" | "token+mean" (token indices and a mean, e.g. concatenated)
+    kind: str  # "token" | "mean" | "token+mean" (token indices and a mean, e.g. concatenated) | "tokens" (dense)
     token_indices: list[int] = field(default_factory=list)
     mean_start: int | None = None  # mean over tokens [mean_start:mean_stop]
     mean_stop: int | None = None
     nodes: list[str] = field(default_factory=list)
 
     def describe(self, num_prefix_tokens: int) -> str:
+        if self.kind == "tokens":
+            return f"every token in place (dense: read by {', '.join(repr(n) for n in self.nodes[:3])})"
         tokens = "token " + ", ".join(f"x[:, {i}]" for i in self.token_indices)
         if self.kind == "token":
             return tokens
@@ -105,7 +110,7 @@ class ViTGraph:
     final_ops: list[str]  # per-token ops between the last block and the readout (final norm)
     token_indexed: list[dict[str, Any]]  # image-independent tensors with a token axis after the start
     token_ops: list[dict[str, Any]]  # vitprune token modules already in the graph
-    stream_readers: list[dict[str, Any]] = field(default_factory=list)  # readers a pass cannot follow
+    stream_readers: list[dict[str, Any]] = field(default_factory=list)  # readers outside the blocks and readout
 
     @property
     def num_blocks(self) -> int:
@@ -326,7 +331,7 @@ def _walk_readout(g: OpGraph, stream_end: str) -> tuple[list[str], Readout]:
     n = stream_end
     while True:
         users = [u for u in g.users(n) if g.is_data(u)]
-        if len(users) == 1 and g.is_per_token(users[0]):
+        if len(users) == 1 and g.is_per_token(users[0]) and g.kind(users[0]) != "output":
             n = users[0]
             final_ops.append(n)
             continue
@@ -335,7 +340,8 @@ def _walk_readout(g: OpGraph, stream_end: str) -> tuple[list[str], Readout]:
     indices: list[int] = []
     means: list[tuple[int, int | None]] = []
     nodes: list[str] = []
-    for u in [u for u in g.users(n) if g.is_data(u)]:
+    dense: list[str] = []
+    for u in [u for u in g.users(n) if g.is_data(u) or g.kind(u) == "output"]:
         sel = _token_axis_index(g, u)
         if isinstance(sel, int):
             indices.append(sel % tokens)
@@ -351,10 +357,9 @@ def _walk_readout(g: OpGraph, stream_end: str) -> tuple[list[str], Readout]:
             means.append((0, None))
             nodes.append(u)
             continue
-        raise AnalysisError(
-            f"the readout at node {u!r} ({g.label(u)}) is not a token "
-            "index or a mean over tokens: vitprune cannot tell which tokens it reads"
-        )
+        dense.append(u)  # reads the tokens by position: a grid reshape, a token-sequence output, ...
+    if dense:
+        return final_ops, Readout("tokens", nodes=dense + nodes)
     if len(means) > 1:
         raise AnalysisError("the readout takes more than one token mean; vitprune cannot analyse it")
     if indices and means:  # CLS concatenated with the patch mean (DINOv2's linear head)
@@ -365,7 +370,7 @@ def _walk_readout(g: OpGraph, stream_end: str) -> tuple[list[str], Readout]:
         start, stop = means[0]
         return final_ops, Readout("mean", mean_start=start, mean_stop=stop, nodes=nodes)
     if not indices:
-        raise AnalysisError(f"nothing reads the token axis after node {n!r}")
+        raise AnalysisError(f"nothing reads the token axis after node {n!r}")  # e.g. only shapes are read
     return final_ops, Readout("token", token_indices=sorted(set(indices)), nodes=nodes)
 
 
@@ -462,13 +467,15 @@ def _stream_readers(g: OpGraph, start: str, stream_end: str, readout_nodes: list
         if n in feeds_stream:
             if _indexes_past_prefix(g, n, num_prefix):
                 found.append({"node": n, "op": _describe_node(g, n), "after_block": after_block(n),
+                              "source": g.data_inputs(n)[0], "restorable": False,
                               "what": f"indexes the token axis by position inside block {after_block(n)}"})
             continue
         sources = [i for i in g.data_inputs(n) if i in feeds_stream]
         if not sources:
             continue  # downstream of another reader: that one is reported
         block = after_block(n)
-        found.append({"node": n, "op": _describe_node(g, n), "after_block": block,
+        found.append({"node": n, "op": _describe_node(g, n), "after_block": block, "source": sources[0],
+                      "restorable": True,
                       "what": f"reads the token stream ({sources[0]!r}, after block {block}) outside "
                               "the blocks and the readout"})
     return found

@@ -48,6 +48,7 @@ FUNCTIONS = frozenset({
     "torch._assert",  # torchvision's input-shape check
     "torch.cat",
     "torch.nn.functional.layer_norm",
+    "torch.nn.functional.interpolate",  # dense heads upsample their grid of patch logits to the pixels
     # timm functions fx keeps as leaves in non-fused attention: add an optional mask to the scores
     "timm.layers.attention.maybe_add_mask",
     "timm.layers.attention.resolve_self_attn_mask",

@@ -31,18 +31,33 @@ class TokenModule(nn.Module):
 
     When ``record_kept`` is set, each forward stores ``last_kept`` ``[B, K]``: the indices of the kept
     patch tokens among *this module's input* patch tokens (compose them in graph order to get grid
-    positions; ``vitprune show`` does).
+    positions; ``vitprune show`` does). With ``return_kept`` (a constructor argument, set by
+    :mod:`vitprune.passes.token_restore`) the forward returns those indices too, as a graph value, so the
+    dropped tokens can be put back before a dense reader.
     """
 
     num_patches: int
+    num_prefix_tokens: int
     record_kept: bool = False
+    return_kept: bool = False
     last_kept: torch.Tensor | None = None
 
-    def _keep(self, out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _restore_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` plus ``return_kept`` when it is set (so older saved configs stay valid)."""
+        return {**config, "return_kept": True} if self.return_kept else config
+
+    def _keep(self, out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         tokens, kept = out
         if self.record_kept:
             self.last_kept = kept.detach()
-        return tokens
+        return (tokens, kept) if self.return_kept else tokens
+
+    def _all_kept(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x`` unchanged (with ``return_kept``: and every patch index, ``[B, P]``)."""
+        if not self.return_kept:
+            return x
+        kept = torch.arange(x.shape[1] - self.num_prefix_tokens, device=x.device).expand(x.shape[0], -1)
+        return x, kept
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments as plain JSON values; ``type(self)(**self.config())`` rebuilds it."""
@@ -72,8 +87,10 @@ class TokenDrop(TokenModule):
         keep_count: int,
         selection: str = "random",
         at_inference: bool = False,
+        return_kept: bool = False,
     ) -> None:
         super().__init__()
+        self.return_kept = bool(return_kept)
         if selection not in token_ops.SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}; expected one of {token_ops.SELECTIONS}")
         if not 1 <= keep_count <= num_patches:
@@ -93,7 +110,7 @@ class TokenDrop(TokenModule):
             "keep_count": self.keep_count,
             "selection": self.selection,
             "at_inference": self.at_inference,
-        }
+        } | ({"return_kept": True} if self.return_kept else {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._force_keep_all:  # every patch of the input (earlier stages may keep all too)
@@ -101,7 +118,7 @@ class TokenDrop(TokenModule):
             return self._keep(token_ops.drop_patch_tokens(x, self.num_prefix_tokens, keep, self.selection))
         if not (self.training or self.at_inference):
             self.last_kept = None
-            return x
+            return self._all_kept(x)
         return self._keep(token_ops.drop_patch_tokens(x, self.num_prefix_tokens, self.keep_count, self.selection))
 
 
@@ -144,8 +161,9 @@ class AttentionTopK(TokenModule):
     """
 
     def __init__(self, num_prefix_tokens: int, num_patches: int, keep_count: int, scale: float | None = None,
-                 score: str = "cls", cls_index: int = 0, source: str = "qk") -> None:
+                 score: str = "cls", cls_index: int = 0, source: str = "qk", return_kept: bool = False) -> None:
         super().__init__()
+        self.return_kept = bool(return_kept)
         if not 1 <= keep_count <= num_patches:
             raise ValueError(f"keep_count must be in [1, {num_patches}], got {keep_count}")
         if score not in token_ops.SCORES or source not in ("qk", "attn"):
@@ -155,9 +173,9 @@ class AttentionTopK(TokenModule):
         self._force_keep_all = False
 
     def config(self) -> dict[str, Any]:
-        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches,
-                "keep_count": self.keep_count, "scale": self.scale, "score": self.score,
-                "cls_index": self.cls_index, "source": self.source}
+        return self._restore_config({"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches,
+                                     "keep_count": self.keep_count, "scale": self.scale, "score": self.score,
+                                     "cls_index": self.cls_index, "source": self.source})
 
     def forward(self, x: torch.Tensor, q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> torch.Tensor:
         # q is the attention map [B, H, N, N] with source="attn"; norm scores read x alone
@@ -177,8 +195,9 @@ class StaticTokenSelect(TokenModule):
     Shapes: ``[B, num_prefix_tokens + num_patches, C] -> [B, num_prefix_tokens + len(kept), C]``.
     """
 
-    def __init__(self, num_prefix_tokens: int, num_patches: int, kept: list[int]) -> None:
+    def __init__(self, num_prefix_tokens: int, num_patches: int, kept: list[int], return_kept: bool = False) -> None:
         super().__init__()
+        self.return_kept = bool(return_kept)
         kept = [int(i) for i in kept]
         if not kept or sorted(set(kept)) != kept or kept[0] < 0 or kept[-1] >= num_patches:
             raise ValueError(f"kept must be ascending distinct indices in [0, {num_patches})")
@@ -189,17 +208,18 @@ class StaticTokenSelect(TokenModule):
         self._force_keep_all = False
 
     def config(self) -> dict[str, Any]:
-        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches, "kept": self.kept}
+        return self._restore_config({"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches,
+                                     "kept": self.kept})
 
     def extra_repr(self) -> str:
         return f"num_prefix_tokens={self.num_prefix_tokens}, num_patches={self.num_patches}, keep_count={self.keep_count}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._force_keep_all:
-            return x
-        if self.record_kept:
-            self.last_kept = torch.tensor(self.kept, device=x.device).expand(x.shape[0], -1)
-        return x.index_select(1, self.token_index)
+            return self._all_kept(x)
+        tokens = x.index_select(1, self.token_index)
+        kept = self.token_index[self.num_prefix_tokens:] - self.num_prefix_tokens
+        return self._keep((tokens, kept.expand(x.shape[0], -1)))
 
 
 def annealed_tau(start: float, end: float, progress: float) -> float:
@@ -235,8 +255,10 @@ class LifespanGather(TokenModule):
     def __init__(self, num_prefix_tokens: int, num_patches: int, dim: int, first_block: int, num_blocks: int,
                  scale: float, score: str = "cls", cls_index: int = 0, hidden: int = 0,
                  block_linear: list | None = None, block_attention: list | None = None, fixed_flops: float = 0.0,
-                 target: float = 1.0, budget_weight: float = 2.0, tau_start: float = 1.0, tau_end: float = 0.1) -> None:
+                 target: float = 1.0, budget_weight: float = 2.0, tau_start: float = 1.0, tau_end: float = 0.1,
+                 return_kept: bool = False) -> None:
         super().__init__()
+        self.return_kept = bool(return_kept)
         self.num_prefix_tokens, self.num_patches, self.dim = int(num_prefix_tokens), int(num_patches), int(dim)
         self.first_block, self.num_blocks = int(first_block), int(num_blocks)
         self.scale, self.score, self.cls_index = float(scale), score, int(cls_index)
@@ -258,7 +280,7 @@ class LifespanGather(TokenModule):
         keys = ("num_prefix_tokens", "num_patches", "dim", "first_block", "num_blocks", "scale", "score", "cls_index",
                 "hidden", "block_linear", "block_attention", "fixed_flops", "target", "budget_weight", "tau_start",
                 "tau_end")
-        return {k: getattr(self, k) for k in keys}
+        return self._restore_config({k: getattr(self, k) for k in keys})
 
     def extra_repr(self) -> str:
         return f"num_patches={self.num_patches}, lives in [{self.first_block}, {self.num_blocks}], target={self.target}"
@@ -286,7 +308,7 @@ class LifespanGather(TokenModule):
         low = self.first_block - 0.5  # a life that rounds to first_block ends at the regressor's block
         return low + (self.num_blocks - low) * torch.sigmoid(logit)
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lives = self.lives(x, q, k)
         # longest life first; topk over all patches (sorted) exports to ONNX as one TopK (sort does not)
         order = torch.topk(lives, lives.shape[1], dim=1, largest=True, sorted=True).indices
@@ -297,7 +319,7 @@ class LifespanGather(TokenModule):
         if self.record_kept:
             self.last_kept, self.last_lives = order.detach(), lives.detach()
         self._sorted_lives = sorted_lives if self.training else None
-        return tokens, sorted_lives
+        return (tokens, sorted_lives, order) if self.return_kept else (tokens, sorted_lives)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Budget loss of the last training forward: ``budget_weight · (implied FLOPs ratio - target)²``."""
@@ -330,27 +352,29 @@ class PrefixSlice(TokenModule):
     Shapes: ``x [B, N, C]``, ``lives [B, P]`` -> ``[B, num_prefix_tokens + keep_count, C]``.
     """
 
-    def __init__(self, num_prefix_tokens: int, num_patches: int, keep_count: int, block: int, exact: bool = False) -> None:
+    def __init__(self, num_prefix_tokens: int, num_patches: int, keep_count: int, block: int, exact: bool = False,
+                 return_kept: bool = False) -> None:
         super().__init__()
+        self.return_kept = bool(return_kept)
         self.num_prefix_tokens, self.num_patches, self.keep_count = int(num_prefix_tokens), int(num_patches), int(keep_count)
         self.block, self.exact = int(block), bool(exact)
         self._force_keep_all = False
 
     def config(self) -> dict[str, Any]:
-        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches,
-                "keep_count": self.keep_count, "block": self.block, "exact": self.exact}
+        return self._restore_config({"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches,
+                                     "keep_count": self.keep_count, "block": self.block, "exact": self.exact})
 
     def forward(self, x: torch.Tensor, lives: torch.Tensor) -> torch.Tensor:
         if self.training or self._force_keep_all:
-            return x
+            return self._all_kept(x)
         count = self.keep_count
         if self.exact:
             if x.shape[0] != 1:
                 raise ValueError("PrefixSlice(exact=True) takes batch 1: per-image token counts differ")
             count = int((lives[0] > self.block).sum())
-        if self.record_kept:
-            self.last_kept = torch.arange(min(count, x.shape[1] - self.num_prefix_tokens), device=x.device).expand(x.shape[0], -1)
-        return x[:, : self.num_prefix_tokens + count]
+        count = min(count, x.shape[1] - self.num_prefix_tokens)
+        kept = torch.arange(count, device=x.device).expand(x.shape[0], -1)
+        return self._keep((x[:, : self.num_prefix_tokens + count], kept))
 
 
 class _SoftSurvival(nn.Module):
@@ -484,3 +508,49 @@ class ProportionalAttentionMask(nn.Module):
 
     def forward(self, size: torch.Tensor) -> torch.Tensor:
         return size.log().transpose(1, 2).unsqueeze(1)
+
+
+@register_leaf
+class DroppedTokenCanvas(nn.Module):
+    """Keep every patch's last features while tokens are dropped, for :class:`TokenRestore`.
+
+    Placed beside each token module (a :class:`TokenModule` built with ``return_kept``): it writes the tokens
+    alive at that pruning point into the canvas (:func:`token_ops.update_canvas`) and follows the kept ones'
+    grid positions. Not on the residual stream: the blocks never read it.
+
+    Shapes: ``x [B, prefix + K_in, C]`` (the token module's input), ``kept [B, K_out]`` (its kept indices among
+    those ``K_in`` patch tokens), ``positions [B, K_in]`` and ``canvas [B, P, C]`` from the previous point (or
+    ``None`` at the first) -> ``(canvas [B, P, C], positions [B, K_out])``.
+    """
+
+    def __init__(self, num_prefix_tokens: int, num_patches: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.num_patches = int(num_prefix_tokens), int(num_patches)
+
+    def config(self) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches}
+
+    def forward(self, x: torch.Tensor, kept: torch.Tensor, positions: torch.Tensor | None = None,
+                canvas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        canvas, positions = token_ops.update_canvas(x, self.num_prefix_tokens, positions, canvas)
+        return canvas, positions.gather(1, kept)
+
+
+@register_leaf
+class TokenRestore(nn.Module):
+    """Put every dropped token back in its grid position before a reader that needs all of them in place
+    (a dense head's grid reshape, a token-sequence output, an intermediate layer read by a DPT-style head):
+    :func:`token_ops.restore_tokens`. Static shapes: ``P`` is the model's patch count.
+
+    Shapes: ``x [B, prefix + K, C]``, ``canvas [B, P, C]``, ``positions [B, K]`` -> ``[B, prefix + P, C]``.
+    """
+
+    def __init__(self, num_prefix_tokens: int, num_patches: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.num_patches = int(num_prefix_tokens), int(num_patches)
+
+    def config(self) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches}
+
+    def forward(self, x: torch.Tensor, canvas: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return token_ops.restore_tokens(x, self.num_prefix_tokens, canvas, positions)

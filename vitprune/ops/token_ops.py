@@ -255,3 +255,46 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, kept: torch.Tensor, src: t
     # sizes are counts: no gradient flows into them (and SDPA's fused CPU kernel refuses a mask that needs one)
     merged_size = total[..., channels:].detach()
     return total[..., :channels] / merged_size, merged_size
+
+
+def update_canvas(x: torch.Tensor, num_prefix_tokens: int, positions: torch.Tensor | None,
+                  canvas: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the patch tokens alive at a pruning point into the canvas of every patch's last features.
+
+    The canvas is how dropped tokens come back for a dense reader (:func:`restore_tokens`): each grid
+    position holds the features its token had the last time it was in the stream, which for a dropped token
+    is the stream at the pruning point that dropped it (DynamicViT's and "Expediting Large-Scale ViTs for
+    Dense Prediction"'s choice, arXiv 2210.01035 §3.2: a dropped token stops being updated). A scatter
+    without reduction (``ScatterElements``, which ONNX Runtime and TensorRT run): the positions are distinct.
+
+    Args:
+        x: ``[B, prefix + K, C]`` stream at the pruning point, before it drops tokens.
+        positions: ``[B, K]`` grid position of each of its patch tokens, or ``None`` before the first pruning
+            point (then the ``K = P`` patch tokens are in grid order and become the canvas).
+        canvas: ``[B, P, C]`` last features of every grid position so far (``None`` with ``positions``).
+
+    Returns:
+        ``(canvas [B, P, C], positions [B, K])``, ``positions`` filled in with ``arange(P)`` at the first point.
+    """
+    patches = x[:, num_prefix_tokens:]
+    if positions is None:
+        positions = torch.arange(patches.shape[1], device=x.device).expand(x.shape[0], -1)
+        return patches, positions
+    return canvas.scatter(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]), patches), positions
+
+
+def restore_tokens(x: torch.Tensor, num_prefix_tokens: int, canvas: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Every token back in its grid position: the kept tokens' current features, the dropped ones' last.
+
+    Args:
+        x: ``[B, prefix + K, C]`` stream after pruning (its patch tokens at grid ``positions``).
+        canvas: ``[B, P, C]`` from :func:`update_canvas` (the last pruning point before ``x``).
+        positions: ``[B, K]`` grid positions of ``x``'s patch tokens.
+
+    Returns:
+        ``[B, prefix + P, C]``: prefix tokens, then the ``P`` patch tokens in grid order. With every token kept
+        (``positions`` a permutation of ``arange(P)``), the stream itself in grid order.
+    """
+    index = positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    patches = canvas.scatter(1, index, x[:, num_prefix_tokens:])
+    return torch.cat([x[:, :num_prefix_tokens], patches], dim=1)

@@ -1,0 +1,225 @@
+"""Token restore: dense readers (token-sequence outputs, grid heads, intermediate layers read by a DPT-style
+head) get every token back in its grid position, dropped tokens with the features they had when dropped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitprune
+from vitprune.errors import PassError
+from vitprune.ops.modules import TokenModule, TokenRestore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GRID, CLASSES = 8, 5
+
+
+def _vit(depth: int = 4) -> nn.Module:
+    return vitprune.load("timm:vit_small_patch16_224", model_args=dict(
+        img_size=32, patch_size=4, embed_dim=64, depth=depth, num_heads=2, num_classes=0, global_pool=""))
+
+
+class Features(nn.Module):
+    """``forward_features``: the token sequence ``[B, 1 + 64, C]`` is the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.vit = _vit()
+
+    def forward(self, x):
+        return self.vit.forward_features(x)
+
+
+class Segmenter(Features):
+    """A linear segmentation head on the patch tokens, reshaped to the grid and upsampled to the pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(64, CLASSES)
+
+    def forward(self, x):
+        logits = self.head(self.vit.forward_features(x)[:, 1:])  # [B, 64, K]
+        grid = logits.transpose(1, 2).reshape(x.shape[0], CLASSES, GRID, GRID)
+        return F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class MultiLayer(Features):
+    """A DPT-style head: the patch tokens after blocks 1 and 3 (each through the final norm), as grids."""
+
+    def forward(self, x):
+        v = self.vit
+        t = v.norm_pre(v._pos_embed(v.patch_embed(x)))
+        taps = []
+        for i, blk in enumerate(v.blocks):
+            t = blk(t)
+            if i in (1, 3):
+                taps.append(v.norm(t)[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, GRID, GRID))
+        return taps[0] + taps[1]
+
+
+MODELS = {"features": Features, "segmenter": Segmenter, "multi-layer": MultiLayer}
+METHODS = {
+    "token-drop": dict(keep_rate=0.5, at_inference=True, selection="magnitude"),
+    "importance-mask": dict(keep={1: 0.6, 3: 0.5}),
+    "importance-mask-static": dict(keep={1: 0.6, 3: 0.5}, mode="static"),
+    "lifespan-gather": dict(flops=0.6, after_block=1),
+}
+
+
+def _rewrite(model, method, x):
+    params = dict(METHODS[method])
+    if method == "importance-mask-static":
+        method, params["calibration"] = "importance-mask", torch.randn(4, 3, 32, 32)
+    return vitprune.rewrite(model, method, example_input=x, **params)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_dense_models_rewrite_and_are_exact_with_every_token_kept(family, method):
+    x = torch.randn(2, 3, 32, 32)
+    model = MODELS[family]().eval()
+    vit = vitprune.inspect_model(model, example_input=x)
+    rewritten, report = _rewrite(model, method, x)
+    # with every token kept, every node of the original graph has the same value in the rewritten one
+    assert report.keep_all_nodes_compared > 50 and report.keep_all_worst_node_diff <= 1e-6
+    assert report.keep_all_max_abs_diff <= 1e-6
+    restore = report.decisions["token_restore"]
+    assert restore["restored_before"] == (["readout"] if family != "multi-layer" else
+                                          [r["node"] for r in vit.stream_readers] + ["readout"])
+    with torch.no_grad():
+        out, ref = rewritten(x), model(x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert report.flops_ratio < 0.8  # the blocks run on fewer tokens
+    restores = [m for m in rewritten.modules() if isinstance(m, TokenRestore)]
+    assert len(restores) == len(restore["restored_before"])
+
+
+def _by_hand(model: nn.Module, rewritten: nn.Module, x: torch.Tensor, taps: tuple[int, ...] = ()):
+    """The original model's own blocks run on the tokens the rewritten model kept (read from its token modules'
+    ``record_kept``, one pruning point per block input), with a canvas of every grid position's last features
+    kept in a Python dict: the final stream ``[B, 1 + 64, C]`` with every token put back, and the same at ``taps``."""
+    stages = [m for m in rewritten.modules() if isinstance(m, TokenModule)]
+    block_of = {id(m): _stage_block(rewritten, m) for m in stages}
+    for m in stages:
+        m.record_kept = True
+    with torch.no_grad():
+        rewritten(x)
+    v = model.vit
+    t = v.norm_pre(v._pos_embed(v.patch_embed(x)))
+    batch = x.shape[0]
+    positions = [list(range(64)) for _ in range(batch)]
+    last = [dict() for _ in range(batch)]  # grid position -> features when last seen
+
+    def restored(t):
+        out = t.clone()[:, :1].repeat(1, 65, 1)
+        for b in range(batch):
+            for pos, feat in last[b].items():
+                out[b, 1 + pos] = feat
+            for i, pos in enumerate(positions[b]):
+                out[b, 1 + pos] = t[b, 1 + i]
+        return out
+
+    seen = []
+    with torch.no_grad():
+        for i, blk in enumerate(v.blocks):
+            stage = [m for m in stages if block_of[id(m)] == i]
+            for m in stage:
+                for b in range(batch):
+                    for j, pos in enumerate(positions[b]):
+                        last[b][pos] = t[b, 1 + j].clone()
+                kept = m.last_kept
+                t = torch.cat([t[:, :1], torch.stack([t[b, 1:][kept[b]] for b in range(batch)])], dim=1)
+                positions = [[positions[b][k] for k in kept[b].tolist()] for b in range(batch)]
+            t = blk(t)
+            if i in taps:
+                seen.append(restored(t))
+    return restored(t), seen
+
+
+def _stage_block(rewritten: nn.Module, module: nn.Module) -> int:
+    """The block a token module sits in front of (from the rewritten graph's analysis)."""
+    for op in vitprune.inspect_model(rewritten, example_input=torch.randn(2, 3, 32, 32)).token_ops:
+        if rewritten.get_submodule(op["node"]) is module:
+            return op["before_block"]
+    raise AssertionError("token module not in the graph")
+
+
+@pytest.mark.parametrize("method", ["importance-mask", "lifespan-gather", "token-drop"])
+def test_restored_tokens_match_dropping_them_by_hand_in_the_models_own_blocks(method):
+    """Pruning points before blocks 1 and 3 (lifespan-gather: a sort and slices from block 1 on; token-drop:
+    one drop before block 0): every kept token comes out as the model's own blocks compute it on the kept
+    tokens, every dropped token with its features at the point that dropped it."""
+    x = torch.randn(3, 3, 32, 32)
+    model = Features().eval()
+    rewritten, _ = _rewrite(model, method, x)
+    stream, _ = _by_hand(model, rewritten, x)
+    with torch.no_grad():
+        out = rewritten(x)
+        expected = model.vit.norm(stream)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, model(x), atol=1e-3)  # tokens were dropped: not the original output
+
+
+def test_an_intermediate_layer_read_by_a_dense_head_gets_its_tokens_back():
+    x = torch.randn(2, 3, 32, 32)
+    model = MultiLayer().eval()
+    rewritten, _ = _rewrite(model, "lifespan-gather", x)
+    stream, (tap1, tap3) = _by_hand(model, rewritten, x, taps=(1, 3))
+    grid = lambda t: model.vit.norm(t)[:, 1:].transpose(1, 2).reshape(2, -1, GRID, GRID)
+    with torch.no_grad():
+        assert torch.allclose(rewritten(x), grid(tap1) + grid(tap3), atol=1e-5)
+
+
+def test_a_rewritten_dense_model_saves_loads_and_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    x = torch.randn(2, 3, 32, 32)
+    rewritten, _ = vitprune.rewrite(Segmenter().eval(), "token-drop", example_input=x, keep_rate=0.5,
+                                    at_inference=True, selection="magnitude")
+    vitprune.save(rewritten, tmp_path / "model")
+    again = vitprune.load(tmp_path / "model")
+    with torch.no_grad():
+        assert torch.equal(again(x), rewritten(x))
+    path = tmp_path / "seg.onnx"
+    vitprune.export_onnx(rewritten, path, example_input=x)
+    proto = onnx.load(str(path))
+    scatters = [n for n in proto.graph.node if n.op_type == "ScatterElements"]
+    assert scatters and all(a.s in (b"", b"none") for n in scatters for a in n.attribute if a.name == "reduction")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x5 = torch.randn(5, 3, 32, 32)  # another batch size: the batch stays dynamic
+    got = session.run(None, {session.get_inputs()[0].name: x5.numpy()})[0]
+    with torch.no_grad():
+        assert abs(got - rewritten(x5).numpy()).max() <= 1e-4
+
+
+def test_token_merge_refuses_a_dense_readout_in_one_line():
+    with pytest.raises(PassError, match="put them back in place") as info:
+        vitprune.rewrite(Segmenter().eval(), "token-merge", example_input=torch.randn(2, 3, 32, 32), r=8)
+    assert "\n" not in str(info.value)
+
+
+class ReadsInsideTheStream(Features):
+    """Token 5 is added to every token between blocks 2 and 3: a position read *on* the stream."""
+
+    def forward(self, x):
+        v = self.vit
+        t = v.norm_pre(v._pos_embed(v.patch_embed(x)))
+        for i, blk in enumerate(v.blocks):
+            t = blk(t)
+            if i == 2:
+                t = t + 0.1 * t[:, 5:6].expand_as(t)
+        return v.norm(t)[:, 0]
+
+
+@pytest.mark.parametrize("method", ["token-drop", "importance-mask"])
+def test_a_position_read_on_the_stream_is_refused_by_name(method):
+    params = dict(keep_rate=0.5, at_inference=True) if method == "token-drop" else dict(keep={1: 0.5})
+    with pytest.raises(PassError, match=r"node 'getitem_\d+' \(x\[:, 5:6\]\) indexes the token axis by position "
+                                        r"inside block 2.*cannot be put back inside a block") as info:
+        vitprune.rewrite(ReadsInsideTheStream().eval(), method, example_input=torch.randn(2, 3, 32, 32), **params)
+    assert "\n" not in str(info.value)
