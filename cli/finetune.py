@@ -41,9 +41,14 @@ def _floats(value: str | None, name: str, count: int | None = None) -> tuple[flo
 
 
 def _summary(history: list[dict]) -> str:
-    """A plain-text table of the per-epoch metrics."""
-    cols = [("epoch", "epoch", "{}"), ("loss", "train_loss", "{:.4f}"), ("train acc", "train_top1", "{:.4f}"),
-            ("keep", "keep_rate_mean", "{:.2f}"), ("val top-1", "val_top1", "{:.4f}"), ("val top-5", "val_top5", "{:.4f}"),
+    """A plain-text table of the per-epoch metrics (label-free runs: agreement with the teacher, not accuracy)."""
+    if history and history[0].get("train_top1") is None:  # label-free
+        scores = [("keep", "keep_rate_mean", "{:.2f}"), ("val distill", "val_distill", "{:.4f}"),
+                  ("val agree", "val_agreement", "{:.4f}"), ("val cos", "val_cosine", "{:.4f}")]
+    else:
+        scores = [("train acc", "train_top1", "{:.4f}"), ("keep", "keep_rate_mean", "{:.2f}"),
+                  ("val top-1", "val_top1", "{:.4f}"), ("val top-5", "val_top5", "{:.4f}")]
+    cols = [("epoch", "epoch", "{}"), ("loss", "train_loss", "{:.4f}"), *scores,
             ("s", "seconds", "{:.1f}"), ("img/s", "images_per_s", "{:.0f}")]
     rows = [[name for name, _, _ in cols]]
     rows += [[fmt.format(h[key]) if h.get(key) is not None else "-" for _, key, fmt in cols] for h in history]
@@ -55,13 +60,17 @@ def _summary(history: list[dict]) -> str:
 @click.command("finetune")
 @_accepts_finetune_output
 @model_options
-@click.option("--data", required=True, type=click.Path(), help="Training images: DIR/CLASS/IMAGE (ImageFolder).")
-@click.option("--val", type=click.Path(), help="Validation images (same classes), evaluated after every epoch.")
+@click.option("--data", required=True, type=click.Path(), help="Training images: DIR/CLASS/IMAGE (ImageFolder); "
+              "with --no-labels any folder of images, at any depth.")
+@click.option("--val", type=click.Path(), help="Validation images (same classes; with --no-labels any folder of "
+              "images), evaluated after every epoch.")
+@click.option("--no-labels", is_flag=True, help="Distil from the original model on any image folder: no labels, "
+              "no cross-entropy (needs a rewritten MODEL or --teacher).")
 @click.option("--teacher", metavar="MODEL", help="Distillation teacher (anything MODEL can be) "
               "[default for a rewritten MODEL: MODEL itself before fine-tuning, with every token kept].")
 @click.option("--no-distill", is_flag=True, help="Cross-entropy only, no distillation.")
 @click.option("--distill-weight", type=float, default=_DEFAULTS["distill_weight"], show_default=True,
-              help="Weight of the KL term.")
+              help="Weight of the KL term (with labels; a --no-labels loss is the distillation term alone).")
 @click.option("--distill-temperature", type=float, default=_DEFAULTS["distill_temperature"], show_default=True,
               help="Softmax temperature T of the KL term (scaled by T²).")
 @click.option("--epochs", type=int, default=_DEFAULTS["epochs"], show_default=True)
@@ -102,13 +111,14 @@ def _summary(history: list[dict]) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in OUTPUT.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-epoch metrics as JSON.")
-def finetune(model, source, inputs, input_size, data, val, teacher, no_distill, clip_grad, mean, std, scale, workers,
-             device, resume, output, overwrite, quiet, as_json, **options) -> None:
+def finetune(model, source, inputs, input_size, data, val, no_labels, teacher, no_distill, clip_grad, mean, std, scale,
+             workers, device, resume, output, overwrite, quiet, as_json, **options) -> None:
     """Fine-tune MODEL on the image folder DATA and save it to OUTPUT/model.
 
     MODEL is anything `vitprune rewrite` takes, usually a folder it wrote; a rewritten model learns
-    from its own original (every token kept) by distillation unless --no-distill. Under torchrun the
-    same command trains data-parallel.
+    from its own original (every token kept) by distillation unless --no-distill. With --no-labels DATA
+    may be any folder of images: the model learns from its teacher's outputs alone (class logits, dense
+    logits or features). Under torchrun the same command trains data-parallel.
     """
     from vitprune.train.finetune import finetune as run
     from vitprune.io.load import load
@@ -120,7 +130,8 @@ def finetune(model, source, inputs, input_size, data, val, teacher, no_distill, 
     say = (lambda msg: click.echo(msg, err=True)) if not quiet else None
     result = run(model, data, output, val=val, teacher=teacher_model, resume=resume, overwrite=overwrite, device=device,
                  progress=False if quiet else None, protect=inputs, log=say, input_size=input_size,
-                 distill=False if no_distill else None, clip_grad=clip_grad or None, num_workers=workers,
+                 labels=not no_labels, distill=False if no_distill else None, clip_grad=clip_grad or None,
+                 num_workers=workers,
                  mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=_floats(scale, "--scale", 2),
                  **({"teacher": teacher} if teacher_model is not None else {}), **options)
     if result.model_path is None:  # not rank 0

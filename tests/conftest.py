@@ -38,6 +38,17 @@ def rewrite_family(family: str, method: str, **params):
     return vitprune.rewrite(vitprune.load(source, model_args=args), method, **params)
 
 
+def load_example(name: str):
+    """``examples/NAME.py`` imported as a module (the examples are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"{name}_example", Path(__file__).parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def small_model(family: str) -> torch.nn.Module:
     source, args = FAMILIES[family]
     torch.manual_seed(0)

@@ -3,7 +3,6 @@ stderr, versioned JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import vitprune
-from conftest import run_cli
+from conftest import run_cli, load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -22,9 +21,7 @@ DEIT_FLAGS = [a for k, v in DEIT_ARGS.items() for a in ("--model-arg", f"{k}={v}
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("digits")
     return example
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vitprune
+from conftest import load_example
 from vitprune.ship.export_onnx import export_onnx
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
@@ -101,12 +102,7 @@ def test_export_and_bench_cli(cli_inprocess, tmp_path):
 
 
 def test_bench_with_data_reports_accuracy(cli_inprocess, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("digits_example", Path(__file__).parents[1] / "examples" / "digits.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("digits")
     example.write_image_folders(tmp_path / "d", max_train=10, max_val=40)
     torch.manual_seed(0)
     model = vitprune.load("timm:vit_small_patch16_224", model_args={**TINY, "num_classes": 10})

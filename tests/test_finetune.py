@@ -7,7 +7,6 @@ A tiny ViT (16 patches of 8x8, width 32, 2 blocks) on 200 / 100 real digits writ
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import vitprune
+from conftest import load_example
 from vitprune.train.finetune import FinetuneConfig, distillation_loss, lr_factor, make_teacher
 from vitprune.train.keep_rate_schedule import KeepSchedule, keep_count
 from vitprune.ops.modules import TokenDrop
@@ -43,9 +43,7 @@ def tiny_model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("digits")
     root = tmp_path_factory.mktemp("digits")
     assert example.write_image_folders(root, max_train=200, max_val=100) == {"train": 200, "val": 100}
     assert sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]

@@ -8,7 +8,7 @@ exactly the searched model through `vitprune rewrite --schedule`. One torch thre
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import random
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import vitprune
+from conftest import load_example
 from vitprune.graph.keep_counts import counts_from_rates
 from vitprune.search import FLOPS_TOLERANCE, SearchError, SearchResult, rates_for_counts, read_schedule, search
 
@@ -39,9 +40,7 @@ def digits(tmp_path_factory):
     from PIL import Image
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("digits")
     x_train, y_train, x_test, y_test = example.digits_split()
     size = (ARGS["img_size"],) * 2
     x_train, x_test = (F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)

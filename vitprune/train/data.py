@@ -12,6 +12,10 @@ Preprocessing (``C, H, W`` from the model: :func:`vitprune.io.origin.default_inp
   then the same scaling and normalisation.
 
 One-channel models get greyscale images, three-channel models RGB.
+
+Label-free fine-tuning (``vitprune finetune --no-labels``) reads any folder of images instead
+(:class:`ImageFiles`): every image file at any depth, in sorted path order, sub-folder names ignored,
+with the same transforms.
 """
 
 from __future__ import annotations
@@ -99,14 +103,45 @@ def image_folder(path: str | os.PathLike, transform, option: str = "--data"):
         raise VitpruneError(f"{option}: cannot read {path}: {str(exc).splitlines()[0]}") from exc
 
 
-def train_val_folders(data, val, input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD, scale=DEFAULT_SCALE, hflip=False):
-    """``(train, val)`` ImageFolders with the training / evaluation transforms (``val`` None when not given).
+class ImageFiles:
+    """Every image file under ``root`` at any depth, sorted by path (hidden files and folders skipped): the
+    unlabelled data of label-free fine-tuning. Items are ``(image [C, H, W] float32, -1)`` (no label); ``samples``
+    is ``[(path, -1), ...]`` and ``classes`` is empty, as an ImageFolder's would be without classes.
 
     Raises:
-        VitpruneError: see :func:`check_image_folder`; ``val``'s classes differ from ``data``'s.
+        VitpruneError: ``root`` is not a folder or holds no image file.
     """
-    train_ds = image_folder(data, train_transform(input_size, mean, std, scale, hflip), "--data")
-    val_ds = image_folder(val, eval_transform(input_size, mean, std), "--val") if val else None
+
+    def __init__(self, root: str | os.PathLike, transform, option: str = "--data") -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise VitpruneError(f"{option}: no such folder: {root}")
+        files = sorted(p for p in root.rglob("*") if is_image_file(str(p)) and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if not files:
+            raise VitpruneError(f"{option}: {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) at any depth")
+        self.root, self.transform, self.samples = root, transform, [(str(p), -1) for p in files]
+        self.classes: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return self.transform(open_image(path)), label
+
+
+def train_val_folders(data, val, input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD, scale=DEFAULT_SCALE, hflip=False,
+                      labels=True):
+    """``(train, val)`` ImageFolders with the training / evaluation transforms (``val`` None when not given);
+    with ``labels=False``, :class:`ImageFiles` over any folders of images instead.
+
+    Raises:
+        VitpruneError: see :func:`check_image_folder` / :class:`ImageFiles`; ``val``'s classes differ from ``data``'s.
+    """
+    folder = image_folder if labels else ImageFiles
+    train_ds = folder(data, train_transform(input_size, mean, std, scale, hflip), "--data")
+    val_ds = folder(val, eval_transform(input_size, mean, std), "--val") if val else None
     if val_ds is not None and val_ds.classes != train_ds.classes:
         raise VitpruneError(f"--val's classes {val_ds.classes[:4]}... differ from --data's {train_ds.classes[:4]}...")
     return train_ds, val_ds
@@ -168,7 +203,8 @@ def match_classes(dataset, recorded: Sequence[str] | None, outputs: int, option:
 
 
 def check_images_open(dataset, option: str = "--data") -> None:
-    """Open every image of an ImageFolder (header only: cheap) so an unreadable file fails before a run starts.
+    """Open every image of an ImageFolder or :class:`ImageFiles` (header only: cheap) so an unreadable file fails
+    before a run starts.
 
     Raises:
         VitpruneError: a file PIL cannot identify as an image.

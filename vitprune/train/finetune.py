@@ -1,4 +1,5 @@
-"""Fine-tune a ViT (rewritten or not) on a labelled image folder, with checkpoints, resume and DDP.
+"""Fine-tune a ViT (rewritten or not) on a labelled image folder, or label-free on any image folder, with
+checkpoints, resume and DDP.
 
 Loss: label-smoothed cross-entropy + ``distill_weight · T² · KL(teacher ‖ student)`` on logits (DynamicViT's
 distillation term, arXiv 2106.02034). The default teacher of a rewritten model is a frozen copy of the model
@@ -7,6 +8,14 @@ keep-all reproduces the original model exactly, so this *is* the original model,
 AdamW (no decay on 1-d parameters and position / prefix-token embeddings), linear warm-up then cosine per
 step, gradient clipping. Token-drop models can follow a Patch Sampling Schedule (arXiv 2208.09520,
 :mod:`vitprune.train.keep_rate_schedule`): each ``TokenDrop``'s int ``keep_count`` is set before every step.
+
+Label-free (``labels=False``, ``--no-labels``): a user with only unlabelled images distils the rewritten model
+from the original. Any folder of images (:class:`vitprune.train.data.ImageFiles`), no classes, no cross-entropy:
+the loss is the distillation term alone, by output kind (:func:`distillation_loss_for`: per image for logits
+``[B, K]``, per pixel for dense logits ``[B, K, H, W]``, MSE for features; ``distill_weight`` unused), and the
+teacher sees the student's augmented batch. Metrics: ``train_distill``; on ``val`` ``val_distill``,
+``val_agreement`` (top-1 agreement with the teacher, per image or per pixel) and ``val_cosine``
+(:func:`sharded_agreement`).
 
 Determinism: each epoch draws all its randomness (sampler order, augmentation, random token selection,
 dropout, worker seeds) from seeds derived from ``(seed, epoch, rank)``, so resuming from the checkpoint of
@@ -44,8 +53,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from vitprune.errors import VitpruneError
-from vitprune.train.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes, logits_of, pick_device, resolve_model_path,
-                               sharded_accuracy, token_drops)
+from vitprune.train.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes, fork_rng, logits_of, pick_device,
+                                     resolve_model_path, sharded_accuracy, token_drops)
 from vitprune.io.preprocess import metadata as preprocessing_metadata
 from vitprune.io.preprocess import resolve_preprocessing
 from vitprune.train.keep_rate_schedule import SCHEDULES, KeepSchedule, keep_count
@@ -71,6 +80,7 @@ class FinetuneConfig:
 
     data: str
     val: str | None = None
+    labels: bool = True  # False: label-free distillation on any image folder (no cross-entropy, no classes)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 5e-4
@@ -114,6 +124,8 @@ class FinetuneConfig:
         for name, (ok, want) in rules.items():
             if not ok:
                 raise VitpruneError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)!r}")
+        if not self.labels and self.distill is False:
+            raise VitpruneError("--no-labels trains on the teacher's outputs alone; it cannot go with --no-distill")
         if self.schedule:
             KeepSchedule(self.schedule, self.keep_start, self.keep_end, self.epochs, 1, self.cooldown_epochs, self.bucket)
 
@@ -147,6 +159,93 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     t = temperature
     return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
                     reduction="batchmean", log_target=True) * (t * t)
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The tensor a loss reads from a model output: the output itself, else a mapping's (Hugging Face
+    ``ModelOutput``'s) ``logits`` or first tensor value, else a tuple's / list's first tensor.
+
+    Raises:
+        VitpruneError: the output holds no tensor.
+    """
+    if isinstance(out, dict):
+        out = [out["logits"]] if isinstance(out.get("logits"), torch.Tensor) else list(out.values())
+    if isinstance(out, (tuple, list)):
+        out = next((v for v in out if isinstance(v, torch.Tensor)), out)
+    if not isinstance(out, torch.Tensor):
+        raise VitpruneError(f"the model returns {type(out).__name__} without a tensor; fine-tuning needs one")
+    return out
+
+
+def distillation_loss_for(student_out: Any, teacher_out: Any, temperature: float) -> torch.Tensor:
+    """The label-free distillation loss of a student output against its teacher's (same shape), by kind:
+
+    - class logits ``[B, K]``: ``T² · KL(softmax(teacher / T) ‖ softmax(student / T))``, batch mean
+      (:func:`distillation_loss`; DynamicViT's distillation term, arXiv 2106.02034);
+    - dense logits ``[B, K, H, W]`` (any 4-d output): the same term per pixel, the softmax over ``K`` (dim 1),
+      averaged over the ``B·H·W`` pixels;
+    - any other output, e.g. token features ``[B, N, C]``: features have no softmax, so the mean squared error
+      ``mean((student - teacher)²)`` over every element (``temperature`` unused). A 2-d output is always read
+      as logits, pooled features ``[B, C]`` included.
+
+    Tuples and mappings (Hugging Face ``ModelOutput``) are reduced to one tensor by :func:`output_tensor`.
+
+    Raises:
+        VitpruneError: the two outputs differ in shape.
+    """
+    s, t = output_tensor(student_out), output_tensor(teacher_out)
+    if s.shape != t.shape:
+        raise VitpruneError(f"the model returns {list(s.shape)} and the teacher {list(t.shape)}; distillation "
+                            "needs outputs of the same shape")
+    if s.dim() == 2:
+        return distillation_loss(s, t, temperature)
+    if s.dim() == 4:
+        k = s.shape[1]
+        return distillation_loss(s.movedim(1, -1).reshape(-1, k), t.movedim(1, -1).reshape(-1, k), temperature)
+    return F.mse_loss(s, t)
+
+
+@torch.no_grad()
+def sharded_agreement(model: nn.Module, teacher: nn.Module, teacher_ctx: Callable[[], Any], dataset, batch_size: int,
+                      temperature: float, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
+                      amp: bool = False, seed: int = 0, num_workers: int = 0, prefix: str = "val_") -> dict[str, Any]:
+    """Eval-mode agreement of ``model`` with ``teacher`` (run inside ``teacher_ctx()``) on ``dataset``:
+    ``{distill, agreement, cosine, images}`` (keys prefixed). ``distill``: mean :func:`distillation_loss_for`;
+    ``agreement``: fraction of equal argmaxes over dim 1, per image for ``[B, K]``, per pixel for
+    ``[B, K, H, W]`` (None for other outputs); ``cosine``: mean cosine similarity of each image's flattened output
+    to the teacher's. Sharded and seeded as :func:`vitprune.train.evaluate.sharded_accuracy`."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world)),
+                                         num_workers=num_workers)
+    sums = torch.zeros(5, dtype=torch.float64)  # distill, equal argmaxes, argmaxes, cosine (sums), images
+    was_training = model.training
+    model.eval()
+    with fork_rng(device):
+        torch.manual_seed(seed)
+        for x, _ in loader:
+            x = x.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                s = output_tensor(model(x)).float()
+                with teacher_ctx():
+                    t = output_tensor(teacher(x)).float()
+            same = s.argmax(1) == t.argmax(1) if s.dim() in (2, 4) else torch.zeros(0)
+            sums += torch.tensor([distillation_loss_for(s, t, temperature).item() * len(x), same.sum().item(),
+                                  same.numel(), F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1).sum().item(),
+                                  len(x)], dtype=torch.float64)
+    model.train(was_training)
+    kd, hits, positions, cosine, n = all_reduce_sum(sums, world, device).tolist()
+    return {f"{prefix}distill": kd / n, f"{prefix}agreement": hits / positions if positions else None,
+            f"{prefix}cosine": cosine / n, f"{prefix}images": int(n)}
+
+
+@torch.no_grad()
+def _output_shape(model: nn.Module, dataset) -> list[int]:
+    """The per-image shape of ``model``'s eval-mode output on ``dataset``'s first image, on the CPU (global RNG
+    untouched)."""
+    was = model.training
+    with fork_rng(torch.device("cpu")):
+        shape = list(output_tensor(model.eval()(dataset[0][0][None])).shape[1:])
+    model.train(was)
+    return shape
 
 
 def make_teacher(model: nn.Module) -> tuple[nn.Module, Callable[[], Any]]:
@@ -254,7 +353,8 @@ def _load_checkpoint(out: Path, model: nn.Module, opt, sched, expect: dict[str, 
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise VitpruneError(f"--resume: cannot read {path / 'state.pt'}: {str(exc).splitlines()[0]}") from exc
-    have, want = dict(state["config"], world_size=state["world_size"], model=state["model_fingerprint"]), \
+    have = {"labels": True, **state["config"]}  # a run from before the option was labelled
+    have, want = dict(have, world_size=state["world_size"], model=state["model_fingerprint"]), \
         dict(expect["config"], world_size=expect["world_size"], model=expect["model_fingerprint"])
     for key in [k for k in want if k != "keep_checkpoints" and have.get(k) != want[k]][:1]:
         raise VitpruneError(f"--resume: {path} was written with {key}={have.get(key)!r}, this run has "
@@ -297,12 +397,13 @@ def finetune(
     log: Callable[[str], None] | None = None,
     **options: Any,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` on the ImageFolder ``data``; save it to ``output/model`` (see the module docstring).
+    """Fine-tune ``model`` on the ImageFolder ``data`` (label-free: any image folder); save it to ``output/model``
+    (see the module docstring).
 
     Args:
         model: any ViT vitprune can capture, rewritten or not (deep-copied, never modified).
         data, val: ImageFolder layouts (:mod:`vitprune.train.data`); ``val``, evaluated after every epoch, needs
-            the same classes.
+            the same classes. With ``labels=False``: any folders of images (:class:`vitprune.train.data.ImageFiles`).
         teacher: a module or anything :func:`vitprune.load` reads; default: the original model of a rewritten one.
         resume: continue from ``output``'s last checkpoint (same options, model and process count).
         overwrite: replace an earlier run in ``output`` (only if it is one).
@@ -314,8 +415,10 @@ def finetune(
 
     Raises:
         VitpruneError: an option out of range; a data folder missing, without classes or images, with other
-            classes than ``val`` or more than the model's outputs; an output refused; ``resume`` without a
-            checkpoint or with other options; a schedule or selection without ``TokenDrop``; a non-finite loss.
+            classes than ``val`` or more than the model's outputs; ``labels=False`` with ``distill=False``, without
+            a teacher (no ``teacher`` and no token modules) or with a teacher of another output shape; an output
+            refused; ``resume`` without a checkpoint or with other options; a schedule or selection without
+            ``TokenDrop``; a non-finite loss.
     """
     from vitprune.train.data import check_images_open, match_classes, recorded_classes, seeded_loader, train_val_folders
     from vitprune.io.load import load
@@ -338,16 +441,23 @@ def finetune(
         prep = resolve_preprocessing(student, cfg.mean, cfg.std, channels=size[0])
         cfg.mean, cfg.std = prep.mean, prep.std  # what the model is trained with, recorded with it below
         student.meta["vitprune"]["preprocessing"] = {**prep.to_dict(), "source": "saved model"}
-        train_ds, val_ds = train_val_folders(cfg.data, cfg.val, size, cfg.mean, cfg.std, cfg.scale, cfg.hflip)
-        outputs = check_classes(student, train_ds, torch.device("cpu"))
-        if len(train_ds.classes) < 2:
-            raise VitpruneError(f"--data: {data} has one class folder ({train_ds.classes[0]!r}); "
-                                "fine-tuning a classifier needs at least two")
-        recorded = recorded_classes(student)
-        match_classes(train_ds, recorded, outputs, "--data")
-        if val_ds is not None:
-            match_classes(val_ds, recorded, outputs, "--val")
-        student.meta["vitprune"]["classes"] = recorded or list(train_ds.classes)  # saved with the model
+        if not cfg.labels and teacher is None and not token_modules(student):
+            raise VitpruneError("a label-free run (--no-labels) learns from a teacher: pass a rewritten model (its "
+                                "teacher is its original) or --teacher; this model has no vitprune token modules")
+        train_ds, val_ds = train_val_folders(cfg.data, cfg.val, size, cfg.mean, cfg.std, cfg.scale, cfg.hflip,
+                                             labels=cfg.labels)
+        if cfg.labels:
+            outputs = check_classes(student, train_ds, torch.device("cpu"))
+            if len(train_ds.classes) < 2:
+                raise VitpruneError(f"--data: {data} has one class folder ({train_ds.classes[0]!r}); "
+                                    "fine-tuning a classifier needs at least two")
+            recorded = recorded_classes(student)
+            match_classes(train_ds, recorded, outputs, "--data")
+            if val_ds is not None:
+                match_classes(val_ds, recorded, outputs, "--val")
+            student.meta["vitprune"]["classes"] = recorded or list(train_ds.classes)  # saved with the model
+        else:  # no classes: any output shape, the teacher's must be the same
+            shape = _output_shape(student, train_ds)
         for ds, option in ((train_ds, "--data"), (val_ds, "--val")):
             if ds is not None:
                 check_images_open(ds, option)
@@ -367,8 +477,12 @@ def finetune(
             teacher, teacher_ctx = make_teacher(student)
         elif distill:
             teacher = copy.deepcopy(teacher if isinstance(teacher, nn.Module) else load(resolve_model_path(teacher)))
-            if check_classes(teacher.eval().requires_grad_(False), train_ds, torch.device("cpu"), "--data") != outputs:
+            teacher.eval().requires_grad_(False)
+            if cfg.labels and check_classes(teacher, train_ds, torch.device("cpu"), "--data") != outputs:
                 raise VitpruneError("the teacher and the model have different numbers of outputs")
+            if not cfg.labels and (got := _output_shape(teacher, train_ds)) != shape:
+                raise VitpruneError(f"the teacher returns {got} per image and the model {shape}; label-free "
+                                    "distillation needs outputs of the same shape")
         teacher = teacher.to(dev) if distill else None
 
         # Optimiser, schedules, sampler.
@@ -410,7 +524,8 @@ def finetune(
         if rank == 0:
             say(f"preprocessing    {prep.describe()}")  # after every check: a refused run's error stays one line
             say(f"training {cfg.epochs - (start or 0)} epochs x {spe} steps of {cfg.batch_size} on {len(train_ds)} images"
-                f"{f' in {world} processes' if world > 1 else ''}, distillation {'on' if teacher is not None else 'off'}")
+                f"{f' in {world} processes' if world > 1 else ''}, "
+                + (f"distillation {'on' if teacher is not None else 'off'}" if cfg.labels else "label-free distillation"))
         for epoch in range(start or 0, cfg.epochs):
             seed = _epoch_seed(cfg.seed, epoch, rank)
             torch.manual_seed(seed)
@@ -422,8 +537,13 @@ def finetune(
             if val_ds is not None:
                 for m, k in zip(drops, rewrite_counts):  # validate as the model will be saved
                     m.keep_count = k
-                record.update(sharded_accuracy(student, val_ds, cfg.batch_size, rank, world, dev, amp, cfg.seed,
-                                               cfg.num_workers, prefix="val_"))
+                if cfg.labels:
+                    record.update(sharded_accuracy(student, val_ds, cfg.batch_size, rank, world, dev, amp, cfg.seed,
+                                                   cfg.num_workers, prefix="val_"))
+                else:
+                    record.update(sharded_agreement(student, teacher, teacher_ctx, val_ds, cfg.batch_size,
+                                                    cfg.distill_temperature, rank, world, dev, amp, cfg.seed,
+                                                    cfg.num_workers))
             history.append(record)
             if rank == 0:
                 if not resume and epoch == 0:
@@ -477,13 +597,22 @@ def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
         set_training_progress(loop.model, (epoch * loop.spe + i) / max(1, cfg.epochs * loop.spe))  # lifespan tau
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.amp):
-            logits = logits_of(loop.model(x)).float()
-            ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            kd = torch.zeros((), device=dev)
-            if loop.teacher is not None:
+            if cfg.labels:
+                logits = logits_of(loop.model(x)).float()
+                ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                kd = torch.zeros((), device=dev)
+                if loop.teacher is not None:
+                    with torch.no_grad(), loop.teacher_ctx():
+                        target = logits_of(loop.teacher(x)).float()
+                    # outside no_grad: the KL term trains the student (it used to be computed without a gradient)
+                    kd = distillation_loss(logits, target, cfg.distill_temperature)
+                loss = ce + cfg.distill_weight * kd
+            else:  # the teacher sees the same augmented batch; its output is the only target
+                out = output_tensor(loop.model(x)).float()
                 with torch.no_grad(), loop.teacher_ctx():
-                    kd = distillation_loss(logits, logits_of(loop.teacher(x)).float(), cfg.distill_temperature)
-            loss = ce + cfg.distill_weight * kd
+                    target = output_tensor(loop.teacher(x)).float()
+                kd = distillation_loss_for(out, target, cfg.distill_temperature)  # outside no_grad: it is the loss
+                ce, loss = torch.zeros((), device=dev), kd
             aux = auxiliary_losses(loop.model)  # lifespan-gather's FLOPs budget loss
             if aux is not None:
                 loss = loss + aux
@@ -494,10 +623,11 @@ def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
         loop.opt.step()
         loop.sched.step()
         n = len(y)
-        sums += torch.tensor([loss.item() * n, ce.item() * n, kd.item() * n, (logits.argmax(1) == y).sum().item(), n],
-                             dtype=torch.float64)
+        hits = (logits.argmax(1) == y).sum().item() if cfg.labels else 0
+        sums += torch.tensor([loss.item() * n, ce.item() * n, kd.item() * n, hits, n], dtype=torch.float64)
         if loop.show:
-            bar.set_postfix(loss=f"{sums[0] / sums[4]:.3f}", acc=f"{sums[3] / sums[4]:.3f}", keep=f"{rate:.2f}",
+            acc = {"acc": f"{sums[3] / sums[4]:.3f}"} if cfg.labels else {}
+            bar.set_postfix(loss=f"{sums[0] / sums[4]:.3f}", **acc, keep=f"{rate:.2f}",
                             img_s=f"{sums[4] * loop.world / (time.perf_counter() - started):.0f}")
     seconds = time.perf_counter() - started
     sums = all_reduce_sum(sums, loop.world, dev)
@@ -505,7 +635,8 @@ def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
         raise VitpruneError(f"the training loss is not finite in epoch {epoch + 1}; lower --lr or check the data")
     loss, ce, kd, hits, n = (float(v) for v in sums)
     return {"epoch": epoch + 1, "steps": loop.spe, "lr": loop.opt.param_groups[0]["lr"], "train_loss": loss / n,
-            "train_ce": ce / n, "train_distill": kd / n if loop.teacher is not None else None, "train_top1": hits / n,
+            "train_ce": ce / n if cfg.labels else None, "train_distill": kd / n if loop.teacher is not None else None,
+            "train_top1": hits / n if cfg.labels else None,
             "train_images": int(n), "seconds": seconds, "images_per_s": n / seconds,
             "keep_rate_mean": sum(float(r) * c for r, c in rates.items()) / sum(rates.values()),
             "keep_rate_steps": dict(sorted(rates.items()))}
