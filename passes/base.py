@@ -34,6 +34,12 @@ REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], s
         f"({', '.join(t['node'] + ' ' + str(t['shape']) for t in v.token_indexed[:3])}): relative position "
         "bias or RoPE tables, which this pass does not gather yet",
     ),
+    "token_indexed_gatherable": (
+        lambda v: all(t["token_axes"] for t in v.token_indexed),
+        lambda v: next(f"tensor {t['node']!r} {t['shape']} (used by {t['used_by']!r}) is indexed by token position "
+                       "on axes vitprune cannot tell, so it cannot follow the kept tokens"
+                       for t in v.token_indexed if not t["token_axes"]),
+    ),
     "readers_restorable": (
         lambda v: all(r["restorable"] for r in v.stream_readers),
         lambda v: next(f"node {r['node']!r} ({r['op']}) {r['what']}: dropping tokens would change what it reads, "
@@ -77,7 +83,8 @@ class VitPass(PassBase):
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
     #: Whether the pass's token modules can report the tokens they keep (``return_kept``), so dropped tokens
-    #: can be put back before dense readers (:mod:`vitprune.passes.token_restore`).
+    #: can be put back before dense readers and token-indexed tensors follow the kept ones
+    #: (:mod:`vitprune.passes.token_positions`).
     restores_tokens: ClassVar[bool] = False
 
     @property

@@ -125,7 +125,7 @@ class ImportanceMaskPass(VitPass):
     :data:`~vitprune.ops.token_ops.SCORES`, see :func:`~vitprune.ops.token_ops.patch_scores`)."""
 
     name = "importance-mask"
-    needs = ("readers_restorable", "no_token_indexed_tensors", "no_token_ops")
+    needs = ("readers_restorable", "token_indexed_gatherable", "no_token_ops")
     restores_tokens = True
 
     def __init__(self, keep: Any = None, flops: float | None = None, mode: str = "dynamic", first_block: int = 3,

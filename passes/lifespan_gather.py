@@ -47,7 +47,7 @@ class LifespanGatherPass(VitPass):
     ``budget_weight``, ``tau_start``, ``tau_end``."""
 
     name = "lifespan-gather"
-    needs = ("readers_restorable", "no_token_indexed_tensors", "no_token_ops")
+    needs = ("readers_restorable", "token_indexed_gatherable", "no_token_ops")
     restores_tokens = True
 
     def __init__(self, flops: float = 0.5, after_block: int = 3, exact: bool = False, budget_weight: float = 2.0,

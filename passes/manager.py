@@ -12,7 +12,7 @@ from vitprune.graph.analysis import ViTGraph, analyse
 from vitprune.errors import PassError, VitpruneError
 from vitprune.frontends.export import is_exported, respecialise_token_literals
 from vitprune.passes.base import PASSES, VitPass
-from vitprune.passes.token_restore import insert_token_restore
+from vitprune.passes.token_positions import follow_kept_tokens
 
 
 def make_pass(name: str, **params: Any) -> VitPass:
@@ -55,13 +55,12 @@ def run_passes(
             raise RuntimeError(f"pass {p.name!r} failed after {' -> '.join(done)}") from exc
         if isinstance(result, PassResult):
             gm = result.graph_module
-        if p.restores_tokens:  # dense readers get every token back in place
+        if p.restores_tokens:  # dense readers get every token back, token-indexed tensors follow the kept ones
             try:
-                restored = insert_token_restore(gm, p.analysis)
+                followed = follow_kept_tokens(gm, p.analysis)
             except VitpruneError as exc:
                 raise PassError(f"pass {p.name!r} (after {' -> '.join(done)}) refused: {exc}") from exc
-            if restored:
-                p.record["token_restore"] = restored
+            p.record.update(followed or {})
         if is_exported(gm):  # aten graphs bake the token count into shape literals
             try:
                 respecialise_token_literals(gm, p.analysis.num_tokens)

@@ -5,8 +5,10 @@ Inserts one :class:`~vitprune.ops.modules.TokenDrop` leaf right after the graph'
 ``num_prefix_tokens + keep_count`` tokens. The keep count is a Python int fixed here:
 ``max(1, int(num_patches * keep_rate))`` as PatchDropout computes it.
 
-Needs: a readout that does not read patch tokens by position (CLS index or mean pool), no tensor
-indexed by token position after the drop point (it would keep the old token count), no earlier token op.
+Readers that need every token in place (a dense head, a token-sequence output) get the dropped tokens back,
+and tensors indexed by token position (RoPE tables, relative-position biases) follow the kept tokens
+(:mod:`vitprune.passes.token_positions`). Needs: no position read inside a block, token-indexed tensors whose
+token axes the analysis can tell, no earlier token op.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class TokenDropPass(VitPass):
     """Parameters: ``keep_rate`` in (0, 1], ``selection`` (``random`` | ``magnitude``), ``at_inference``."""
 
     name = "token-drop"
-    needs = ("readers_restorable", "no_token_indexed_tensors", "no_token_ops")
+    needs = ("readers_restorable", "token_indexed_gatherable", "no_token_ops")
     restores_tokens = True
 
     def __init__(self, keep_rate: float = 0.5, selection: str = "random", at_inference: bool = False) -> None:

@@ -175,10 +175,12 @@ def rewrite_onnx(
     except VitpruneError as exc:
         raise PassError(f"pass {method!r} refused: {exc}") from exc
     end, readers = restore_points(vit)
-    if end is not None or readers:
-        what = "the dense readout" if end is not None else f"node {readers[0]['node']!r}"
-        raise PassError(f"pass {method!r} refused: {what} needs every token back in place, and token restore is not "
-                        "lowered to ONNX yet: rewrite the PyTorch model, then export it (vitprune export)")
+    if end is not None or readers or vit.token_indexed:
+        what = ("the dense readout needs every token back in place" if end is not None else
+                f"node {readers[0]['node']!r} needs every token back in place" if readers else
+                f"tensor {vit.token_indexed[0]['node']!r} is indexed by token position")
+        raise PassError(f"pass {method!r} refused: {what}, which the ONNX lowering does not follow yet: rewrite the "
+                        "PyTorch model, then export it (vitprune export)")
     flops_before = _flops(proto, values, x)
 
     def run_original(names: Iterable[str], batch: np.ndarray) -> dict[str, np.ndarray]:

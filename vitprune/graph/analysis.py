@@ -385,8 +385,18 @@ def _is_token_mean(g: OpGraph, n: str) -> bool:
 _WEIGHTED = ("linear", "conv", "norm", "mha")
 
 
-def _token_indexed(g: OpGraph, start: str, counts: set[int]) -> list[dict[str, Any]]:
-    """Image-independent tensors with a token-sized axis, consumed after ``start``."""
+def _token_indexed(g: OpGraph, start: str, num_prefix: int, num_patches: int) -> list[dict[str, Any]]:
+    """Image-independent tensors with a token-sized axis, consumed after ``start`` (RoPE sin/cos tables,
+    relative-position biases, position embeddings added late).
+
+    Each entry: ``node`` (the tensor), ``shape``, ``used_by`` (the op where it meets image data), ``rank`` (that
+    op's image-dependent operand's rank: the tensor broadcasts against it, aligned right) and ``token_axes``: per
+    token axis of the tensor, aligned to ``rank``, whether it indexes every token (prefix tokens first) or the
+    patch tokens only. A mask or bias of attention scores (an SDPA mask, or an operand whose last two axes are
+    both token-sized) has rows and columns; any other tensor is token-indexed on its non-channel axes (the last
+    axis is channels, as in a ``[P, d]`` RoPE table). ``token_axes`` is empty when no axis can be told.
+    """
+    counts = {num_patches, num_prefix + num_patches}
     found = []
     after = g.descendants(start)
     for n in g.nodes:
@@ -396,8 +406,19 @@ def _token_indexed(g: OpGraph, start: str, counts: set[int]) -> list[dict[str, A
             shape = g.shape(c)
             if not g.is_constant_tensor(c) or shape is None or len(shape) < 2:
                 continue
-            if any(s in counts for s in shape[:-1]):
-                found.append({"node": c, "shape": list(shape), "used_by": n})
+            if not any(s in counts for s in shape[:-1]):
+                continue
+            rank = max([len(g.shape(i) or ()) for i in g.data_inputs(n)] + [len(shape)])
+            pad = rank - len(shape)
+            if g.kind(n) == "sdpa" or shape[-1] in counts and shape[-2] == shape[-1]:
+                axes = [len(shape) - 2, len(shape) - 1]
+            else:
+                axes = [i for i in range(len(shape) - 1) if shape[i] in counts]
+            token_axes = [{"axis": pad + a, "with_prefix": shape[a] != num_patches} for a in axes
+                          if shape[a] in counts]
+            if pad == 0 and shape[0] != 1 or any(t["axis"] == 0 for t in token_axes):
+                token_axes = []  # a batch-sized or token-first tensor: not a table to gather per image
+            found.append({"node": c, "shape": list(shape), "used_by": n, "rank": rank, "token_axes": token_axes})
     return found
 
 
@@ -601,7 +622,7 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
         blocks=blocks,
         readout=readout,
         final_ops=final_ops,
-        token_indexed=_token_indexed(g, insert_after, {num_patches, num_prefix + num_patches}),
+        token_indexed=_token_indexed(g, insert_after, num_prefix, num_patches),
         token_ops=token_ops,
         stream_readers=readers,
     )

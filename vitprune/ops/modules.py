@@ -511,29 +511,56 @@ class ProportionalAttentionMask(nn.Module):
 
 
 @register_leaf
-class DroppedTokenCanvas(nn.Module):
-    """Keep every patch's last features while tokens are dropped, for :class:`TokenRestore`.
+class TokenPositions(nn.Module):
+    """Follow the grid position of every live patch token through the pruning points, and (``canvas``) keep
+    every patch's last features for :class:`TokenRestore`.
 
-    Placed beside each token module (a :class:`TokenModule` built with ``return_kept``): it writes the tokens
-    alive at that pruning point into the canvas (:func:`token_ops.update_canvas`) and follows the kept ones'
-    grid positions. Not on the residual stream: the blocks never read it.
+    Placed beside each token module (a :class:`TokenModule` built with ``return_kept``): it composes the module's
+    kept indices with the positions so far and, with ``canvas``, writes the tokens alive at that point into the
+    canvas (:func:`token_ops.update_canvas`). Not on the residual stream: the blocks never read it.
 
     Shapes: ``x [B, prefix + K_in, C]`` (the token module's input), ``kept [B, K_out]`` (its kept indices among
-    those ``K_in`` patch tokens), ``positions [B, K_in]`` and ``canvas [B, P, C]`` from the previous point (or
-    ``None`` at the first) -> ``(canvas [B, P, C], positions [B, K_out])``.
+    those ``K_in`` patch tokens), ``positions [B, K_in]`` and ``canvas [B, P, C]`` from the previous point (``None``
+    at the first) -> ``(canvas [B, P, C] or None, positions [B, K_out])``.
     """
 
-    def __init__(self, num_prefix_tokens: int, num_patches: int) -> None:
+    def __init__(self, num_prefix_tokens: int, num_patches: int, canvas: bool = True) -> None:
         super().__init__()
-        self.num_prefix_tokens, self.num_patches = int(num_prefix_tokens), int(num_patches)
+        self.num_prefix_tokens, self.num_patches, self.canvas = int(num_prefix_tokens), int(num_patches), bool(canvas)
 
     def config(self) -> dict[str, Any]:
-        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches}
+        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches, "canvas": self.canvas}
 
     def forward(self, x: torch.Tensor, kept: torch.Tensor, positions: torch.Tensor | None = None,
-                canvas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                canvas: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if not self.canvas:
+            if positions is None:
+                positions = torch.arange(x.shape[1] - self.num_prefix_tokens, device=x.device).expand(x.shape[0], -1)
+            return None, positions.gather(1, kept)
         canvas, positions = token_ops.update_canvas(x, self.num_prefix_tokens, positions, canvas)
         return canvas, positions.gather(1, kept)
+
+
+@register_leaf
+class TokenIndexedGather(nn.Module):
+    """A tensor indexed by token position (RoPE table, relative-position bias, a late position embedding),
+    gathered per image for the live tokens: :func:`token_ops.gather_token_axes`.
+
+    Shapes: ``table`` (broadcasting against a rank-``rank`` operand), ``positions [B, K]`` -> ``[B, ...]`` of rank
+    ``rank``, each token axis ``K`` (or ``num_prefix_tokens + K``) long.
+    """
+
+    def __init__(self, num_prefix_tokens: int, rank: int, token_axes: list) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.rank = int(num_prefix_tokens), int(rank)
+        self.token_axes = [[int(a), bool(p)] for a, p in token_axes]
+
+    def config(self) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.num_prefix_tokens, "rank": self.rank, "token_axes": self.token_axes}
+
+    def forward(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return token_ops.gather_token_axes(table, positions, self.num_prefix_tokens, self.rank,
+                                           [(a, p) for a, p in self.token_axes])
 
 
 @register_leaf

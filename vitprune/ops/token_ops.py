@@ -298,3 +298,37 @@ def restore_tokens(x: torch.Tensor, num_prefix_tokens: int, canvas: torch.Tensor
     index = positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
     patches = canvas.scatter(1, index, x[:, num_prefix_tokens:])
     return torch.cat([x[:, :num_prefix_tokens], patches], dim=1)
+
+
+def gather_token_axes(table: torch.Tensor, positions: torch.Tensor, num_prefix_tokens: int, rank: int,
+                      token_axes: list[tuple[int, bool]]) -> torch.Tensor:
+    """A tensor indexed by token position, gathered per image for the tokens still alive.
+
+    RoPE sin/cos tables ``[P, d]``, relative-position biases ``[1, H, N, N]`` and position embeddings
+    added after a pruning point hold one entry per grid position; once each image keeps its own tokens they
+    must follow them (DESIGN.md: BEiT's bias stays ``[H, 197, 197]``, EVA-02's RoPE table keeps 256 rows).
+
+    Args:
+        table: the image-independent tensor, broadcasting (aligned right) against a rank-``rank`` operand whose
+            axis 0 is the batch.
+        positions: ``[B, K]`` grid positions of the patch tokens alive where the tensor is used.
+        token_axes: ``(axis, with_prefix)`` per token axis, counted in the rank-``rank`` frame: ``with_prefix``
+            axes index every token (prefix tokens first, always kept), the others the patch tokens only.
+
+    Returns:
+        ``[B, ...]`` of rank ``rank``: each token axis ``K`` long (``num_prefix_tokens + K`` with prefix), the
+        other axes as in ``table``. Gathers (``GatherElements`` in ONNX) on a table that is small beside the
+        stream; a per-image bias ``[B, H, K, K]`` costs ``B·H·K²`` floats of memory.
+    """
+    batch = positions.shape[0]
+    t = table.reshape((1,) * (rank - table.dim()) + tuple(table.shape))
+    t = t.expand(batch, *t.shape[1:])
+    prefix = torch.arange(num_prefix_tokens, device=positions.device).expand(batch, -1)
+    for axis, with_prefix in token_axes:
+        index = torch.cat([prefix, positions + num_prefix_tokens], dim=1) if with_prefix else positions
+        shape = [1] * rank
+        shape[0], shape[axis] = batch, index.shape[1]
+        size = list(t.shape)
+        size[axis] = index.shape[1]
+        t = t.gather(axis, index.reshape(shape).expand(size))
+    return t
