@@ -87,7 +87,7 @@ def significance(vit: ViTGraph, maps: list[torch.Tensor]) -> list[torch.Tensor]:
     """
     n = vit.num_tokens
     s = torch.zeros(n)
-    if vit.readout.kind == "tokens":  # a dense head reads every token: all of them matter alike
+    if vit.readout.kind in ("tokens", "attention-pool"):  # every token is read: all of them matter alike
         s = torch.full((n,), 1.0 / n)
     elif vit.readout.kind != "mean":
         s[vit.readout.token_indices] = 1.0 / len(vit.readout.token_indices)

@@ -59,7 +59,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from vitprune.errors import PassError, VitpruneError
 from vitprune.frontends.fx import fx_digraph
 from vitprune.graph.analysis import ViTGraph
-from vitprune.graph.flops import flop_counter
+from vitprune.graph.flops import flop_counter, frozen_parameters
 from vitprune.graph.keep_counts import (merge_predicted_ratio, merge_schedule, merge_tokens_per_block,
                                         solve_merge_for_flops)
 from vitprune.ops.modules import ProportionalAttentionMask, TokenMerge
@@ -111,7 +111,7 @@ def measure_flops(gm: fx.GraphModule, vit: ViTGraph, x: torch.Tensor) -> tuple[i
     was = gm.training
     gm.eval()
     try:
-        with torch.no_grad(), counter:
+        with torch.no_grad(), frozen_parameters(gm), counter:
             run = _NodeFlops(gm, counter)
             run.run(x)
     finally:

@@ -175,8 +175,10 @@ def test_random_token_drop_keeps_the_prefix_and_varies(onnx_dir):
 
 
 def test_dense_head_is_refused_naming_the_node(onnx_dir):
-    with pytest.raises(AnalysisError, match="readout|reads the token"):
+    """Token restore is not lowered to ONNX yet: one line naming the reader (the fx rewrite restores it)."""
+    with pytest.raises(PassError, match=r"readout at node '[^']+' needs every token back in place") as info:
         rewrite_onnx(cached_onnx("dense", "ts17", onnx_dir), "importance-mask", flops=0.6, first_block=1)
+    assert "\n" not in str(info.value)
 
 
 def test_not_onnx_is_one_clear_error(tmp_path):

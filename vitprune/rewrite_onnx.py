@@ -176,7 +176,7 @@ def rewrite_onnx(
         raise PassError(f"pass {method!r} refused: {exc}") from exc
     end, readers = restore_points(vit)
     if end is not None or readers or vit.token_indexed:
-        what = ("the dense readout needs every token back in place" if end is not None else
+        what = (f"the readout at node {vit.readout.nodes[0]!r} needs every token back in place" if end is not None else
                 f"node {readers[0]['node']!r} needs every token back in place" if readers else
                 f"tensor {vit.token_indexed[0]['node']!r} is indexed by token position")
         raise PassError(f"pass {method!r} refused: {what}, which the ONNX lowering does not follow yet: rewrite the "

@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from vitprune.errors import VerificationError
-from vitprune.graph.flops import flop_counter
+from vitprune.graph.flops import flop_counter, frozen_parameters
 from vitprune.ops.modules import force_keep_all
 
 
@@ -105,7 +105,7 @@ class _NamedFailures(fx.Interpreter):
 def _run(model: nn.Module, x: torch.Tensor, training: bool, seed: int) -> tuple[Any, int]:
     """(output, FLOPs) of one seeded forward: the FLOPs are counted on the same pass, not a second one."""
     counter = flop_counter()
-    with _mode(model, training), torch.no_grad(), torch.random.fork_rng(devices=[]), counter:
+    with _mode(model, training), torch.no_grad(), frozen_parameters(model), torch.random.fork_rng(devices=[]), counter:
         torch.manual_seed(seed)
         out = _NamedFailures(model, x).run(x) if isinstance(model, fx.GraphModule) else model(x)
     return out, int(counter.get_total_flops())

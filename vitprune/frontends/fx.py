@@ -34,10 +34,10 @@ _FUNCTIONS: dict[Any, str] = {
     torch.softmax: "softmax", F.softmax: "softmax", torch.Tensor.softmax: "softmax",
     torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
     operator.getitem: "index", torch.select: "index", torch.narrow: "index",
-    torch.mean: "mean", F.layer_norm: "norm",
+    torch.mean: "mean", torch.amax: "max", F.layer_norm: "norm",
     torch.reshape: "reshape", torch.flatten: "reshape", torch.permute: "permute", torch.transpose: "permute",
 }
-_METHODS = {"add": "add", "mul": "mul", "matmul": "matmul", "softmax": "softmax", "mean": "mean",
+_METHODS = {"add": "add", "mul": "mul", "matmul": "matmul", "softmax": "softmax", "mean": "mean", "amax": "max",
             "select": "index", "narrow": "index", "view": "reshape", "reshape": "reshape", "flatten": "reshape",
             "transpose": "permute", "permute": "permute"}
 # aten-level (torch.export) ops, by overload packet
@@ -47,7 +47,7 @@ _ATEN: dict[Any, str] = {
     aten.scaled_dot_product_attention: "sdpa", aten._scaled_dot_product_flash_attention_for_cpu: "sdpa",
     aten._softmax: "softmax", aten.softmax: "softmax", aten.cat: "cat",
     aten.select: "index", aten.slice: "index", aten.narrow: "index",
-    aten.mean: "mean", aten.layer_norm: "norm", aten.native_layer_norm: "norm",
+    aten.mean: "mean", aten.amax: "max", aten.layer_norm: "norm", aten.native_layer_norm: "norm",
     aten.view: "reshape", aten.reshape: "reshape", aten._unsafe_view: "reshape", aten.flatten: "reshape",
     aten.permute: "permute", aten.transpose: "permute",
 }
@@ -168,7 +168,7 @@ def _attrs(gm: fx.GraphModule, node: fx.Node, kind: str) -> dict[str, Any]:
         dim = _arg(node, 1, "dim", 0)
         rank = len(_shape(node) or ())
         return {"dim": dim + rank if isinstance(dim, int) and dim < 0 else dim}
-    if kind == "mean":
+    if kind in ("mean", "max"):
         dim = _arg(node, 1, "dim")
         dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,) if dim is not None else ()
         return {"dims": tuple(d % rank if isinstance(d, int) and rank else d for d in dims)}

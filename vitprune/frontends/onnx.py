@@ -389,14 +389,15 @@ def _map_node(node: onnx.NodeProto, consts: _Consts, shapes: dict[str, tuple[int
         return [(outs[0], "cat", ins, {"dim": axis % r if r else axis})]
     if op == "Conv":
         return [(outs[0], "conv", ins, {"stride": list(_attr(node, "strides", [1, 1]))})]
-    if op == "ReduceMean":
+    if op in ("ReduceMean", "ReduceMax"):
         axes = _attr(node, "axes")
         if axes is None and len(ins) > 1:
             axes = _ints(consts.get(ins[1]))
         dims = tuple(sorted(int(a) % rank for a in axes)) if axes is not None and rank else ()
         if axes is None:
             dims = tuple(range(rank))
-        return [(outs[0], "mean", ins[:1], {"dims": dims, "keepdims": bool(_attr(node, "keepdims", 1))})]
+        kind = "mean" if op == "ReduceMean" else "max"
+        return [(outs[0], kind, ins[:1], {"dims": dims, "keepdims": bool(_attr(node, "keepdims", 1))})]
     if op == "Gather":
         return [(outs[0], "index", ins, _gather_axes(node, consts, rank))]
     if op == "Slice":

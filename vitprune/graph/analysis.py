@@ -14,7 +14,8 @@ shapes propagated from one example input); no class or attribute name of the mod
   embedding add (an add of an image-independent tensor), the prefix-token concat (a ``cat`` on the
   token axis of image-independent tokens and the patch tokens), down to the patch tokens;
 - **readout**: from the last residual add through per-token ops (final norm) to the ops that remove
-  the token axis: a token index (``x[:, 0]``) or a mean over a token range; or, for a dense model, readers
+  the token axis: a token index (``x[:, 0]``), a mean over a token range, attention pooling (an attention after
+  the last block whose keys are the tokens and whose queries are not: SigLIP's MAP head); or, for a dense model, readers
   that take every token in place (the token sequence as an output, a grid reshape for a segmentation or
   depth head): kind ``"tokens"``, for which a pass puts dropped tokens back (:mod:`vitprune.passes.token_restore`);
 - **token-indexed tensors**: image-independent tensors with a token-sized axis used after the point
@@ -67,26 +68,29 @@ class AttentionBlock:
 class Readout:
     """How the head reads the token axis: one or more token indices, a mean over a range, or every token in place."""
 
-    kind: str  # "token" | "mean" | "token+mean" (token indices and a mean, e.g. concatenated) | "tokens" (dense)
+    kind: str  # "token" | "mean" | "token+mean" (token indices and a mean) | "attention-pool" | "tokens" (dense)
     token_indices: list[int] = field(default_factory=list)
     mean_start: int | None = None  # mean over tokens [mean_start:mean_stop]
     mean_stop: int | None = None
     nodes: list[str] = field(default_factory=list)
+    pool: str = "mean"  # the reduction over the token range: "mean" | "max" | "mean+max" (timm's avgmax)
 
     def describe(self, num_prefix_tokens: int) -> str:
         if self.kind == "tokens":
             return f"every token in place (dense: read by {', '.join(repr(n) for n in self.nodes[:3])})"
+        if self.kind == "attention-pool":
+            return "attention pooling over all tokens (a query that is not a token attends to every token)"
         tokens = "token " + ", ".join(f"x[:, {i}]" for i in self.token_indices)
         if self.kind == "token":
             return tokens
         if self.kind == "token+mean":
-            return f"{tokens} and the " + Readout("mean", mean_start=self.mean_start,
-                                                   mean_stop=self.mean_stop).describe(num_prefix_tokens)
+            return f"{tokens} and the " + Readout("mean", mean_start=self.mean_start, mean_stop=self.mean_stop,
+                                                   pool=self.pool).describe(num_prefix_tokens)
         start = self.mean_start or 0
         what = "patch tokens" if start == num_prefix_tokens and start > 0 else "all tokens"
         if start not in (0, num_prefix_tokens):
             what = f"tokens [{start}:]"
-        return f"mean over {what}"
+        return f"{self.pool.replace('+', ' and ')} over {what}"
 
 
 @dataclass
@@ -325,8 +329,25 @@ def _token_axis_index(g: OpGraph, n: str) -> int | slice | None:
     return a["axes"][1]
 
 
-def _walk_readout(g: OpGraph, stream_end: str) -> tuple[list[str], Readout]:
-    """Forward from the last residual add through per-token ops to the token-axis readout."""
+def _attention_pools(g: OpGraph, ops: list[str], stream_end: str) -> set[str]:
+    """Attention ops after the last block whose keys are the tokens and whose queries are not: attention
+    pooling (SigLIP's MAP head, a learned latent query; CaiT's class attention). Over its keys and values an
+    attention is permutation-invariant, so it pools whatever tokens are kept, as a mean pool does."""
+    pools = set()
+    after = g.descendants(stream_end)
+    tokens = g.shape(stream_end)[1]
+    for n in ops:
+        if n not in after or g.kind(n) != "sdpa":
+            continue
+        q, k = (g.shape(i) for i in g.inputs(n)[:2])
+        if q and k and len(q) == len(k) == 4 and k[2] == tokens and q[2] != tokens:
+            pools.add(n)
+    return pools
+
+
+def _walk_readout(g: OpGraph, stream_end: str, pools: set[str] = frozenset()) -> tuple[list[str], Readout]:
+    """Forward from the last residual add through per-token ops to the token-axis readout (``pools``: the
+    attention-pool ops of :func:`_attention_pools`, which read every kept token as a mean pool does)."""
     final_ops = []
     n = stream_end
     while True:
@@ -341,6 +362,8 @@ def _walk_readout(g: OpGraph, stream_end: str) -> tuple[list[str], Readout]:
     means: list[tuple[int, int | None]] = []
     nodes: list[str] = []
     dense: list[str] = []
+    pooled: list[str] = []
+    kinds: set[str] = set()  # reductions over the token range: mean, max
     for u in [u for u in g.users(n) if g.is_data(u) or g.kind(u) == "output"]:
         sel = _token_axis_index(g, u)
         if isinstance(sel, int):
@@ -348,34 +371,46 @@ def _walk_readout(g: OpGraph, stream_end: str) -> tuple[list[str], Readout]:
             nodes.append(u)
             continue
         if isinstance(sel, slice) and sel.step in (None, 1):
-            reducers = [v for v in g.users(u) if _is_token_mean(g, v)]
+            reducers = [v for v in g.users(u) if _is_token_pool(g, v)]
             if reducers and len(reducers) == len(g.users(u)):
                 means.append((sel.start or 0, sel.stop))
+                kinds.update(g.kind(v) for v in reducers)
                 nodes += [u] + reducers
                 continue
-        elif _is_token_mean(g, u):
+        elif _is_token_pool(g, u):
             means.append((0, None))
+            kinds.add(g.kind(u))
             nodes.append(u)
+            continue
+        if any(u == p or u in g.ancestors(p) for p in pools):
+            pooled.append(u)  # keys and values of an attention pool
             continue
         dense.append(u)  # reads the tokens by position: a grid reshape, a token-sequence output, ...
     if dense:
-        return final_ops, Readout("tokens", nodes=dense + nodes)
-    if len(means) > 1:
-        raise AnalysisError("the readout takes more than one token mean; vitprune cannot analyse it")
+        return final_ops, Readout("tokens", nodes=dense + nodes + pooled)
+    if pooled:
+        if indices or means:
+            raise AnalysisError(f"the readout pools tokens by attention (node {pooled[0]!r}) and also reads them "
+                                "otherwise: vitprune cannot analyse it")
+        return final_ops, Readout("attention-pool", nodes=pooled)
+    if len(set(means)) > 1:
+        raise AnalysisError("the readout pools more than one token range; vitprune cannot analyse it")
+    pool = "+".join(sorted(kinds))
     if indices and means:  # CLS concatenated with the patch mean (DINOv2's linear head)
         start, stop = means[0]
         return final_ops, Readout("token+mean", token_indices=sorted(set(indices)), mean_start=start,
-                                  mean_stop=stop, nodes=nodes)
+                                  mean_stop=stop, nodes=nodes, pool=pool)
     if means:
         start, stop = means[0]
-        return final_ops, Readout("mean", mean_start=start, mean_stop=stop, nodes=nodes)
+        return final_ops, Readout("mean", mean_start=start, mean_stop=stop, nodes=nodes, pool=pool)
     if not indices:
         raise AnalysisError(f"nothing reads the token axis after node {n!r}")  # e.g. only shapes are read
     return final_ops, Readout("token", token_indices=sorted(set(indices)), nodes=nodes)
 
 
-def _is_token_mean(g: OpGraph, n: str) -> bool:
-    if g.kind(n) != "mean":
+def _is_token_pool(g: OpGraph, n: str) -> bool:
+    """A mean or max over the token axis of a ``[B, N, C]`` tensor."""
+    if g.kind(n) not in ("mean", "max"):
         return False
     source = g.inputs(n)[0] if g.inputs(n) else None
     rank = len(g.shape(source) or ())
@@ -568,7 +603,8 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
             blocks[-1].linear_flops_per_token += _linear_flops_per_token(g, branch)
         else:
             raise AnalysisError(f"residual add {add!r} comes before the first attention block")
-    stray = [n for n, _ in attn if n not in placed]
+    pools = _attention_pools(g, [n for n, _ in attn if n not in placed], stream[-1][0])
+    stray = [n for n, _ in attn if n not in placed and n not in pools]
     if stray:
         raise AnalysisError(f"attention op(s) {stray} are not on the residual stream: not a plain ViT")
 
@@ -588,7 +624,7 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
         # walking back, the op met first is the later one in the forward pass
         pos_embed = "after_prefix_concat" if emb["pos_order"][0] == "pos" else "before_prefix_concat"
 
-    final_ops, readout = _walk_readout(g, stream[-1][0])
+    final_ops, readout = _walk_readout(g, stream[-1][0], pools)
     kinds = []
     read = readout.token_indices
     for i in range(num_prefix):

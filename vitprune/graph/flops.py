@@ -11,7 +11,9 @@ is the same on every torch the project admits, and equals the analytic count.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -67,12 +69,28 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=missing_formulas())
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring gradients for the block (restored after).
+
+    Under ``no_grad`` a view of a parameter (SigLIP's MAP head expands its latent query) still requires grad
+    yet has no ``grad_fn``, and ``FlopCounterMode``'s module tracker asserts on such module inputs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """FLOPs of one forward pass of ``model`` on ``example_input`` ``[B, C, H, W]``, in the model's current
     train/eval mode, without gradients. Token selection and gathers are not counted (they are not
     matmuls): linear layers, convolutions and attention are what dominates a ViT's cost.
     """
     counter = flop_counter()
-    with torch.no_grad(), counter:
+    with torch.no_grad(), frozen_parameters(model), counter:
         model(example_input)
     return int(counter.get_total_flops())

@@ -42,7 +42,7 @@ import networkx as nx
 
 #: op kinds every frontend maps its ops onto.
 KINDS = ("input", "constant", "output", "add", "mul", "matmul", "linear", "conv", "sdpa", "softmax", "mha", "cat",
-         "index", "mean", "norm", "reshape", "permute", "token_op", "other")
+         "index", "mean", "max", "norm", "reshape", "permute", "token_op", "other")
 
 
 class OpGraph:
