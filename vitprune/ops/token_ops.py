@@ -307,28 +307,39 @@ def gather_token_axes(table: torch.Tensor, positions: torch.Tensor, num_prefix_t
     RoPE sin/cos tables ``[P, d]``, relative-position biases ``[1, H, N, N]`` and position embeddings
     added after a pruning point hold one entry per grid position; once each image keeps its own tokens they
     must follow them (DESIGN.md: BEiT's bias stays ``[H, 197, 197]``, EVA-02's RoPE table keeps 256 rows).
+    One flat ``index_select`` (``Gather`` in ONNX) over the token axes taken together: it reads only what it
+    returns (a bias's rows and columns in one step, not rows then columns).
 
     Args:
         table: the image-independent tensor, broadcasting (aligned right) against a rank-``rank`` operand whose
-            axis 0 is the batch.
+            axis 0 is the batch (so the table, padded to that rank, has size 1 there).
         positions: ``[B, K]`` grid positions of the patch tokens alive where the tensor is used.
         token_axes: ``(axis, with_prefix)`` per token axis, counted in the rank-``rank`` frame: ``with_prefix``
             axes index every token (prefix tokens first, always kept), the others the patch tokens only.
 
     Returns:
         ``[B, ...]`` of rank ``rank``: each token axis ``K`` long (``num_prefix_tokens + K`` with prefix), the
-        other axes as in ``table``. Gathers (``GatherElements`` in ONNX) on a table that is small beside the
-        stream; a per-image bias ``[B, H, K, K]`` costs ``B·H·K²`` floats of memory.
+        other axes as in ``table``. A per-image bias ``[B, H, K', K']`` costs ``B·H·K'²`` floats of memory.
     """
     batch = positions.shape[0]
-    t = table.reshape((1,) * (rank - table.dim()) + tuple(table.shape))
-    t = t.expand(batch, *t.shape[1:])
+    t = table.reshape((1,) * (rank - table.dim()) + tuple(table.shape))[0]  # drop the (size-1) batch axis
+    tokens = [a - 1 for a, _ in token_axes]
+    rest = [a for a in range(t.dim()) if a not in tokens]
     prefix = torch.arange(num_prefix_tokens, device=positions.device).expand(batch, -1)
-    for axis, with_prefix in token_axes:
+    flat = None
+    for (axis, with_prefix), a in zip(token_axes, tokens):
         index = torch.cat([prefix, positions + num_prefix_tokens], dim=1) if with_prefix else positions
-        shape = [1] * rank
-        shape[0], shape[axis] = batch, index.shape[1]
-        size = list(t.shape)
-        size[axis] = index.shape[1]
-        t = t.gather(axis, index.reshape(shape).expand(size))
-    return t
+        flat = index if flat is None else flat.unsqueeze(-1) * t.shape[a] + index.reshape(
+            batch, *([1] * (flat.dim() - 1)), -1)
+    lengths, sizes = list(flat.shape[1:]), [t.shape[a] for a in rest]
+    if tokens == list(range(t.dim() - len(tokens), t.dim())):  # token axes last (a bias [H, N, N]): gather columns
+        picked = t.reshape(*sizes, -1).index_select(-1, flat.reshape(-1)).reshape(*sizes, batch, *lengths)
+        where = {a: i for i, a in enumerate(rest)} | {a: len(rest) + 1 + i for i, a in enumerate(tokens)}
+        batch_axis = len(rest)
+    else:  # token axes first (a RoPE table [P, d]), or moved there: gather rows
+        picked = t.permute(*tokens, *rest).reshape(-1, *sizes).index_select(0, flat.reshape(-1))
+        picked = picked.reshape(batch, *lengths, *sizes)
+        where = {a: 1 + i for i, a in enumerate(tokens)} | {a: 1 + len(tokens) + i for i, a in enumerate(rest)}
+        batch_axis = 0
+    # [B, axes of the table in their order], the token axes now K long
+    return picked.permute(batch_axis, *[where[a] for a in range(t.dim())])
