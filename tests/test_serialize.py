@@ -349,6 +349,12 @@ ALLOWLIST_FAMILIES = {
     "qk_norm": ("vit_small_patch16_224", dict(TINY, qk_norm=True)),
     "flexivit": ("flexivit_small", TINY),
     "dropout_droppath": ("vit_small_patch16_224", dict(TINY, drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1)),
+    # token-indexed tensors (RoPE tables, relative-position biases) and an attention-pool readout
+    "eva02": ("eva02_small_patch14_224", dict(img_size=56, depth=2)),
+    "rope": ("vit_base_patch16_rope_224", TINY),
+    "beit": ("beit_base_patch16_224", TINY),
+    "relpos": ("vit_relpos_small_patch16_224", TINY),
+    "siglip": ("vit_base_patch16_siglip_224", TINY),
 }
 ALLOWLIST_REWRITES = [
     ("token-drop", dict(keep_rate=0.5)),
@@ -398,7 +404,7 @@ class _Segmentation(torch.nn.Module):
 
 # The passes add only vitprune leaf modules and getitem: they run on these (all of them took 4 minutes
 # on 2 cores; vitprune/allowlist.py was enumerated over every family once, with the same result).
-REWRITTEN_FAMILIES = ("vit_cls", "gap", "dense")
+REWRITTEN_FAMILIES = ("vit_cls", "gap", "dense", "eva02", "beit", "siglip")
 
 
 def _produced_targets() -> tuple[dict[str, set], set[str]]:
@@ -453,8 +459,10 @@ def test_allowlist_covers_what_vitprune_produces():
         assert found[kind] <= listed[kind], f"produced but not on the allowlist: {sorted(found[kind] - listed[kind])}"
         # closed in the other direction too: nothing on the list that no supported graph needs
         assert listed[kind] <= found[kind], f"on the allowlist but never produced: {sorted(listed[kind] - found[kind])}"
-    # token-merge cannot put tokens back for a dense head yet
-    assert all(r.endswith(("fused=False lifespan-gather", "fused=False token-merge")) or r == "dense segmentation token-merge"
+    # lifespan-gather and token-merge read fused attention's queries and keys; token-merge cannot put tokens
+    # back for a dense head or follow token-indexed tensors yet
+    assert all(r.endswith(("fused=False lifespan-gather", "fused=False token-merge"))
+               or r in ("dense segmentation token-merge", "eva02 fused=True token-merge", "beit fused=True token-merge")
                for r in refused), refused
 
 

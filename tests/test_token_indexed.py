@@ -159,3 +159,40 @@ def test_token_merge_still_refuses_token_indexed_tensors_by_name():
     with pytest.raises(PassError, match=r"token position .*unsqueeze") as info:
         vitprune.rewrite(model, "token-merge", example_input=x, r=2)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "softmax"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_flops_target_is_met_with_the_gathers_in_place(family, fused):
+    """At 64 patch tokens, importance-mask ``flops=0.6`` lands on target as counted (the gathers add no FLOPs).
+
+    EVA-02 at 112 px has 64 patches and 64 channels per head: its RoPE tables are square, shaped like a bias,
+    and must still be gathered on the token axis only (found by where they flow: not into the softmax)."""
+    import timm.layers
+
+    source, args, _ = FAMILIES[family]
+    size = {"eva02": 112}.get(family, 128)
+    torch.manual_seed(0)
+    timm.layers.set_fused_attn(fused)  # read when a model is built
+    try:
+        model = vitprune.load(source, model_args=dict(args, img_size=size, depth=4)).eval()
+    finally:
+        timm.layers.set_fused_attn(True)
+    x = torch.randn(2, 3, size, size)
+    _, report = vitprune.rewrite(model, "importance-mask", example_input=x, flops=0.6, first_block=1)
+    assert report.keep_all_worst_node_diff <= 1e-6
+    assert report.decisions["token_indexed"]["gathered"]
+    assert abs(report.flops_ratio - 0.6) <= 0.01
+    assert abs(report.flops_ratio - report.decisions["predicted_flops_ratio"]) <= 2e-3
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_rewritten_model_saves_and_loads_with_the_same_outputs(family, tmp_path):
+    """RoPE, the rotation's stack and neg, relative-position MLPs: every op is on the save allowlist."""
+    model, x = _model(family)
+    rewritten, _ = vitprune.rewrite(model, "importance-mask", example_input=x, keep={1: 0.5})
+    vitprune.save(rewritten, tmp_path / "out")
+    loaded = vitprune.load(tmp_path / "out")
+    assert any(isinstance(m, TokenIndexedGather) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), rewritten(x))

@@ -329,19 +329,26 @@ def _token_axis_index(g: OpGraph, n: str) -> int | slice | None:
     return a["axes"][1]
 
 
-def _attention_pools(g: OpGraph, ops: list[str], stream_end: str) -> set[str]:
-    """Attention ops after the last block whose keys are the tokens and whose queries are not: attention
-    pooling (SigLIP's MAP head, a learned latent query; CaiT's class attention). Over its keys and values an
-    attention is permutation-invariant, so it pools whatever tokens are kept, as a mean pool does."""
+def _attention_pools(g: OpGraph, ops: list[tuple[str, str]], stream_end: str) -> set[str]:
+    """Attention ops (``(node, kind)`` as :func:`_attention_ops` gives them) after the last block whose keys
+    are the tokens and whose queries are not: attention pooling (SigLIP's MAP head, a learned latent query;
+    CaiT's class attention), fused (SDPA) or not (softmax over q·kᵀ, scores ``[B, H, Nq, Nk]``). Over its
+    keys and values an attention is permutation-invariant, so it pools whatever tokens are kept, as a mean
+    pool does."""
     pools = set()
     after = g.descendants(stream_end)
     tokens = g.shape(stream_end)[1]
-    for n in ops:
-        if n not in after or g.kind(n) != "sdpa":
+    for n, kind in ops:
+        if n not in after:
             continue
-        q, k = (g.shape(i) for i in g.inputs(n)[:2])
-        if q and k and len(q) == len(k) == 4 and k[2] == tokens and q[2] != tokens:
-            pools.add(n)
+        if kind == "sdpa":
+            q, k = (g.shape(i) for i in g.inputs(n)[:2])
+            if q and k and len(q) == len(k) == 4 and k[2] == tokens and q[2] != tokens:
+                pools.add(n)
+        elif kind == "matmul-softmax":
+            scores = g.shape(n)
+            if scores[3] == tokens and scores[2] != tokens:
+                pools.add(n)
     return pools
 
 
@@ -445,7 +452,7 @@ def _token_indexed(g: OpGraph, start: str, num_prefix: int, num_patches: int) ->
                 continue
             rank = max([len(g.shape(i) or ()) for i in g.data_inputs(n)] + [len(shape)])
             pad = rank - len(shape)
-            if g.kind(n) == "sdpa" or shape[-1] in counts and shape[-2] == shape[-1]:
+            if shape[-1] in counts and shape[-2] in counts and _adds_to_attention_scores(g, n, c):
                 axes = [len(shape) - 2, len(shape) - 1]
             else:
                 axes = [i for i in range(len(shape) - 1) if shape[i] in counts]
@@ -455,6 +462,28 @@ def _token_indexed(g: OpGraph, start: str, num_prefix: int, num_patches: int) ->
                 token_axes = []  # a batch-sized or token-first tensor: not a table to gather per image
             found.append({"node": c, "shape": list(shape), "used_by": n, "rank": rank, "token_axes": token_axes})
     return found
+
+
+def _adds_to_attention_scores(g: OpGraph, n: str, tensor: str) -> bool:
+    """Whether ``tensor``, consumed by ``n``, biases attention scores: it is an SDPA's mask, or ``n``'s value
+    reaches a softmax (or an SDPA's mask) through element-wise ops only. A RoPE table whose channel count
+    equals the token count (64 head channels, 64 patches) has the same shape as a bias but reaches the
+    softmax only through ``q @ kᵀ`` (or enters an SDPA as its query or key)."""
+    if g.kind(n) == "sdpa":
+        return tensor not in g.inputs(n)[:3]  # not the query, key or value: the mask
+    frontier, seen = [n], {n}
+    while frontier:
+        m = frontier.pop()
+        for u in g.users(m):
+            if u in seen:
+                continue
+            seen.add(u)
+            kind = g.kind(u)
+            if kind == "softmax" or kind == "sdpa" and m in g.inputs(u)[3:]:
+                return True
+            if kind in ("add", "mul", "other"):
+                frontier.append(u)
+    return False
 
 
 def _describe_node(g: OpGraph, n: str) -> str:
@@ -603,7 +632,7 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
             blocks[-1].linear_flops_per_token += _linear_flops_per_token(g, branch)
         else:
             raise AnalysisError(f"residual add {add!r} comes before the first attention block")
-    pools = _attention_pools(g, [n for n, _ in attn if n not in placed], stream[-1][0])
+    pools = _attention_pools(g, [(n, k) for n, k in attn if n not in placed], stream[-1][0])
     stray = [n for n, _ in attn if n not in placed and n not in pools]
     if stray:
         raise AnalysisError(f"attention op(s) {stray} are not on the residual stream: not a plain ViT")

@@ -12,11 +12,14 @@ magnitude), importance-mask (dynamic and static), lifespan-gather (soft and exac
 and eval mode, with timm's fused attention on and off, for timm vit_small_patch16_224 (class token;
 ``class_token=False, global_pool="avg"``; ``qk_norm=True``; dropout and drop path),
 deit_tiny_distilled_patch16_224, deit3_small_patch16_224 (LayerScale), vit_small_patch14_dinov2,
-vit_small_patch14_reg4_dinov2, vit_xsmall_patch16_clip_224 (pre-norm), flexivit_small and
-torchvision's VisionTransformer. ``tests/test_serialize.py::test_allowlist_covers_what_vitprune_produces``
-re-derives the sets (every family captured; the passes, which add only vitprune leaves and getitem, on
-two of them) and asserts they equal these, so a new op from timm or a pass is a failing test, not a
-silent save failure, and a name nothing needs any more is one too.
+vit_small_patch14_reg4_dinov2, vit_xsmall_patch16_clip_224 (pre-norm), flexivit_small, the token-indexed
+families (eva02_small_patch14_224 and vit_base_patch16_rope_224 with RoPE, beit_base_patch16_224 and
+vit_relpos_small_patch16_224 with relative-position bias), vit_base_patch16_siglip_224 (attention pool)
+and torchvision's VisionTransformer. ``tests/test_serialize.py::test_allowlist_covers_what_vitprune_produces``
+re-derives the sets (every family captured; the passes, which add only vitprune leaves and getitem, on six
+of them: a class token, a mean pool, a dense head, RoPE, relative bias, an attention pool) and asserts they
+equal these, so a new op from timm or a pass is a failing test, not a silent save failure, and a name
+nothing needs any more is one too.
 
 Before adding a name, read what it does: it must be a pure function of its arguments. Nothing that
 touches files, processes, the network, storages or shared memory (``from_file``, ``save``, ``load``,
@@ -42,11 +45,13 @@ FUNCTIONS = frozenset({
     # Python operators fx records for `a + b`, `x[i]`, `q @ k`, and attribute reads (see ATTRIBUTES)
     "builtins.getattr",
     "operator.add", "operator.eq", "operator.floordiv", "operator.getitem", "operator.matmul",
-    "operator.mul", "operator.sub", "operator.truediv",
+    "operator.mul", "operator.neg", "operator.sub", "operator.truediv",
     # torch
     "torch._C._nn.scaled_dot_product_attention",  # = torch.nn.functional.scaled_dot_product_attention
     "torch._assert",  # torchvision's input-shape check
+    "torch._C._nn.linear",  # = torch.nn.functional.linear (EVA-02's fused qkv with its own bias)
     "torch.cat",
+    "torch.stack",  # RoPE: interleaves the rotated halves
     "torch.nn.functional.layer_norm",
     "torch.nn.functional.interpolate",  # dense heads upsample their grid of patch logits to the pixels
     # timm functions fx keeps as leaves in non-fused attention: add an optional mask to the scores
@@ -71,17 +76,18 @@ ATEN_OPS = frozenset({
 #: torch.Tensor methods a ``call_method`` node may name (the receiver must be a node's value).
 #: bernoulli_, div_, new_empty: timm's drop path in training; they write only the fresh tensor.
 METHODS = frozenset({
-    "bernoulli_", "dim", "div_", "expand", "flatten", "mean", "new_empty", "permute", "reshape", "softmax",
-    "transpose", "unbind",
+    "bernoulli_", "chunk", "contiguous", "dim", "div_", "expand", "flatten", "mean", "new_empty", "permute",
+    "reshape", "softmax", "to", "transpose", "type_as", "unbind", "unsqueeze", "view",
 })
 
 #: attributes ``builtins.getattr`` may read (always a literal name).
-ATTRIBUTES = frozenset({"ndim", "shape"})
+ATTRIBUTES = frozenset({"dtype", "ndim", "shape"})
 
 #: torch.nn classes fx keeps as leaf modules in those graphs; vitprune's own leaves
 #: (``vitprune.ops.modules.LEAF_MODULES``) are added by :func:`module_classes`.
 TORCH_MODULES = (
     nn.Conv2d, nn.Dropout, nn.GELU, nn.Identity, nn.LayerNorm, nn.Linear, nn.MultiheadAttention,
+    nn.ReLU, nn.SiLU,  # vit_relpos's bias MLP; EVA-02's SwiGLU
 )
 
 # The only modules names are looked up in; timm's is imported here by this fixed name, never a name from a file.
