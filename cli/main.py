@@ -209,9 +209,10 @@ _METHOD_OPTIONS = {
 @click.option("--mode", type=click.Choice(["dynamic", "static"]), help="importance-mask: per-image top-k "
               "(dynamic, default) or fixed index sets from calibration images (static).")
 @click.option("--calibration", type=click.Path(), help="importance-mask static: folder of calibration images.")
-@click.option("--score", type=click.Choice(["auto", "cls", "mean-query", "attention-received", "l1", "l2", "cls-norm"]),
+@click.option("--score", type=click.Choice(["auto", "cls", "mean-query", "attention-received", "l1", "l2", "cls-norm",
+                                            "distinct"]),
               help="importance-mask dynamic and lifespan-gather: how patches are scored [default: auto, the CLS "
-              "attention row, or the mean query's without a CLS token].")
+              "attention row, the mean query's without a CLS token, distinct for dense models].")
 @click.option("--first-block", type=int, help="importance-mask with --flops: first pruned block [default: 3]; "
               "token-merge: first merging block [default: 0].")
 @click.option("--r", "r", metavar="R|R0,R1,...", help="token-merge: tokens merged per block (ToMe's r), or one "

@@ -139,8 +139,15 @@ def insert_on_stream(gm: fx.GraphModule, stream: fx.Node, base: str, module: nn.
 
 
 def score_query(vit: ViTGraph) -> tuple[str, int]:
-    """Which query row scores the patches: the CLS token's (EViT) when the readout reads one, else the mean
-    query (vitprune's choice for mean-pool models); returns ``(score, cls_index)``."""
+    """The default patch score, ``(score, cls_index)``: for a model whose readers need every token back (a dense
+    head, token outputs) ``"distinct"`` (near-duplicates go first: attention and norm scores drop the objects'
+    few tokens, measured on ``benchmarks/dense_digits.py``); else the CLS token's attention row (EViT) when the
+    readout reads one; else the mean query (vitprune's choice for mean-pool models)."""
+    from vitprune.passes.token_restore import restore_points
+
+    end, readers = restore_points(vit)
+    if vit.readout.kind == "tokens" or readers:
+        return "distinct", 0
     if vit.readout.token_indices and vit.num_prefix_tokens:
         return "cls", vit.readout.token_indices[0]
     return "mean-query", 0
@@ -159,19 +166,22 @@ def resolve_score(vit: ViTGraph, score: str) -> tuple[str, int]:
         return default, cls_index
     if score not in SCORES:
         raise PassError(f"unknown score {score!r}; expected auto or one of {', '.join(SCORES)}")
-    if score in ("cls", "cls-norm") and default != "cls":
+    if score in ("cls", "cls-norm") and not (vit.readout.token_indices and vit.num_prefix_tokens):
         raise PassError(f"score {score!r} reads the CLS token's attention row, and this model's readout reads no "
-                        "CLS token: use mean-query, attention-received, l1 or l2")
+                        "CLS token: use mean-query, attention-received, l1, l2 or distinct")
+    if score in ("cls", "cls-norm"):
+        cls_index = vit.readout.token_indices[0]
     return score, cls_index
 
 
-def schedule_record(vit: ViTGraph, counts: dict[int, int], total_flops: float, score: str, **extra: Any) -> dict[str, Any]:
+def schedule_record(vit: ViTGraph, counts: dict[int, int], total_flops: float, score: str, stages: str = "each",
+                    **extra: Any) -> dict[str, Any]:
     """What a keep-count pass decided, for the report and the saved recipe (the same for every frontend)."""
     from vitprune.graph.keep_counts import predicted_ratio, tokens_per_block
 
     return {"num_patches": vit.num_patches, "num_prefix_tokens": vit.num_prefix_tokens, **extra,
             "keep_counts": {str(b): k for b, k in counts.items()}, "tokens_per_block": tokens_per_block(vit, counts),
-            "predicted_flops_ratio": predicted_ratio(vit, counts, int(total_flops)), "score": score}
+            "predicted_flops_ratio": predicted_ratio(vit, counts, int(total_flops), score, stages), "score": score}
 
 
 def unique_attr_name(gm: fx.GraphModule, base: str) -> str:

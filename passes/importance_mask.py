@@ -6,7 +6,9 @@ target), keep a nested subset of the patch tokens alive there; prefix tokens are
 - ``mode="dynamic"`` (DPS-ViT, input-dependent): each image keeps its top-``k`` patches by the
   attention of the block just before ``b``: one query row ``softmax(q_cls · Kᵀ · scale)`` averaged over
   heads (EViT's score, linear cost, so blocks keep their fused SDPA kernel). Without a CLS token the
-  mean query is used (vitprune's choice; see ``token_ops.attention_patch_scores``).
+  mean query is used (vitprune's choice; see ``token_ops.attention_patch_scores``). When a dense reader
+  needs every token back, the default is ``"distinct"`` (``token_ops.distinct_scores``: near-duplicate
+  tokens go first), whose ``2·P²·C`` similarity FLOPs are counted in a FLOPs target.
 - ``mode="static"`` (PS-ViT): image-independent index sets, chosen top-down from calibration images:
   a patch's significance at block ``l`` is its effect on the final features, estimated through the
   product of later blocks' head-averaged attention maps (with the residual as ``(A + I) / 2``, the
@@ -29,6 +31,7 @@ from vitprune.ops.modules import AttentionTopK, StaticTokenSelect
 from vitprune.frontends.fx import RecordValues
 from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass, resolve_score, schedule_record
 from vitprune.graph.keep_counts import counts_from_rates, parse_keep, solve_for_flops
+from vitprune.ops.token_ops import STREAM_SCORES
 
 MODES = ("dynamic", "static")
 
@@ -154,12 +157,16 @@ class ImportanceMaskPass(VitPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         return PassResult(graph_module, self.rewrite(graph_module, self.analysis))
 
+    def _score(self, vit: ViTGraph) -> tuple[str, int]:
+        """``(score, cls_index)`` of the dynamic selection; ``("static", 0)`` in static mode."""
+        return resolve_score(vit, self.params["score"]) if self.params["mode"] == "dynamic" else ("static", 0)
+
     def _counts(self, vit: ViTGraph, total: int) -> dict[int, int]:
         p = self.params
         if p["keep"] is not None:
             counts = counts_from_rates(vit.num_patches, vit.num_blocks, p["keep"])
-        else:
-            counts = solve_for_flops(vit, p["flops"], total, p["first_block"])
+        else:  # a score that costs FLOPs of its own (distinct's similarity matrix) is counted in the target
+            counts = solve_for_flops(vit, p["flops"], total, p["first_block"], score=self._score(vit)[0])
         alive, stages = vit.num_patches, {}
         for b, k in sorted(counts.items()):  # a stage that keeps every alive patch does nothing: skip it
             if k < alive:
@@ -174,10 +181,10 @@ class ImportanceMaskPass(VitPass):
         counts = self._counts(vit, total)
         alive = vit.num_patches
         if self.params["mode"] == "dynamic":
-            score, cls_index = resolve_score(vit, self.params["score"])
+            score, cls_index = self._score(vit)
             for b, k in counts.items():
                 prev = vit.blocks[b - 1]
-                if score in ("l1", "l2"):  # the stream alone
+                if score in STREAM_SCORES:  # the stream alone
                     args, source = (), "qk"
                 elif prev.attention == "sdpa":
                     args, source = (prev.query_node, prev.key_node), "qk"
@@ -211,7 +218,7 @@ class ImportanceMaskPass(VitPass):
         counts = self._counts(vit, int(ctx.flops_per_image))
         alive = vit.num_patches
         if self.params["mode"] == "dynamic":
-            score, cls_index = resolve_score(vit, self.params["score"])
+            score, cls_index = self._score(vit)
             for b, k in counts.items():
                 prev = vit.blocks[b - 1]
                 keep = alive if ctx.keep_all else k

@@ -33,12 +33,15 @@ from vitprune.frontends.fx import RecordValues
 from vitprune.passes.base import (VitPass, insert_on_stream, node_named, register_pass, resolve_score, schedule_record,
                                    unique_attr_name)
 from vitprune.graph.keep_counts import block_flops, predicted_ratio, solve_for_flops
+from vitprune.ops.token_ops import score_flops
 
 
-def _hard_ratio(vit: ViTGraph, lives: torch.Tensor, first_block: int, total: float) -> float:
-    """FLOPs ratio implied by hard lives ``[B, P]`` (token alive at block l iff life > l), batch mean."""
+def _hard_ratio(vit: ViTGraph, lives: torch.Tensor, first_block: int, total: float, score: str | None = None) -> float:
+    """FLOPs ratio implied by hard lives ``[B, P]`` (token alive at block l iff life > l), batch mean, with the
+    cost of ``score`` over every patch at ``first_block``."""
     counts = {l: float((lives > l).sum(dim=1).float().mean()) for l in range(first_block, vit.num_blocks)}
-    return predicted_ratio(vit, {l: max(1.0, c) for l, c in counts.items()}, total)
+    ratio = predicted_ratio(vit, {l: max(1.0, c) for l, c in counts.items()}, total)
+    return ratio + score_flops(score, vit.num_patches, vit.blocks[first_block].dim) / total if score else ratio
 
 
 @register_pass
@@ -79,8 +82,8 @@ class LifespanGatherPass(VitPass):
         gm.eval()
         x = self.example_input
         total = count_flops(gm, x) / x.shape[0]
-        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0)
-        score, cls_index = resolve_score(vit, p["score"])
+        score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first")
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
         block_att = [4 * b.heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
@@ -135,7 +138,7 @@ class LifespanGatherPass(VitPass):
             alive = k
         gm.graph.lint()
         gm.recompile()
-        self.record = schedule_record(vit, counts, total, score, after_block=k0,
+        self.record = schedule_record(vit, counts, total, score, "first", after_block=k0,
                                       initial_bias=float(module.bias.detach()))
         return True
 
@@ -156,7 +159,7 @@ class LifespanGatherPass(VitPass):
             lo, hi = -20.0, 20.0
             for _ in range(40):
                 module.bias.fill_((lo + hi) / 2)
-                if _hard_ratio(vit, lives(), k0, total) > self.params["flops"]:
+                if _hard_ratio(vit, lives(), k0, total, module.score) > self.params["flops"]:
                     hi = (lo + hi) / 2
                 else:
                     lo = (lo + hi) / 2
@@ -174,8 +177,8 @@ class LifespanGatherPass(VitPass):
             raise PassError(f"--after-block must be in 1..{L - 1} for a model with {L} blocks, got {k0}")
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
         total = ctx.flops_per_image
-        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0)
-        score, cls_index = resolve_score(vit, p["score"])
+        score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first")
         module = LifespanGather(vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale or 1.0,
                                 score=score, cls_index=cls_index)
         x = torch.from_numpy(ctx.values[block.input_node])
@@ -205,5 +208,5 @@ class LifespanGatherPass(VitPass):
                                  lambda t, n=vit.num_prefix_tokens + keep: onnx_ops.prefix_slice(ctx.builder("prefix_slice"), t, n),
                                  stream=sorted_stream if l == k0 else None)
             alive = keep
-        self.record = schedule_record(vit, counts, total, score, after_block=k0,
+        self.record = schedule_record(vit, counts, total, score, "first", after_block=k0,
                                       initial_bias=float(module.bias.detach()))

@@ -58,7 +58,7 @@ def test_dynamic_keeps_top_cls_attention_patches():
     assert torch.equal(out[:, 1:], torch.stack([x[i, prefix + expected[i]] for i in range(b)]))
 
 
-@pytest.mark.parametrize("score", ["mean-query", "attention-received", "l1", "l2", "cls-norm"])
+@pytest.mark.parametrize("score", ["mean-query", "attention-received", "l1", "l2", "cls-norm", "distinct"])
 def test_each_score_keeps_the_patches_it_rates_highest(score):
     torch.manual_seed(1)
     b, h, n, d, prefix = 2, 3, 11, 4, 1
@@ -71,6 +71,11 @@ def test_each_score_keeps_the_patches_it_rates_highest(score):
         "l1": x[:, prefix:].abs().sum(-1),
         "l2": norms,
         "cls-norm": attn.mean(1)[:, 0, prefix:] * norms,
+        # by hand: 1 - the highest cosine similarity to another patch token
+        "distinct": torch.stack([torch.stack([
+            torch.round((1 - max(torch.cosine_similarity(x[i, prefix + a], x[i, prefix + c], dim=0)
+                                 for c in range(n - prefix) if c != a)) * 1024) * (n - prefix) + (n - prefix - 1 - a)
+            for a in range(n - prefix)]) for i in range(b)]),
     }[score]
     mod = AttentionTopK(num_prefix_tokens=prefix, num_patches=n - prefix, keep_count=4, scale=d ** -0.5, score=score)
     mod.record_kept = True
@@ -78,7 +83,7 @@ def test_each_score_keeps_the_patches_it_rates_highest(score):
     expected = expected_scores.topk(4, dim=1).indices.sort(dim=1).values
     assert torch.equal(mod.last_kept, expected)
     assert torch.equal(out[:, 1:], torch.stack([x[i, prefix + expected[i]] for i in range(b)]))
-    if score != "mean-query":  # the same score from an explicit attention map (source="attn")
+    if score not in ("mean-query", "distinct"):  # the same score from an explicit attention map (source="attn")
         from_map = AttentionTopK(prefix, n - prefix, 4, score=score, source="attn")
         from_map.record_kept = True
         from_map(x, attn)
@@ -182,3 +187,28 @@ def test_cli_offers_every_score():
 
     option = next(p for p in rewrite.params if p.name == "score")
     assert tuple(option.type.choices) == ("auto", *SCORES)  # the CLI's literal list (no torch import) is complete
+
+
+def test_distinct_drops_near_duplicates_first():
+    """Four copies of one background token and four different object tokens: keeping four keeps every object
+    token (a norm or attention score has no reason to)."""
+    torch.manual_seed(0)
+    background = torch.randn(8)
+    objects = torch.randn(4, 8)
+    x = torch.cat([torch.zeros(1, 1, 8), torch.stack([background + 1e-3 * torch.randn(8) for _ in range(4)])[None],
+                   objects[None]], dim=1)  # [1, 1 + 8, 8]: CLS, 4 near-duplicates, 4 distinct tokens
+    mod = AttentionTopK(num_prefix_tokens=1, num_patches=8, keep_count=5, score="distinct")
+    mod.record_kept = True
+    mod(x)
+    kept = mod.last_kept[0].tolist()
+    assert kept[1:] == [4, 5, 6, 7] and kept[0] in range(4)  # the objects, and one background token
+
+
+def test_a_distinct_flops_target_counts_the_similarity_matrix():
+    """distinct's ``2·P²·C`` FLOPs per pruning point are in the solved counts: the counted ratio lands on target."""
+    _, report = rewrite_family("gap", "importance-mask", flops=0.6, first_block=1, score="distinct")
+    assert report.decisions["score"] == "distinct" and report.keep_all_worst_node_diff <= 1e-5
+    assert abs(report.flops_ratio - 0.6) <= 0.01
+    assert abs(report.flops_ratio - report.decisions["predicted_flops_ratio"]) <= 2e-3
+    _, plain = rewrite_family("gap", "importance-mask", flops=0.6, first_block=1, score="l2")
+    assert sum(report.decisions["tokens_per_block"]) < sum(plain.decisions["tokens_per_block"])  # it paid for it

@@ -106,6 +106,7 @@ def test_onnx_rewrite_computes_the_fx_rewrite(onnx_dir, kind, name):
 @pytest.mark.parametrize("method,kind,score", [
     ("importance-mask", "ts17", "l2"), ("importance-mask", "ts17", "cls-norm"),
     ("importance-mask", "ts17", "attention-received"), ("importance-mask", "ort-fused", "cls-norm"),
+    ("importance-mask", "ts17", "distinct"), ("lifespan-gather", "dynamo23", "distinct"),
     ("lifespan-gather", "ts17", "l1"), ("lifespan-gather", "ort-fused", "attention-received")])
 def test_every_patch_score_lowers_to_onnx(onnx_dir, method, kind, score):
     family = "hf-vit" if kind == "ort-fused" else "timm-cls"

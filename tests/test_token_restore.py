@@ -174,13 +174,17 @@ def test_an_intermediate_layer_read_by_a_dense_head_gets_its_tokens_back():
         assert torch.allclose(rewritten(x), grid(tap1) + grid(tap3), atol=1e-5)
 
 
-def test_a_rewritten_dense_model_saves_loads_and_exports_to_onnx(tmp_path):
+@pytest.mark.parametrize("method,params", [
+    ("token-drop", dict(keep_rate=0.5, at_inference=True, selection="magnitude")),
+    ("importance-mask", dict(keep={1: 0.5, 3: 0.5})),  # the dense default score, distinct: round, arange, eye
+])
+def test_a_rewritten_dense_model_saves_loads_and_exports_to_onnx(tmp_path, method, params):
     ort = pytest.importorskip("onnxruntime")
     import onnx
 
     x = torch.randn(2, 3, 32, 32)
-    rewritten, _ = vitprune.rewrite(Segmenter().eval(), "token-drop", example_input=x, keep_rate=0.5,
-                                    at_inference=True, selection="magnitude")
+    rewritten, report = vitprune.rewrite(Segmenter().eval(), method, example_input=x, **params)
+    assert report.decisions.get("score", "distinct") == "distinct"
     vitprune.save(rewritten, tmp_path / "model")
     again = vitprune.load(tmp_path / "model")
     with torch.no_grad():

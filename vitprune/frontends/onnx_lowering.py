@@ -158,9 +158,11 @@ class OnnxLowering:
     def patch_scores(self, b: Builder, x: gs.Tensor, block: Any, score: str, cls_index: int) -> gs.Variable:
         """Patch scores ``[B, P]`` at a pruning point whose stream is ``x`` and whose previous block is ``block``:
         the ONNX form of :func:`vitprune.ops.token_ops.patch_scores`."""
-        from vitprune.ops.onnx_ops import magnitude_scores
+        from vitprune.ops.onnx_ops import distinct_scores, magnitude_scores
 
         prefix = self.vit.num_prefix_tokens
+        if score == "distinct":
+            return distinct_scores(b, x, prefix)
         if score in ("l1", "l2"):
             return magnitude_scores(b, x, prefix, "ReduceL1" if score == "l1" else "ReduceL2")
         rows = self.block_scores(b, block, "cls" if score == "cls-norm" else score, cls_index)

@@ -70,15 +70,38 @@ def block_flops(vit: ViTGraph, tokens: list[int]) -> int:
                for b, n in zip(vit.blocks, tokens))
 
 
-def predicted_ratio(vit: ViTGraph, counts: dict[int, int], total_flops: int) -> float:
-    """Predicted FLOPs ratio to the original for ``counts``; ``total_flops``: the original's, per image."""
+def scoring_flops(vit: ViTGraph, counts: dict[int, int], score: str | None, stages: str = "each") -> int:
+    """FLOPs per image of scoring the patches at the pruning points of ``counts`` with ``score`` beyond what
+    the model computes anyway (:func:`vitprune.ops.token_ops.score_flops`): at each point that drops tokens
+    (``stages="each"``, importance-mask), or once over every patch at the first (``"first"``, lifespan-gather)."""
+    from vitprune.ops.token_ops import score_flops
+
+    if score is None:
+        return 0
+    alive, out = vit.num_patches, 0
+    for b, k in sorted(counts.items()):
+        if k < alive:
+            out += score_flops(score, alive, vit.blocks[b].dim)
+            alive = k
+            if stages == "first":
+                break
+    return out
+
+
+def predicted_ratio(vit: ViTGraph, counts: dict[int, int], total_flops: int, score: str | None = None,
+                    stages: str = "each") -> float:
+    """Predicted FLOPs ratio to the original for ``counts``; ``total_flops``: the original's, per image;
+    ``score``: the patch score the pruning points compute (its cost: :func:`scoring_flops`)."""
     full = block_flops(vit, [vit.num_tokens] * vit.num_blocks)
     fixed = total_flops - full
-    return (fixed + block_flops(vit, tokens_per_block(vit, counts))) / total_flops
+    tokens = block_flops(vit, tokens_per_block(vit, counts))
+    return (fixed + tokens + scoring_flops(vit, counts, score, stages)) / total_flops
 
 
-def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block: int = 3) -> dict[int, int]:
-    """Per-block keep counts whose predicted FLOPs ratio is closest to ``target``.
+def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block: int = 3, score: str | None = None,
+                    stages: str = "each") -> dict[int, int]:
+    """Per-block keep counts whose predicted FLOPs ratio (with ``score``'s cost, :func:`predicted_ratio`) is
+    closest to ``target``.
 
     vitprune's schedule shape (the paper tunes counts per layer by an error tolerance): blocks before
     ``first_block`` keep every token; from ``first_block`` on, each block keeps the same fraction ``r`` of
@@ -96,19 +119,22 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
     def counts_for(r: float) -> dict[int, int]:
         return counts_from_rates(vit.num_patches, vit.num_blocks, {b: r for b in range(first_block, vit.num_blocks)})
 
-    floor = predicted_ratio(vit, {b: 1 for b in range(first_block, vit.num_blocks)}, total_flops)
+    def ratio(counts: dict[int, int]) -> float:
+        return predicted_ratio(vit, counts, total_flops, score, stages)
+
+    floor = ratio({b: 1 for b in range(first_block, vit.num_blocks)})
     if target < floor:
         raise VitpruneError(f"FLOPs target {target} is below {floor:.3f}, the least reachable when blocks "
                             f"0..{first_block - 1} keep every token")
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        if predicted_ratio(vit, counts_for(mid), total_flops) > target:
+        if ratio(counts_for(mid)) > target:
             hi = mid
         else:
             lo = mid
     candidates = [counts_for(lo), counts_for(hi)]
-    best = min(candidates, key=lambda c: abs(predicted_ratio(vit, c, total_flops) - target))
+    best = min(candidates, key=lambda c: abs(ratio(c) - target))
     return {b: k for b, k in best.items() if k < vit.num_patches or b == first_block}
 
 

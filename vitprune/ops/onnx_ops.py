@@ -113,6 +113,27 @@ def magnitude_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int, norm: str
     return b.reduce(norm, patches, [2], keepdims=False)
 
 
+def distinct_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int) -> gs.Variable:
+    """``1 - max cosine similarity`` of each patch token to any other ``[B, P]``
+    (:func:`vitprune.ops.token_ops.distinct_scores`; the diagonal is masked with ``EyeLike``, so the count
+    follows the stream)."""
+    patches = b.slice(x, num_prefix_tokens, None, axis=1) if num_prefix_tokens else x
+    norm = b.op("Max", [b.reduce("ReduceL2", patches, [2], keepdims=True), b.scalar(1e-12)])  # F.normalize's eps
+    unit = b.op("Div", [patches, norm])
+    sim = b.op("MatMul", [unit, b.op("Transpose", [unit], {"perm": [0, 2, 1]})])
+    sim = b.op("Div", [b.op("Add", [sim, b.op("Transpose", [sim], {"perm": [0, 2, 1]})]), b.scalar(2.0)])
+    eye = b.op("EyeLike", [b.op("Gather", [sim, b.const(0, "image")], {"axis": 0})])  # [P, P]
+    masked = b.op("Sub", [sim, b.op("Mul", [eye, b.scalar(3.0)])])
+    scores = b.op("Sub", [b.scalar(1.0), b.reduce("ReduceMax", masked, [2], keepdims=False)])
+    # token_ops.ranked: round(score / resolution) · P + (P - 1 - i), P and i read from the identity
+    from vitprune.ops.token_ops import RANK_RESOLUTION
+
+    ones = b.reduce("ReduceMax", eye, [1], keepdims=False)  # [P]
+    count = b.reduce("ReduceSum", ones, [0], keepdims=True)  # [1]: P
+    later = b.op("Sub", [count, b.op("CumSum", [ones, b.const(0, "axis")])])  # P - 1 - i
+    return b.op("Add", [b.op("Mul", [b.op("Round", [b.op("Div", [scores, b.scalar(RANK_RESOLUTION)])]), count]), later])
+
+
 def random_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int) -> gs.Variable:
     """Uniform noise ``[B, P]``, one value per patch token (PatchDropout, arXiv 2208.07220 §3)."""
     patches = b.slice(x, num_prefix_tokens, None, axis=1) if num_prefix_tokens else x

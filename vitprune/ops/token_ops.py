@@ -95,7 +95,49 @@ def keep_count_for_rate(num_patches: int, keep_rate: float) -> int:
 #: Scores read from one attention row (linear cost: the block keeps its fused attention kernel).
 ROW_SCORES = ("cls", "mean-query")
 #: Every patch score a pruning point can use (see :func:`patch_scores`).
-SCORES = ("cls", "mean-query", "attention-received", "l1", "l2", "cls-norm")
+SCORES = ("cls", "mean-query", "attention-received", "l1", "l2", "cls-norm", "distinct")
+#: Scores read from the stream alone (no attention of the block before).
+STREAM_SCORES = ("l1", "l2", "distinct")
+
+
+def score_flops(score: str, tokens: int, channels: int) -> int:
+    """FLOPs per image of scoring ``tokens`` patch tokens of ``channels`` channels beyond what the model does
+    anyway, as :mod:`torch.utils.flop_counter` counts them (matmuls: ``2·m·n·k``): ``"distinct"``'s
+    ``[P, C] @ [C, P]`` similarity matrix, 0 for the others (a norm or one attention row is linear in ``P``)."""
+    return 2 * tokens * tokens * channels if score == "distinct" else 0
+
+
+def distinct_scores(patches: torch.Tensor) -> torch.Tensor:
+    """``1 - max cosine similarity`` of each patch token ``[B, P, C]`` to any other: ``[B, P]``.
+
+    A token with a near-duplicate among the others carries little the duplicate does not (ToMe's premise,
+    arXiv 2210.09461 §3: similar tokens are redundant); dropping it loses least for a **dense** reader, which
+    gets it back where it was (token restore). vitprune's default for dense readouts: measured on
+    ``benchmarks/dense_digits.py``, attention- and norm-based scores drop the few tokens of the objects
+    (background is the majority and draws the attention) and this keeps them. Costs ``2·P²·C`` FLOPs
+    (:func:`score_flops`), counted in a FLOPs target.
+    """
+    p = torch.nn.functional.normalize(patches, dim=-1)
+    sim = p @ p.transpose(1, 2)
+    sim = (sim + sim.transpose(1, 2)) / 2  # exactly symmetric: a mutual nearest pair scores exactly the same
+    self_sim = torch.eye(sim.shape[-1], dtype=sim.dtype, device=sim.device)
+    return 1.0 - (sim - 3.0 * self_sim).amax(dim=-1)  # a cosine is >= -1: the diagonal (<= -2) never wins
+
+
+#: resolution of :func:`ranked`: scores closer than this rank by position
+RANK_RESOLUTION = 2 ** -10
+
+
+def ranked(scores: torch.Tensor) -> torch.Tensor:
+    """Tie-free ranking values of scores ``[B, P]`` in ``[0, 2]``: ``round(score / RANK_RESOLUTION) · P + (P - 1 - i)``.
+
+    Scores with exact ties (a mutual nearest pair's :func:`distinct_scores`) or ties to rounding noise would be
+    ranked by each backend's own ``topk`` (PyTorch and ONNX Runtime differ); this ranks them by position, the
+    earlier first, in every backend. The values are integers below ``2^24`` (exact in float32) for ``P <= 8188``.
+    """
+    p = scores.shape[-1]
+    position = torch.arange(p - 1, -1, -1, dtype=scores.dtype, device=scores.device)
+    return torch.round(scores / RANK_RESOLUTION) * p + position
 
 
 def attention_patch_scores(
@@ -137,6 +179,9 @@ def patch_scores(x: torch.Tensor, num_prefix_tokens: int, score: str, *, q: torc
       column mean of the full map; costs an ``O(N² · d)`` score matrix beside a fused kernel).
     - ``"l1"`` / ``"l2"``: the token's norm over channels in the residual stream (magnitude, as
       PSS, arXiv 2208.09520 §3.2, uses L1).
+    - ``"distinct"``: ``1 -`` the token's highest cosine similarity to another patch token
+      (:func:`distinct_scores`: near-duplicates go first; the default for dense readouts), as :func:`ranked`
+      values (ties broken by position, the same in PyTorch and ONNX Runtime).
     - ``"cls-norm"``: the CLS row times the token's L2 norm: attention weighted by the size of what the
       token carries (the ``‖α·f(x)‖`` view of Kobayashi et al., arXiv 2004.10102, with the stream token
       standing in for the value vector).
@@ -157,6 +202,8 @@ def patch_scores(x: torch.Tensor, num_prefix_tokens: int, score: str, *, q: torc
         return patches.abs().sum(dim=-1)
     if score == "l2":
         return patches.norm(dim=-1)
+    if score == "distinct":
+        return ranked(distinct_scores(patches))
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
     if attn is None and (q is None or k is None):
