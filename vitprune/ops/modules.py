@@ -73,7 +73,8 @@ class TokenDrop(TokenModule):
 
     Follows PatchDropout (arXiv 2208.07220, §3): placed after the position embedding, keeps a random
     subset of patch tokens per image in original order. ``selection="magnitude"`` keeps the tokens of
-    largest L1 norm instead (Patch Sampling Schedule, arXiv 2208.09520, §3.2). Active in training;
+    largest L1 norm instead (Patch Sampling Schedule, arXiv 2208.09520, §3.2); ``"distinct"`` drops
+    near-duplicate patches first (:func:`token_ops.distinct_scores`, for dense models). Active in training;
     in eval mode only when ``at_inference`` (vitprune's option; the papers drop in training only).
 
     Shapes: ``[B, num_prefix_tokens + num_patches, C] -> [B, num_prefix_tokens + keep_count, C]``

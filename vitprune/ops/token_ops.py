@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-SELECTIONS = ("random", "magnitude")
+SELECTIONS = ("random", "magnitude", "distinct")
 
 
 def select_patch_indices(patches: torch.Tensor, keep_count: int, selection: str) -> torch.Tensor:
@@ -19,8 +19,9 @@ def select_patch_indices(patches: torch.Tensor, keep_count: int, selection: str)
     Args:
         patches: ``[B, P, C]`` patch tokens (prefix tokens excluded).
         keep_count: how many patch tokens to keep, ``1 <= keep_count <= P`` (a Python int).
-        selection: ``"random"`` (uniform without replacement, PatchDropout, arXiv 2208.07220 §3) or
-            ``"magnitude"`` (largest L1 norm over channels, PSS, arXiv 2208.09520 §3.2).
+        selection: ``"random"`` (uniform without replacement, PatchDropout, arXiv 2208.07220 §3),
+            ``"magnitude"`` (largest L1 norm over channels, PSS, arXiv 2208.09520 §3.2) or ``"distinct"``
+            (near-duplicate patches go first: :func:`distinct_scores`, for dense models).
 
     Returns:
         ``[B, keep_count]`` int64 indices into the patch axis, ascending (original order kept).
@@ -30,8 +31,8 @@ def select_patch_indices(patches: torch.Tensor, keep_count: int, selection: str)
     """
     if selection == "random":
         scores = torch.rand(patches.shape[0], patches.shape[1], device=patches.device)
-    elif selection == "magnitude":
-        scores = patch_scores(patches.detach(), 0, "l1")
+    elif selection in ("magnitude", "distinct"):
+        scores = patch_scores(patches.detach(), 0, "l1" if selection == "magnitude" else "distinct")
     else:
         raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
     return top_patch_indices(scores, keep_count)
