@@ -226,7 +226,7 @@ class ImportanceMaskPass(VitPass):
                 def build(x, prev=prev, keep=keep):
                     o = ctx.builder("importance_topk")
                     scores = ctx.patch_scores(o, x, prev, score, cls_index)
-                    return onnx_ops.keep_patch_tokens(o, x, vit.num_prefix_tokens, onnx_ops.top_patch_indices(o, scores, keep))
+                    return ctx.keep_patches(o, x, onnx_ops.top_patch_indices(o, scores, keep))
 
                 ctx.insert_on_stream(vit.blocks[b].input_node, vit.num_prefix_tokens + keep, build)
                 alive = keep
@@ -250,7 +250,7 @@ class ImportanceMaskPass(VitPass):
                 kept = list(range(alive)) if ctx.keep_all else [position[g] for g in sets[b]]
                 index = list(range(vit.num_prefix_tokens)) + [vit.num_prefix_tokens + i for i in kept]
                 ctx.insert_on_stream(vit.blocks[b].input_node, len(index),
-                                     lambda x, index=index: onnx_ops.static_select(ctx.builder("static_select"), x, index))
+                                     lambda x, index=index: ctx.static_select(ctx.builder("static_select"), x, index))
                 previous = previous if ctx.keep_all else sets[b]
                 alive = len(kept)
             score = "static"

@@ -198,14 +198,14 @@ class LifespanGatherPass(VitPass):
                                             float(module.bias.detach()))
             if ctx.keep_all:  # verification: the gather runs, every token stays in its place
                 order = onnx_ops.sort_indices(o, order, vit.num_patches)
-            return onnx_ops.keep_patch_tokens(o, stream, vit.num_prefix_tokens, order)
+            return ctx.keep_patches(o, stream, order)
 
         sorted_stream = ctx.insert_on_stream(block.input_node, vit.num_tokens, build)
         alive = vit.num_patches
         for l, kc in counts.items():
             keep = alive if ctx.keep_all else kc
             ctx.insert_on_stream(vit.blocks[l].input_node, vit.num_prefix_tokens + keep,
-                                 lambda t, n=vit.num_prefix_tokens + keep: onnx_ops.prefix_slice(ctx.builder("prefix_slice"), t, n),
+                                 lambda t, n=vit.num_prefix_tokens + keep: ctx.prefix_slice(ctx.builder("prefix_slice"), t, n),
                                  stream=sorted_stream if l == k0 else None)
             alive = keep
         self.record = schedule_record(vit, counts, total, score, "first", after_block=k0,

@@ -74,8 +74,7 @@ class TokenDropPass(VitPass):
             b = ctx.builder("token_drop")
             scores = {"magnitude": onnx_ops.magnitude_scores, "distinct": onnx_ops.distinct_scores,
                       "random": onnx_ops.random_scores}[self.params["selection"]](b, x, vit.num_prefix_tokens)
-            return onnx_ops.keep_patch_tokens(b, x, vit.num_prefix_tokens,
-                                              onnx_ops.top_patch_indices(b, scores, keep_count))
+            return ctx.keep_patches(b, x, onnx_ops.top_patch_indices(b, scores, keep_count))
 
         ctx.insert_on_stream(vit.token_stream_start, vit.num_prefix_tokens + keep_count, build)
         self.record = {"num_patches": vit.num_patches, "num_prefix_tokens": vit.num_prefix_tokens,

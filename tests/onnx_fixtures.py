@@ -8,8 +8,8 @@ Families (random init, seeded, every parameter then nudged by seeded noise so no
 * ``timm-gap``  no class token, mean-pool readout (64 tokens)
 * ``hf-vit``    transformers ViTForImageClassification (65 tokens), wrapped to return the logits tensor only
 
-plus ``make_dense_model()``: a dense-head model (patch tokens back to an 8x8 grid, 1x1 conv) that vitprune
-must refuse.
+plus ``make_dense_model()``: a dense-head model (patch tokens back to an 8x8 grid, 1x1 conv) whose rewrite
+restores every token.
 
 Kinds (how the file was written):
 
@@ -113,7 +113,8 @@ def make_model(family: str):
 
 
 def make_dense_model():
-    """``(model, example)``: a timm ViT backbone + a dense (per-patch, 1x1 conv) head; vitprune must refuse it."""
+    """``(model, example)``: a timm ViT backbone + a dense (per-patch, 1x1 conv) head: token restore gives it every
+    token back."""
     torch.manual_seed(0)
     return _distinct(_DenseHead(_timm(num_classes=0, global_pool=""))).eval(), _example()
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vitprune
-from onnx_fixtures import cached_onnx, make_model
+from onnx_fixtures import cached_onnx, make_dense_model, make_model
 from vitprune.errors import AnalysisError, PassError, VitpruneError
 from vitprune.frontends.onnx import OnnxModel
 from vitprune.rewrite_onnx import inspect_onnx, rewrite_onnx
@@ -178,11 +178,25 @@ def test_random_token_drop_keeps_the_prefix_and_varies(onnx_dir):
     assert not np.allclose(session.run(None, x)[0], session.run(None, x)[0])  # RandomUniformLike: a new subset per run
 
 
-def test_dense_head_is_refused_naming_the_node(onnx_dir):
-    """Token restore is not lowered to ONNX yet: one line naming the reader (the fx rewrite restores it)."""
-    with pytest.raises(PassError, match=r"readout at node '[^']+' needs every token back in place") as info:
-        rewrite_onnx(cached_onnx("dense", "ts17", onnx_dir), "importance-mask", flops=0.6, first_block=1)
-    assert "\n" not in str(info.value)
+def test_a_dense_head_gets_its_tokens_back_in_the_onnx_rewrite(onnx_dir):
+    """The TorchScript-exported dense model (grid reshape of the patch tokens): token restore is lowered (a canvas
+    of ScatterElements without reduction) and the result computes the fx rewrite."""
+    import onnxruntime as ort
+
+    model, _ = make_dense_model()
+    params = dict(flops=0.6, first_block=1)
+    new, report = rewrite_onnx(cached_onnx("dense", "ts17", onnx_dir), "importance-mask", **params)
+    gm, fx_report = vitprune.rewrite(model, "importance-mask", input_size=(3, 32, 32), **params)
+    assert report.decisions["tokens_per_block"] == fx_report.decisions["tokens_per_block"]
+    assert report.decisions["score"] == "distinct"  # the dense default
+    scatters = [n for n in new.graph.node if n.op_type == "ScatterElements"]
+    assert scatters and all(a.s in (b"", b"none") for n in scatters for a in n.attribute if a.name == "reduction")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    session = ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = gm.eval()(x)
+        assert (want - model(x)).abs().max() > 1e-3
+    assert np.abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - want.numpy()).max() <= 1e-4
 
 
 def test_not_onnx_is_one_clear_error(tmp_path):

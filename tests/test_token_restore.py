@@ -227,3 +227,30 @@ def test_a_position_read_on_the_stream_is_refused_by_name(method):
                                         r"inside block 2.*cannot be put back inside a block") as info:
         vitprune.rewrite(ReadsInsideTheStream().eval(), method, example_input=torch.randn(2, 3, 32, 32), **params)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_onnx_frontend_restores_tokens_as_the_fx_rewrite_does(tmp_path, method):
+    """The dense model exported to ONNX, rewritten through the ONNX frontend (token restore lowered as a canvas
+    of ScatterElements, no reduction), computes its fx rewrite: same keep counts, same outputs."""
+    ort = pytest.importorskip("onnxruntime")
+    from vitprune.rewrite_onnx import rewrite_onnx
+
+    x = torch.randn(2, 3, 32, 32)
+    model = Segmenter().eval()
+    path = tmp_path / "seg.onnx"
+    vitprune.export_onnx(model, path, example_input=x)
+    params = dict(METHODS[method])
+    if method == "importance-mask-static":
+        method, params["calibration"] = "importance-mask", [torch.randn(4, 3, 32, 32)]
+    new, report = rewrite_onnx(path, method, **params)
+    rewritten, fx_report = vitprune.rewrite(model, method, example_input=x, **params)
+    assert report.keep_all_worst_node_diff <= 1e-5
+    assert report.decisions["tokens_per_block"] == fx_report.decisions["tokens_per_block"]
+    x5 = torch.randn(5, 3, 32, 32)  # another batch size: the batch stays dynamic
+    session = ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x5.numpy()})[0]
+    with torch.no_grad():
+        want = rewritten(x5)
+        assert (want - model(x5)).abs().max() > 1e-3  # the probe: tokens were dropped and restored
+    assert got.shape == tuple(want.shape) and abs(got - want.numpy()).max() <= 1e-4

@@ -86,6 +86,8 @@ class OnnxLowering:
         self.flops_per_image, self.keep_all = flops_per_image, keep_all
         self.run_original = run_original
         self.sites: list[tuple[str, int]] = []  # (stream tensor, tokens after the op), in insertion order
+        # (stream tensor before a token op, what it keeps: indices [B, K], an index list or a count), in stream order
+        self.kept: list[tuple[gs.Tensor, Any]] = []
         self.axes: dict[str, dict[int, int]] = {}  # tensor -> {token axis: multiplicity} (after finish)
         self.regions: dict[str, int] = {}  # tensor -> token count there (after finish)
         self._inserted = 0
@@ -115,6 +117,48 @@ class OnnxLowering:
         self.graph.outputs = [out if t is stream else t for t in self.graph.outputs]
         self.sites.append((name, tokens_after))
         return out
+
+    # ---- token ops that report what they keep (token restore follows them)
+
+    def keep_patches(self, b: Builder, x: gs.Tensor, kept: gs.Tensor) -> gs.Variable:
+        """Prefix tokens and the patches at ``kept [B, K]`` (:func:`vitprune.ops.onnx_ops.keep_patch_tokens`)."""
+        from vitprune.ops.onnx_ops import keep_patch_tokens
+
+        self.kept.append((x, kept))
+        return keep_patch_tokens(b, x, self.vit.num_prefix_tokens, kept)
+
+    def static_select(self, b: Builder, x: gs.Tensor, token_index: list[int]) -> gs.Variable:
+        """A constant gather on the token axis (prefix tokens first in ``token_index``)."""
+        from vitprune.ops.onnx_ops import static_select
+
+        prefix = self.vit.num_prefix_tokens
+        self.kept.append((x, [i - prefix for i in token_index[prefix:]]))
+        return static_select(b, x, token_index)
+
+    def prefix_slice(self, b: Builder, x: gs.Tensor, count: int) -> gs.Variable:
+        """The first ``count`` tokens (prefix tokens included)."""
+        from vitprune.ops.onnx_ops import prefix_slice
+
+        self.kept.append((x, count - self.vit.num_prefix_tokens))
+        return prefix_slice(b, x, count)
+
+    def restore_tokens(self, end: str) -> None:
+        """Every token back in place after the stream tensor ``end`` (the last residual add), for a dense readout:
+        the ONNX form of :mod:`vitprune.passes.token_restore` (canvas of every patch's last features, written at
+        each token op; the live patches scattered into it at ``end``)."""
+        from vitprune.ops import onnx_ops
+
+        if not self.kept:
+            raise PassError(f"no pruning point before the readout at {end!r}: nothing to restore")
+        prefix = self.vit.num_prefix_tokens
+        b = self.builder("token_restore")
+        canvas = positions = None
+        for x, kept in self.kept:
+            patches = b.slice(x, prefix, None, axis=1) if prefix else x
+            canvas = patches if canvas is None else onnx_ops.scatter_patches(b, canvas, positions, patches)
+            positions = onnx_ops.compose_positions(b, x, positions, kept)
+        self.insert_on_stream(end, self.vit.num_tokens,
+                              lambda x: onnx_ops.restore_tokens(b, x, prefix, canvas, positions))
 
     def _unfuse_skip_layer_norm(self, stream: gs.Tensor) -> None:
         """A cut at ONNX Runtime's ``SkipLayerNormalization`` residual sum (output 3): the fused op also

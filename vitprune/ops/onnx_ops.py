@@ -192,3 +192,42 @@ def lifespan_order(b: Builder, scores: gs.Tensor, num_patches: int, first_block:
 def prefix_slice(b: Builder, x: gs.Tensor, count: int) -> gs.Variable:
     """The first ``count`` tokens: ``[B, N, C] -> [B, count, C]``."""
     return b.slice(x, 0, count, axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# following the kept tokens (the torch twins: token_ops.update_canvas, token_ops.restore_tokens)
+
+def compose_positions(b: Builder, x: gs.Tensor, positions: gs.Tensor | None, kept: gs.Tensor | list[int] | int
+                      ) -> gs.Variable:
+    """Grid positions ``[B, K]`` of the patches a token op keeps, from the positions ``[B, K_in]`` of its input
+    ``x``'s patches (``None`` at the first op: ``arange(P)``). ``kept``: per-image indices ``[B, K]``, one
+    constant index list, or a count (the first ``K``: a prefix slice)."""
+    if isinstance(kept, int):
+        if positions is None:
+            raise PassError("a prefix slice as the first token op: nothing says which patches it keeps")
+        return b.slice(positions, 0, kept, axis=1)
+    if isinstance(kept, list):
+        if positions is None:  # [K] -> [B, K]: the batch read from x at run time
+            batch = b.op("Slice", [b.op("Shape", [x]), b.const([0], "start"), b.const([1], "end")])
+            return b.op("Expand", [b.const([kept], "kept"), b.op("Concat", [batch, b.const([len(kept)], "count")],
+                                                                {"axis": 0})])
+        return b.op("Gather", [positions, b.const(kept, "kept")], {"axis": 1})
+    return kept if positions is None else b.op("GatherElements", [positions, kept], {"axis": 1})
+
+
+def scatter_patches(b: Builder, canvas: gs.Tensor, positions: gs.Tensor, patches: gs.Tensor) -> gs.Variable:
+    """``canvas [B, P, C]`` with ``patches [B, K, C]`` written at grid ``positions [B, K]``: ``ScatterElements``
+    without a reduction (the positions are distinct), which ONNX Runtime and TensorRT run."""
+    index = b.op("Expand", [b.unsqueeze(positions, -1), b.op("Shape", [patches])])
+    return b.op("ScatterElements", [canvas, index, patches], {"axis": 1})
+
+
+def restore_tokens(b: Builder, x: gs.Tensor, num_prefix_tokens: int, canvas: gs.Tensor, positions: gs.Tensor
+                   ) -> gs.Variable:
+    """Every token back in its grid position ``[B, prefix + P, C]``: ``x``'s live patches at ``positions``, the
+    dropped ones' last features from ``canvas`` (:func:`vitprune.ops.token_ops.restore_tokens`)."""
+    patches = b.slice(x, num_prefix_tokens, None, axis=1) if num_prefix_tokens else x
+    restored = scatter_patches(b, canvas, positions, patches)
+    if not num_prefix_tokens:
+        return restored
+    return b.op("Concat", [b.slice(x, 0, num_prefix_tokens, axis=1), restored], {"axis": 1})
