@@ -43,7 +43,8 @@ REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], s
     "readers_restorable": (
         lambda v: all(r["restorable"] for r in v.stream_readers),
         lambda v: next(f"node {r['node']!r} ({r['op']}) {r['what']}: dropping tokens would change what it reads, "
-                       "and tokens cannot be put back inside a block" for r in v.stream_readers if not r["restorable"]),
+                       "and tokens are put back only on the residual stream" for r in v.stream_readers
+                       if not r["restorable"]),
     ),
     "every_reader_known": (
         lambda v: not v.stream_readers,

@@ -224,20 +224,22 @@ class ReadsInsideTheStream(Features):
 def test_a_position_read_on_the_stream_is_refused_by_name(method):
     params = dict(keep_rate=0.5, at_inference=True) if method == "token-drop" else dict(keep={1: 0.5})
     with pytest.raises(PassError, match=r"node 'getitem_\d+' \(x\[:, 5:6\]\) indexes the token axis by position "
-                                        r"inside block 2.*cannot be put back inside a block") as info:
+                                        r"inside block 2.*put back only on the residual stream") as info:
         vitprune.rewrite(ReadsInsideTheStream().eval(), method, example_input=torch.randn(2, 3, 32, 32), **params)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_the_onnx_frontend_restores_tokens_as_the_fx_rewrite_does(tmp_path, method):
-    """The dense model exported to ONNX, rewritten through the ONNX frontend (token restore lowered as a canvas
-    of ScatterElements, no reduction), computes its fx rewrite: same keep counts, same outputs."""
+@pytest.mark.parametrize("family,method", [("segmenter", m) for m in sorted(METHODS)] + [
+    ("multi-layer", "importance-mask"), ("multi-layer", "lifespan-gather")])
+def test_the_onnx_frontend_restores_tokens_as_the_fx_rewrite_does(tmp_path, family, method):
+    """A dense model exported to ONNX, rewritten through the ONNX frontend (token restore lowered as a canvas
+    of ScatterElements, no reduction; the DPT-style head's tap after block 1 gets its own copy, restored from
+    the drops before it), computes its fx rewrite: same keep counts, same outputs."""
     ort = pytest.importorskip("onnxruntime")
     from vitprune.rewrite_onnx import rewrite_onnx
 
     x = torch.randn(2, 3, 32, 32)
-    model = Segmenter().eval()
+    model = _distinct_norms(MODELS[family]().eval())
     path = tmp_path / "seg.onnx"
     vitprune.export_onnx(model, path, example_input=x)
     params = dict(METHODS[method])
@@ -254,3 +256,28 @@ def test_the_onnx_frontend_restores_tokens_as_the_fx_rewrite_does(tmp_path, meth
         want = rewritten(x5)
         assert (want - model(x5)).abs().max() > 1e-3  # the probe: tokens were dropped and restored
     assert got.shape == tuple(want.shape) and abs(got - want.numpy()).max() <= 1e-4
+
+
+def _distinct_norms(model: nn.Module) -> nn.Module:
+    """LayerNorms with their own weights, as trained ones have: the exporter merges norms whose (default) weights
+    are equal and that read the same tensor, such as the DPT-style head's norm and the next block's norm1."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.LayerNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0.0, 0.1)
+    return model
+
+
+def test_a_head_reading_a_blocks_own_norm_is_refused_in_onnx(tmp_path):
+    """With default norms the exporter merges the head's tap norm into block 2's norm1: the head then reads an op
+    inside a block, whose dropped tokens the canvas (residual-stream values) cannot give back. Refused by name."""
+    from vitprune.rewrite_onnx import rewrite_onnx
+
+    path = tmp_path / "taps.onnx"
+    vitprune.export_onnx(MultiLayer().eval(), path, example_input=torch.randn(2, 3, 32, 32))
+    with pytest.raises(PassError, match=r"node '\w+' \(x\[:, 1:\]\) reads '\w+', an op inside block 2 \(not the "
+                                        r"residual stream\).*put back only on the residual stream") as info:
+        rewrite_onnx(path, "importance-mask", keep={1: 0.6, 3: 0.5})
+    assert "\n" not in str(info.value)

@@ -175,14 +175,13 @@ def rewrite_onnx(
     except VitpruneError as exc:
         raise PassError(f"pass {method!r} refused: {exc}") from exc
     end, readers = restore_points(vit)
-    if readers or vit.token_indexed:  # a dense readout (``end``) gets its tokens back: OnnxLowering.restore_tokens
-        what = (f"node {readers[0]['node']!r} needs every token back in place" if readers else
-                f"tensor {vit.token_indexed[0]['node']!r} is indexed by token position")
-        raise PassError(f"pass {method!r} refused: {what}, which the ONNX lowering does not follow yet: rewrite the "
-                        "PyTorch model, then export it (vitprune export)")
-    if end is not None and not getattr(pass_, "restores_tokens", False):
-        raise PassError(f"pass {method!r} refused: the readout at node {vit.readout.nodes[0]!r} needs every token "
-                        f"back in place, which {method} cannot give")
+    if vit.token_indexed:  # dense readers get their tokens back: OnnxLowering.restore_tokens
+        raise PassError(f"pass {method!r} refused: tensor {vit.token_indexed[0]['node']!r} is indexed by token "
+                        "position, which the ONNX lowering does not follow yet: rewrite the PyTorch model, then "
+                        "export it (vitprune export)")
+    if (end is not None or readers) and not getattr(pass_, "restores_tokens", False):
+        what = f"the readout at node {vit.readout.nodes[0]!r}" if end is not None else f"node {readers[0]['node']!r}"
+        raise PassError(f"pass {method!r} refused: {what} needs every token back in place, which {method} cannot give")
     flops_before = _flops(proto, values, x)
 
     def run_original(names: Iterable[str], batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -193,8 +192,8 @@ def rewrite_onnx(
         ctx = OnnxLowering(proto, vit, opset, x, values, flops_before / x.shape[0], keep_all, run_original)
         try:
             pass_.lower_onnx(ctx)
-            if end is not None:
-                ctx.restore_tokens(end)
+            if end is not None or readers:
+                ctx.restore_tokens(end, readers)
         except VitpruneError as exc:
             raise PassError(f"pass {method!r} refused: {exc}") from exc
         built[keep_all] = (_checked(ctx.finish()), ctx)

@@ -86,8 +86,12 @@ class OnnxLowering:
         self.flops_per_image, self.keep_all = flops_per_image, keep_all
         self.run_original = run_original
         self.sites: list[tuple[str, int]] = []  # (stream tensor, tokens after the op), in insertion order
-        # (stream tensor before a token op, what it keeps: indices [B, K], an index list or a count), in stream order
-        self.kept: list[tuple[gs.Tensor, Any]] = []
+        # (site, stream tensor before a token op, what it keeps: indices [B, K], an index list or a count), in
+        # stream order; the site is the original stream tensor the op was inserted at
+        self.kept: list[tuple[str, gs.Tensor, Any]] = []
+        self.moved: dict[str, gs.Tensor] = {}  # original stream tensor -> the token op output its readers read now
+        self.restored: list[str] = []  # outputs of readers that read every token again (token restore)
+        self._site: str | None = None
         self.axes: dict[str, dict[int, int]] = {}  # tensor -> {token axis: multiplicity} (after finish)
         self.regions: dict[str, int] = {}  # tensor -> token count there (after finish)
         self._inserted = 0
@@ -109,7 +113,9 @@ class OnnxLowering:
         stream = stream if stream is not None else self.tensor(name)
         self._unfuse_skip_layer_norm(stream)
         readers = list(stream.outputs)
+        self._site = name
         out = build(stream)
+        self.moved[name] = out
         for node in readers:
             for i, t in enumerate(node.inputs):
                 if t is stream:
@@ -124,7 +130,7 @@ class OnnxLowering:
         """Prefix tokens and the patches at ``kept [B, K]`` (:func:`vitprune.ops.onnx_ops.keep_patch_tokens`)."""
         from vitprune.ops.onnx_ops import keep_patch_tokens
 
-        self.kept.append((x, kept))
+        self.kept.append((self._site, x, kept))
         return keep_patch_tokens(b, x, self.vit.num_prefix_tokens, kept)
 
     def static_select(self, b: Builder, x: gs.Tensor, token_index: list[int]) -> gs.Variable:
@@ -132,33 +138,57 @@ class OnnxLowering:
         from vitprune.ops.onnx_ops import static_select
 
         prefix = self.vit.num_prefix_tokens
-        self.kept.append((x, [i - prefix for i in token_index[prefix:]]))
+        self.kept.append((self._site, x, [i - prefix for i in token_index[prefix:]]))
         return static_select(b, x, token_index)
 
     def prefix_slice(self, b: Builder, x: gs.Tensor, count: int) -> gs.Variable:
         """The first ``count`` tokens (prefix tokens included)."""
         from vitprune.ops.onnx_ops import prefix_slice
 
-        self.kept.append((x, count - self.vit.num_prefix_tokens))
+        self.kept.append((self._site, x, count - self.vit.num_prefix_tokens))
         return prefix_slice(b, x, count)
 
-    def restore_tokens(self, end: str) -> None:
-        """Every token back in place after the stream tensor ``end`` (the last residual add), for a dense readout:
-        the ONNX form of :mod:`vitprune.passes.token_restore` (canvas of every patch's last features, written at
-        each token op; the live patches scattered into it at ``end``)."""
+    def restore_tokens(self, end: str | None, readers: list[dict[str, Any]]) -> None:
+        """Every token back in place for the readers that need them: the ONNX form of
+        :mod:`vitprune.passes.token_restore`. ``end``: the last residual add, restored for a dense readout;
+        ``readers``: the analysis's restorable stream readers (an intermediate layer read by a DPT-style head),
+        each given its own restored copy of the stream it reads. A canvas of every patch's last features is
+        written at each token op before the reader (``ScatterElements`` without reduction) and the live patches
+        are scattered into it.
+
+        Raises:
+            PassError: no token op before the readout.
+        """
+        if end is not None and not self.kept:
+            raise PassError(f"no pruning point before the readout at {end!r}: nothing to restore")
+        g = tensor_graph(self.model)
+        for r in readers:
+            source = r["source"]
+            before = [k for k in self.kept if k[0] == source or k[0] in nx.ancestors(g, source)]
+            if not before:
+                continue  # nothing dropped before it: it reads every token already
+            node = self.tensor(r["node"]).inputs[0]
+            current = self.moved.get(source, self.tensor(source))
+            restored = self._restored(self.builder("token_restore"), before, current)
+            for i, t in enumerate(node.inputs):
+                if t is current:
+                    node.inputs[i] = restored
+            self.restored.append(r["node"])
+        if end is not None:
+            b = self.builder("token_restore")
+            self.insert_on_stream(end, self.vit.num_tokens, lambda x: self._restored(b, self.kept, x))
+
+    def _restored(self, b: Builder, points: list[tuple[str, gs.Tensor, Any]], x: gs.Tensor) -> gs.Variable:
+        """``x`` ``[B, prefix + K, C]`` after the token ops ``points`` with every patch back in grid order."""
         from vitprune.ops import onnx_ops
 
-        if not self.kept:
-            raise PassError(f"no pruning point before the readout at {end!r}: nothing to restore")
         prefix = self.vit.num_prefix_tokens
-        b = self.builder("token_restore")
         canvas = positions = None
-        for x, kept in self.kept:
-            patches = b.slice(x, prefix, None, axis=1) if prefix else x
+        for _, stream, kept in points:
+            patches = b.slice(stream, prefix, None, axis=1) if prefix else stream
             canvas = patches if canvas is None else onnx_ops.scatter_patches(b, canvas, positions, patches)
-            positions = onnx_ops.compose_positions(b, x, positions, kept)
-        self.insert_on_stream(end, self.vit.num_tokens,
-                              lambda x: onnx_ops.restore_tokens(b, x, prefix, canvas, positions))
+            positions = onnx_ops.compose_positions(b, stream, positions, kept)
+        return onnx_ops.restore_tokens(b, x, prefix, canvas, positions)
 
     def _unfuse_skip_layer_norm(self, stream: gs.Tensor) -> None:
         """A cut at ONNX Runtime's ``SkipLayerNormalization`` residual sum (output 3): the fused op also
@@ -292,6 +322,9 @@ class OnnxLowering:
         for site, tokens in self.sites:  # sites run along the stream: later ones win
             for t in nx.descendants(g, site):
                 region[t] = tokens
+        for reader in self.restored:  # reads every token again
+            for t in nx.descendants(g, reader) | {reader}:
+                region[t] = self.vit.num_tokens
         return region
 
     def _respecialise(self) -> None:

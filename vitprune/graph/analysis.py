@@ -532,6 +532,8 @@ def _stream_readers(g: OpGraph, start: str, stream_end: str, readout_nodes: list
     feeds_stream = g.ancestors(stream_end) | {stream_end}
     after_start = g.descendants(start)
     block_starts = [g.order(b.residual_adds[0]) for b in blocks]
+    # the residual stream's own values: a restored copy of one of them is exact (the canvas holds them)
+    residual = {a for b in blocks for a in b.residual_adds} | {b.input_node for b in blocks}
 
     def after_block(n: str) -> int:
         return sum(1 for o in block_starts if o < g.order(n)) - 1
@@ -559,6 +561,11 @@ def _stream_readers(g: OpGraph, start: str, stream_end: str, readout_nodes: list
         if not sources:
             continue  # downstream of another reader: that one is reported
         block = after_block(n)
+        if sources[0] not in residual:  # e.g. a block's own norm, shared with a head (an exporter merged them)
+            found.append({"node": n, "op": _describe_node(g, n), "after_block": block, "source": sources[0],
+                          "restorable": False,
+                          "what": f"reads {sources[0]!r}, an op inside block {block + 1} (not the residual stream)"})
+            continue
         found.append({"node": n, "op": _describe_node(g, n), "after_block": block, "source": sources[0],
                       "restorable": True,
                       "what": f"reads the token stream ({sources[0]!r}, after block {block}) outside "
