@@ -164,7 +164,8 @@ class OnnxLowering:
         g = tensor_graph(self.model)
         for r in readers:
             source = r["source"]
-            before = [k for k in self.kept if k[0] == source or k[0] in nx.ancestors(g, source)]
+            upstream = nx.ancestors(g, source) | {source}  # one walk per reader
+            before = [k for k in self.kept if k[0] in upstream]
             if not before:
                 continue  # nothing dropped before it: it reads every token already
             node = self.tensor(r["node"]).inputs[0]

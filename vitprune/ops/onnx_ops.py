@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from vitprune.errors import PassError
+from vitprune.ops.token_ops import RANK_RESOLUTION
 
 MIN_OPSET = 13
 INT64_MAX = 2 ** 63 - 1
@@ -126,8 +127,6 @@ def distinct_scores(b: Builder, x: gs.Tensor, num_prefix_tokens: int) -> gs.Vari
     masked = b.op("Sub", [sim, b.op("Mul", [eye, b.scalar(3.0)])])
     scores = b.op("Sub", [b.scalar(1.0), b.reduce("ReduceMax", masked, [2], keepdims=False)])
     # token_ops.ranked: round(score / resolution) · P + (P - 1 - i), P and i read from the identity
-    from vitprune.ops.token_ops import RANK_RESOLUTION
-
     ones = b.reduce("ReduceMax", eye, [1], keepdims=False)  # [P]
     count = b.reduce("ReduceSum", ones, [0], keepdims=True)  # [1]: P
     later = b.op("Sub", [count, b.op("CumSum", [ones, b.const(0, "axis")])])  # P - 1 - i
