@@ -20,20 +20,6 @@ PASSES: dict[str, type["VitPass"]] = {}
 
 #: What a pass may require of the analysed graph: name -> (holds?, reason it does not).
 REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], str]]] = {
-    "readout_is_position_free": (
-        lambda v: v.readout.kind != "tokens" and all(i < v.num_prefix_tokens for i in v.readout.token_indices)
-        and (v.readout.kind == "token"
-             or (v.readout.mean_start or 0) in (0, v.num_prefix_tokens) and v.readout.mean_stop is None),
-        lambda v: f"the readout ({v.readout.describe(v.num_prefix_tokens)}) reads patch tokens by position, "
-        "which dropping tokens would change" + (", and this pass cannot put them back in place yet"
-                                                if v.readout.kind == "tokens" else ""),
-    ),
-    "no_token_indexed_tensors": (
-        lambda v: not v.token_indexed,
-        lambda v: "the graph uses tensors indexed by token position after the embedding "
-        f"({', '.join(t['node'] + ' ' + str(t['shape']) for t in v.token_indexed[:3])}): relative position "
-        "bias or RoPE tables, which this pass does not gather yet",
-    ),
     "token_indexed_gatherable": (
         lambda v: all(t["token_axes"] for t in v.token_indexed),
         lambda v: next(f"tensor {t['node']!r} {t['shape']} (used by {t['used_by']!r}) is indexed by token position "
@@ -46,12 +32,6 @@ REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], s
                        "and tokens are put back only on the residual stream" for r in v.stream_readers
                        if not r["restorable"]),
     ),
-    "every_reader_known": (
-        lambda v: not v.stream_readers,
-        lambda v: f"node {v.stream_readers[0]['node']!r} ({v.stream_readers[0]['op']}) "
-        f"{v.stream_readers[0]['what']}: dropping tokens would change what it reads"
-        + (f" ({len(v.stream_readers) - 1} more such reader(s))" if len(v.stream_readers) > 1 else ""),
-    ),
     "no_token_ops": (
         lambda v: not v.token_ops,
         lambda v: f"the model already drops tokens ({v.token_ops[0]['module']} at node {v.token_ops[0]['node']!r})",
@@ -61,8 +41,10 @@ REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], s
 
 def readout_is_position_free(v: ViTGraph) -> bool:
     """Whether the readout reads prefix tokens by index and/or a mean over all tokens or all patch tokens,
-    which dropping patch tokens keeps meaningful (else a pass restores every token before it, or refuses)."""
-    return REQUIREMENTS["readout_is_position_free"][0](v)
+    which dropping patch tokens keeps meaningful (else a pass restores every token before it)."""
+    return (v.readout.kind != "tokens" and all(i < v.num_prefix_tokens for i in v.readout.token_indices)
+            and (v.readout.kind == "token"
+                 or (v.readout.mean_start or 0) in (0, v.num_prefix_tokens) and v.readout.mean_stop is None))
 
 
 def register_pass(cls: type["VitPass"]) -> type["VitPass"]:

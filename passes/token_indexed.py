@@ -34,11 +34,15 @@ def gather_token_indexed(gm: fx.GraphModule, vit: ViTGraph, chain: PositionChain
         state = chain.state_of(user)
         if state is None:
             continue  # used before any token is dropped
-        with gm.graph.inserting_before(user):
-            new = call_leaf(gm, "token_indexed_gather",
-                            TokenIndexedGather(vit.num_prefix_tokens, use["rank"],
-                                               [(a["axis"], a["with_prefix"]) for a in use["token_axes"]]),
-                            (table, state[1]))
-        user.replace_input_with(table, new)
+        # the pass may have put a node of its own between the tensor and its user (token-merge adds its
+        # proportional-attention mask to a relative-position bias): gather where the tensor is read now
+        readers = [user] if table in user.all_input_nodes else [u for u in table.users if user in u.users]
+        for reader in readers:
+            with gm.graph.inserting_before(reader):
+                new = call_leaf(gm, "token_indexed_gather",
+                                TokenIndexedGather(vit.num_prefix_tokens, use["rank"],
+                                                   [(a["axis"], a["with_prefix"]) for a in use["token_axes"]]),
+                                (table, state[1]))
+            reader.replace_input_with(table, new)
         gathered.append([use["node"], use["used_by"]])
     return {"gathered": gathered}

@@ -26,8 +26,15 @@ small batched matmul, static shapes, exportable (:func:`vitprune.ops.token_ops.m
 Proportional attention (ToMe §3): every block after the first merge attends with ``log(size)`` added to
 each key's score, so a key holding ``s`` tokens counts as ``s`` keys. It is wired as the additive float
 ``attn_mask`` ``[B, 1, 1, N]`` of the block's SDPA (:class:`~vitprune.ops.modules.ProportionalAttentionMask`,
-the way lifespan-gather feeds its key mask), so the fused kernel stays. ``proportional_attention=False``
-leaves the attention as it is (ToMe's advice for training and for MAE models).
+the way lifespan-gather feeds its key mask), so the fused kernel stays; a mask the SDPA already has (BEiT's
+relative-position bias) is kept and the two are added. ``proportional_attention=False`` leaves the
+attention as it is (ToMe's advice for training and for MAE models).
+
+Tokens indexed by position (after the pass, :mod:`vitprune.passes.token_positions`): a merged token sits at
+its destination's grid position, so RoPE tables (EVA-02) and relative-position biases (BEiT) are gathered
+for the tokens that stay, as after a drop. Dense readers (a token-sequence output, a segmentation head, a
+DPT-style tap) get every token back unmerged: each grid position takes the features of the merged token
+holding it (ToMe for Stable Diffusion's unmerge, arXiv 2303.17604).
 
 Schedule: ``r`` an int is ToMe's constant ``r``: block ``b`` merges ``min(r, P_b // 2)`` of its ``P_b``
 patch tokens (merge.py caps ``r`` the same way); a list gives each block's ``r`` exactly; ``flops`` solves
@@ -41,9 +48,9 @@ equal; it is not done because it needs a node that reads the sizes between the r
 its mean, which the analysis (``vitprune inspect``, ``vitprune show``, a rewrite of the rewritten model)
 would no longer recognise as a token mean. CLS readouts are unaffected.
 
-Needs: a readout that does not read patch tokens by position, no unknown stream reader, no tensor
-indexed by token position, no earlier token op; SDPA attention (the keys) in merging blocks, and in every
-later block an SDPA without a mask of its own (for proportional attention).
+Needs: stream readers on the residual stream, token-indexed tensors whose token axes are known, no
+earlier token op; SDPA attention (the keys) in merging blocks, and SDPA in every later block (for
+proportional attention).
 """
 
 from __future__ import annotations
@@ -125,8 +132,8 @@ def measure_flops(gm: fx.GraphModule, vit: ViTGraph, x: torch.Tensor) -> tuple[i
     return int(counter.get_total_flops()) // x.shape[0], mlp
 
 
-def _has_mask(sdpa: fx.Node) -> bool:
-    return sdpa.kwargs.get("attn_mask") is not None or (len(sdpa.args) > 3 and sdpa.args[3] is not None)
+def _mask_of(sdpa: fx.Node) -> Any:
+    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
 
 
 def _set_mask(sdpa: fx.Node, mask: fx.Node) -> None:
@@ -136,6 +143,20 @@ def _set_mask(sdpa: fx.Node, mask: fx.Node) -> None:
         sdpa.update_kwarg("attn_mask", mask)
 
 
+def _add_proportional_attention(gm: fx.GraphModule, sdpa: fx.Node, sizes: fx.Node) -> None:
+    """Give ``sdpa`` ToMe's ``log(size)`` on its keys, composed with the mask it already has (a relative
+    position bias, a boolean mask): :class:`ProportionalAttentionMask`."""
+    name = unique_attr_name(gm, "proportional_attention")
+    gm.add_submodule(name, ProportionalAttentionMask())
+    base = _mask_of(sdpa)
+    if base is not None and not isinstance(base, fx.Node):
+        raise PassError(f"node {sdpa.name!r} has a constant attention mask ({type(base).__name__}) that proportional "
+                        "attention cannot compose with (or pass proportional_attention=False)")
+    with gm.graph.inserting_before(sdpa):
+        mask = gm.graph.call_module(name, (sizes,) if base is None else (sizes, base))
+    _set_mask(sdpa, mask)
+
+
 @register_pass
 class TokenMergePass(VitPass):
     """Parameters: ``r`` (tokens merged per block: an int, ToMe's constant ``r``, or a list with one count
@@ -143,7 +164,8 @@ class TokenMergePass(VitPass):
     block for an int ``r`` or ``flops``, default 0), ``proportional_attention`` (default True)."""
 
     name = "token-merge"
-    needs = ("readout_is_position_free", "every_reader_known", "no_token_indexed_tensors", "no_token_ops")
+    needs = ("readers_restorable", "token_indexed_gatherable", "no_token_ops")
+    restores_tokens = True  # dense readers get every token back (unmerged); RoPE tables and biases follow
 
     def __init__(self, r: Any = None, flops: float | None = None, first_block: int = 0,
                  proportional_attention: bool = True) -> None:
@@ -219,16 +241,12 @@ class TokenMergePass(VitPass):
                 if block.attention != "sdpa":
                     raise PassError(f"block {block.index} uses {block.attention}: proportional attention adds "
                                     "log(size) through an SDPA attn_mask (or pass proportional_attention=False)")
-                if _has_mask(node_named(gm, block.attention_node)):
-                    raise PassError(f"node {block.attention_node!r} (block {block.index}) already has an attention "
-                                    "mask: proportional attention would replace it "
-                                    "(or pass proportional_attention=False)")
 
-        sizes = mask = None
+        sizes = None
         alive = vit.num_patches
         for block in vit.blocks:
-            if mask is not None:
-                _set_mask(node_named(gm, block.attention_node), mask)
+            if sizes is not None and p["proportional_attention"]:
+                _add_proportional_attention(gm, node_named(gm, block.attention_node), sizes)
             r = merges.get(block.index, 0)
             if not r:
                 continue
@@ -243,11 +261,6 @@ class TokenMergePass(VitPass):
                 sizes = gm.graph.call_function(operator.getitem, (merge, 1))
             add.replace_all_uses_with(tokens, delete_user_cb=lambda u: u is not merge)
             alive -= r
-            if p["proportional_attention"] and block.index < vit.num_blocks - 1:
-                mask_name = unique_attr_name(gm, "proportional_attention")
-                gm.add_submodule(mask_name, ProportionalAttentionMask())
-                with gm.graph.inserting_after(sizes):
-                    mask = gm.graph.call_module(mask_name, (sizes,))
         gm.graph.lint()
         gm.recompile()
         self.record = {

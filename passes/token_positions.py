@@ -21,7 +21,7 @@ from torch import fx
 
 from vitprune.errors import PassError
 from vitprune.graph.analysis import ViTGraph
-from vitprune.ops.modules import LifespanGather, TokenModule, TokenPositions
+from vitprune.ops.modules import LifespanGather, TokenHolders, TokenMerge, TokenModule, TokenPositions
 from vitprune.passes.base import unique_attr_name
 
 
@@ -37,7 +37,10 @@ class PositionChain:
     """The pruning points of a rewritten graph, in graph order, with the state after each."""
 
     order: dict[fx.Node, int]  # graph order before the chain was inserted
-    points: list[tuple[fx.Node, fx.Node | None, fx.Node]]  # (token module node, canvas or None, positions)
+    # (token module node, canvas or None, positions); after token merging the canvas slot holds the
+    # holders (:class:`TokenHolders`: which merged token holds each grid position) and ``unmerge`` is set
+    points: list[tuple[fx.Node, fx.Node | None, fx.Node]]
+    unmerge: bool = False
 
     def state_of(self, value: fx.Node) -> tuple[fx.Node | None, fx.Node] | None:
         """``(canvas, positions)`` describing the tokens of ``value`` (None: no token dropped before it).
@@ -60,7 +63,7 @@ class PositionChain:
 def _kept_output(gm: fx.GraphModule, node: fx.Node, mod: TokenModule) -> fx.Node:
     """Make the token module at ``node`` return its kept indices; returns the node holding them."""
     mod.return_kept = True
-    if isinstance(mod, LifespanGather):  # already returns (tokens, lives): the order comes third
+    if isinstance(mod, (LifespanGather, TokenMerge)):  # already return (tokens, lives / sizes): kept comes third
         with gm.graph.inserting_after(node):
             return gm.graph.call_function(operator.getitem, (node, 2))
     with gm.graph.inserting_after(node):
@@ -74,20 +77,41 @@ def _kept_output(gm: fx.GraphModule, node: fx.Node, mod: TokenModule) -> fx.Node
 def track_positions(gm: fx.GraphModule, vit: ViTGraph, canvas: bool) -> PositionChain | None:
     """Insert a :class:`TokenPositions` beside every token module of ``gm`` (None: the graph has none).
 
+    After token merging (every token module a :class:`TokenMerge`) the canvas is replaced by the holders
+    (:class:`TokenHolders`), and a reader gets merged tokens unmerged (:class:`TokenUnmerge`).
+
     Raises:
-        PassError: a token module that cannot report its kept tokens (token merging: its unmerge is not built).
+        PassError: a token module that cannot report its kept tokens, or a graph that both merges and drops.
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     stages = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), TokenModule)]
     if not stages:
         return None
+    merges = [isinstance(gm.get_submodule(n.target), TokenMerge) for n in stages]
+    if any(merges) and not all(merges):
+        raise PassError(f"the graph both merges and drops tokens (node {stages[merges.index(True)].name!r} merges): "
+                        "tokens cannot be put back through both")
     points = []
-    state: tuple[fx.Node | None, fx.Node | None] = (None, None)  # (positions, canvas) so far
-    for node in stages:
+    state: tuple[fx.Node | None, fx.Node | None] = (None, None)  # (positions, canvas or holders) so far
+    for node, merge in zip(stages, merges):
         mod = gm.get_submodule(node.target)
         if not hasattr(mod, "_all_kept") or mod.num_prefix_tokens != vit.num_prefix_tokens:
             raise PassError(f"{type(mod).__name__} at node {node.name!r} cannot report the tokens it keeps")
         kept = _kept_output(gm, node, mod)
+        if merge:  # a merged token sits at its destination's position; the holders say who holds each patch
+            with gm.graph.inserting_after(kept):
+                sources = gm.graph.call_function(operator.getitem, (node, 3))
+            with gm.graph.inserting_after(sources):
+                holders = (call_leaf(gm, "token_holders", TokenHolders(), (sources, state[1])) if canvas else None)
+            where = holders or sources
+            track = TokenPositions(vit.num_prefix_tokens, vit.num_patches, canvas=False)
+            with gm.graph.inserting_after(where):
+                pair = call_leaf(gm, "token_positions", track, (node.args[0], kept, state[0]))
+            with gm.graph.inserting_after(pair):
+                positions = gm.graph.call_function(operator.getitem, (pair, 1))
+            state = (positions, holders)
+            points.append((node, holders, positions))
+            continue
         with gm.graph.inserting_after(kept):
             pair = call_leaf(gm, "token_positions", TokenPositions(vit.num_prefix_tokens, vit.num_patches, canvas),
                              (node.args[0], kept, *state))
@@ -97,7 +121,7 @@ def track_positions(gm: fx.GraphModule, vit: ViTGraph, canvas: bool) -> Position
             positions = gm.graph.call_function(operator.getitem, (pair, 1))
         state = (positions, canvas_node)
         points.append((node, canvas_node, positions))
-    return PositionChain(order, points)
+    return PositionChain(order, points, unmerge=all(merges))
 
 
 def follow_kept_tokens(gm: fx.GraphModule, vit: ViTGraph) -> dict | None:

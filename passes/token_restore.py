@@ -13,8 +13,9 @@ otherwise change:
 Dropped tokens come back with the features they had when they were dropped (they stopped being updated:
 DynamicViT's and "Expediting Large-Scale ViTs for Dense Prediction"'s choice, arXiv 2210.01035 §3.2):
 a :class:`~vitprune.ops.modules.TokenRestore` before the reader scatters the live tokens into the canvas of
-last features. Every shape is static (``P`` is fixed); with every token kept, a reader sees exactly what it
-saw before.
+last features. After token merging, each grid position takes instead the features of the merged token
+that holds it (:class:`~vitprune.ops.modules.TokenUnmerge`: ToMe's unmerge). Every shape is static (``P``
+is fixed); with every token kept, a reader sees exactly what it saw before.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import fx
 
 from vitprune.errors import PassError
 from vitprune.graph.analysis import ViTGraph
-from vitprune.ops.modules import TokenRestore
+from vitprune.ops.modules import TokenRestore, TokenUnmerge
 from vitprune.passes.base import node_named, readout_is_position_free
 from vitprune.passes.token_positions import PositionChain, call_leaf
 
@@ -47,6 +48,8 @@ def insert_token_restore(gm: fx.GraphModule, vit: ViTGraph, chain: PositionChain
 
     def restore(value: fx.Node, state, where) -> fx.Node:
         with where:
+            if chain.unmerge:  # state: (holders, positions)
+                return call_leaf(gm, "token_unmerge", TokenUnmerge(vit.num_prefix_tokens), (value, state[0]))
             return call_leaf(gm, "token_restore", TokenRestore(vit.num_prefix_tokens, vit.num_patches), (value, *state))
 
     restored = []

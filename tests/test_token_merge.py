@@ -224,8 +224,7 @@ def test_refusals():
         vitprune.rewrite(model, "token-merge", r=-1)
     from vitprune.passes import PASSES
 
-    assert set(PASSES["token-merge"].needs) == {"readout_is_position_free", "every_reader_known",
-                                                "no_token_indexed_tensors", "no_token_ops"}
+    assert set(PASSES["token-merge"].needs) == {"readers_restorable", "token_indexed_gatherable", "no_token_ops"}
     timm.layers.set_fused_attn(False)
     try:
         torch.manual_seed(0)
@@ -236,18 +235,34 @@ def test_refusals():
         vitprune.rewrite(explicit, "token-merge", r=2)
 
 
-def test_refuses_an_attention_that_has_a_mask():
+def test_an_attention_mask_of_its_own_is_kept_under_proportional_attention():
+    """An SDPA that already has a mask keeps it: log(size) is added to a float mask (BEiT's bias: end to end in
+    test_token_merge_families), and a boolean mask still blocks what it blocked."""
     from vitprune.passes import make_pass, run_passes
+
+    size = torch.tensor([[[1.0], [2.0], [3.0]]])  # [B=1, N=3, 1]
+    bias = torch.randn(1, 2, 3, 3)
+    prop = ProportionalAttentionMask()
+    torch.testing.assert_close(prop(size, bias), bias + size.log().reshape(1, 1, 1, 3))
+    allowed = torch.tensor([[True, False, True]]).reshape(1, 1, 1, 3)
+    out = prop(size, allowed)
+    assert out[..., 1].eq(float("-inf")).all() and torch.equal(out[..., [0, 2]], size.log().reshape(1, 1, 1, 3)[..., [0, 2]])
 
     gm = vitprune.capture(_layerscale_model())
     sdpa = [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)][1]
-    with gm.graph.inserting_before(sdpa):
-        sdpa.update_kwarg("attn_mask", gm.graph.call_function(torch.zeros, ((1, 1),)))
+    with gm.graph.inserting_before(sdpa):  # a float mask that shifts every score alike: softmax does not move
+        own = gm.graph.call_function(torch.full, ((1, 1), 0.25))
+    sdpa.update_kwarg("attn_mask", own)
     gm.recompile()
-    with pytest.raises(vitprune.PassError, match=f"node '{sdpa.name}' .*already has an attention mask"):
-        run_passes(gm, [make_pass("token-merge", r=2)], torch.randn(2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with_mask, _ = run_passes(gm, [make_pass("token-merge", r=2)], x)
+    mask = next(n for n in with_mask.graph.nodes if n.name == sdpa.name).kwargs["attn_mask"]
+    assert isinstance(with_mask.get_submodule(mask.target), ProportionalAttentionMask) and own in mask.args
+    plain, _ = run_passes(vitprune.capture(_layerscale_model()), [make_pass("token-merge", r=2)], x)
+    with torch.no_grad():
+        torch.testing.assert_close(with_mask(x), plain(x))
     gm2, _ = run_passes(vitprune.capture(_layerscale_model()),
-                        [make_pass("token-merge", r=2, proportional_attention=False)], torch.randn(2, 3, 32, 32))
+                        [make_pass("token-merge", r=2, proportional_attention=False)], x)
     assert not [m for m in gm2.modules() if isinstance(m, ProportionalAttentionMask)]
 
 

@@ -184,23 +184,15 @@ class _Readers(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["grid", "static-grid", "token-40"])
-def test_a_reader_outside_the_blocks_and_readout_is_refused_by_name_where_tokens_cannot_be_restored(kind):
-    model = _Readers(kind).eval()
-    with pytest.raises(PassError, match=r"node 'getitem_\d*' \(x\[:, .*\]\) reads the token stream") as info:
-        vitprune.rewrite(model, "token-merge", example_input=torch.randn(2, 3, 32, 32), r=8)
-    assert "\n" not in str(info.value)
-    vit = vitprune.inspect_model(model, example_input=torch.randn(2, 3, 32, 32))
-    assert [r["after_block"] for r in vit.stream_readers] == [4 if kind == "token-40" else 3]
-
-
-@pytest.mark.parametrize("kind", ["grid", "static-grid", "token-40"])
 @pytest.mark.parametrize("method,params", [("token-drop", dict(keep_rate=0.5, at_inference=True)),
-                                           ("importance-mask", dict(keep={2: 0.5}))])
+                                           ("importance-mask", dict(keep={2: 0.5})), ("token-merge", dict(r=8))])
 def test_a_reader_outside_the_blocks_reads_every_token_back_in_place(kind, method, params):
-    """A pass that drops tokens restores them before the reader (tests/test_token_restore.py checks the values)."""
+    """A pass that drops or merges tokens restores them before the reader (tests/test_token_restore.py and
+    tests/test_token_merge_families.py check the values)."""
     model = _Readers(kind).eval()
     x = torch.randn(2, 3, 32, 32)
     vit = vitprune.inspect_model(model, example_input=x)
+    assert [r["after_block"] for r in vit.stream_readers] == [4 if kind == "token-40" else 3]
     rewritten, report = vitprune.rewrite(model, method, example_input=x, **params)
     assert report.decisions["token_restore"]["restored_before"] == [vit.stream_readers[0]["node"]]
     assert report.keep_all_worst_node_diff <= 1e-6
@@ -211,9 +203,25 @@ def test_a_reader_outside_the_blocks_reads_every_token_back_in_place(kind, metho
 
 
 def test_a_reader_refusal_is_one_line_on_the_command_line(tmp_path, cli_inprocess):
+    from test_token_restore import ReadsInsideTheStream
+
+    path = tmp_path / "reads_inside.pt"
+    torch.save(ReadsInsideTheStream().eval(), path)
+    code, out, err = cli_inprocess("rewrite", path, "--trust-pickle", "--input-size", "3,32,32", "--method",
+                                   "token-merge", "--r", "8", "-o", tmp_path / "out")
+    assert code != 0 and err.count("\n") == 1 and "indexes the token axis by position inside block 2" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rewritten_model_with_two_outputs_saves_from_the_command_line(tmp_path, cli_inprocess):
+    """The save check compares every output (here the logits and block 3's grid), not only a single tensor."""
     path = tmp_path / "dense.pt"
     torch.save(_Readers("static-grid").eval(), path)
     code, out, err = cli_inprocess("rewrite", path, "--trust-pickle", "--input-size", "3,32,32", "--method",
                                    "token-merge", "--r", "8", "-o", tmp_path / "out")
-    assert code != 0 and err.count("\n") == 1 and "reads the token stream" in err
-    assert not (tmp_path / "out").exists()
+    assert code == 0, err
+    loaded = vitprune.load(tmp_path / "out")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, grid = loaded(x)
+    assert logits.shape == (2, 1000) and grid.shape == (2, 64, 8, 8)

@@ -462,35 +462,43 @@ class TokenMerge(TokenModule):
 
     Shapes: ``x [B, num_prefix_tokens + num_patches, C]``, ``k [B, H, N, d]`` (the same ``N``),
     ``size [B, N, 1]`` (or ``None``: ones, before the first merge) -> ``(x [B, N - r, C], size [B, N - r, 1])``.
-    With ``record_kept``, ``last_kept`` ``[B, num_patches - r]`` holds the patch tokens that stay.
+    With ``record_kept``, ``last_kept`` ``[B, num_patches - r]`` holds the patch tokens that stay. With
+    ``return_kept`` two more outputs follow: ``kept [B, num_patches - r]`` (those indices: a merged token
+    sits at its destination's grid position, so RoPE tables and relative-position biases follow it) and
+    ``sources [B, num_patches]`` (:func:`token_ops.merge_sources`: which output patch token holds each input
+    patch, for unmerging before a dense reader).
 
     Raises:
         ValueError: at construction, ``r`` outside ``[0, num_patches // 2]`` (bipartite matching merges at
             most half the patch tokens).
     """
 
-    def __init__(self, num_prefix_tokens: int, num_patches: int, r: int, block: int) -> None:
+    def __init__(self, num_prefix_tokens: int, num_patches: int, r: int, block: int, return_kept: bool = False) -> None:
         super().__init__()
         if not 0 <= r <= num_patches // 2:
             raise ValueError(f"r must be in [0, {num_patches // 2}] for {num_patches} patch tokens, got {r}")
         self.num_prefix_tokens, self.num_patches, self.r, self.block = (int(num_prefix_tokens), int(num_patches),
                                                                         int(r), int(block))
         self.keep_count = self.num_patches - self.r
+        self.return_kept = bool(return_kept)
         self._force_keep_all = False
 
     def config(self) -> dict[str, Any]:
-        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches, "r": self.r,
-                "block": self.block}
+        return self._restore_config({"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches,
+                                     "r": self.r, "block": self.block})
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, size: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, k: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
         r = 0 if self._force_keep_all else self.r
         kept, src, dst = token_ops.bipartite_soft_matching(k.mean(dim=1), self.num_prefix_tokens, r)
+        patches = kept[:, self.num_prefix_tokens:] - self.num_prefix_tokens
         if self.record_kept:
-            self.last_kept = (kept[:, self.num_prefix_tokens:] - self.num_prefix_tokens).detach()
-        return token_ops.merge_tokens(x, size, kept, src, dst)
+            self.last_kept = patches.detach()
+        merged = token_ops.merge_tokens(x, size, kept, src, dst)
+        if not self.return_kept:
+            return merged
+        return (*merged, patches, token_ops.merge_sources(kept, src, dst, self.num_prefix_tokens))
 
 
 @register_leaf
@@ -500,15 +508,22 @@ class ProportionalAttentionMask(nn.Module):
     as ``s`` keys would. An additive float mask keeps the block's fused SDPA kernel. Sizes of one give a
     mask of zeros.
 
-    Shapes: ``size [B, N, 1]`` -> ``[B, 1, 1, N]`` (broadcast over heads and queries).
+    Shapes: ``size [B, N, 1]`` -> ``[B, 1, 1, N]`` (broadcast over heads and queries). With the SDPA's own
+    mask ``base`` (float, added: a relative-position bias ``[B or 1, H, N, N]``; boolean: ``-inf`` where it is
+    False) -> the broadcast of both.
     """
 
     def config(self) -> dict[str, Any]:
         """No arguments: ``ProportionalAttentionMask()`` rebuilds it."""
         return {}
 
-    def forward(self, size: torch.Tensor) -> torch.Tensor:
-        return size.log().transpose(1, 2).unsqueeze(1)
+    def forward(self, size: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        mask = size.log().transpose(1, 2).unsqueeze(1)
+        if base is None:
+            return mask
+        if base.dtype == torch.bool:
+            return mask.masked_fill(~base, float("-inf"))
+        return base + mask
 
 
 @register_leaf
@@ -540,6 +555,43 @@ class TokenPositions(nn.Module):
             return None, positions.gather(1, kept)
         canvas, positions = token_ops.update_canvas(x, self.num_prefix_tokens, positions, canvas)
         return canvas, positions.gather(1, kept)
+
+
+@register_leaf
+class TokenHolders(nn.Module):
+    """Follow which merged token holds each grid position through the merges (for :class:`TokenUnmerge`).
+
+    Placed beside each :class:`TokenMerge` built with ``return_kept``. Not on the residual stream.
+
+    Shapes: ``sources [B, K_in]`` (the merge's: output patch index holding each input patch), ``holders [B, P]``
+    from the previous merge (``None`` at the first: grid position ``p`` is input patch ``p``) -> ``[B, P]``.
+    """
+
+    def config(self) -> dict[str, Any]:
+        """No arguments: ``TokenHolders()`` rebuilds it."""
+        return {}
+
+    def forward(self, sources: torch.Tensor, holders: torch.Tensor | None = None) -> torch.Tensor:
+        return sources if holders is None else sources.gather(1, holders)
+
+
+@register_leaf
+class TokenUnmerge(nn.Module):
+    """Every patch token back in grid order before a reader that needs all of them, after token merging:
+    each position takes its merged token's features (:func:`token_ops.unmerge_tokens`). Static shapes.
+
+    Shapes: ``x [B, prefix + K, C]``, ``holders [B, P]`` -> ``[B, prefix + P, C]``.
+    """
+
+    def __init__(self, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def config(self) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.num_prefix_tokens}
+
+    def forward(self, x: torch.Tensor, holders: torch.Tensor) -> torch.Tensor:
+        return token_ops.unmerge_tokens(x, self.num_prefix_tokens, holders)
 
 
 @register_leaf

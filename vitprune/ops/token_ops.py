@@ -305,6 +305,45 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, kept: torch.Tensor, src: t
     return total[..., :channels] / merged_size, merged_size
 
 
+def merge_sources(kept: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Where each input patch token went in a merge: its index among the output patch tokens.
+
+    A token that stays goes to its own place in ``kept``; a merged-away token to the place of the token it
+    was merged into (ToMe for Stable Diffusion's unmerge, arXiv 2303.17604: a merged token's output is
+    copied back to every token it holds).
+    Two ``ScatterElements`` without reduction (each index written once), so it exports.
+
+    Args:
+        kept, src, dst: from :func:`bipartite_soft_matching` (``[B, N - r]``, ``[B, r]``, ``[B, r]``, token
+            indices into ``N``, prefix tokens first in ``kept``).
+
+    Returns:
+        ``[B, N - prefix]`` int64: for input patch ``i``, the index of the output patch token holding it.
+        With ``r = 0``, ``arange(N - prefix)``.
+    """
+    batch, keep = kept.shape
+    tokens = keep + src.shape[1]
+    place = torch.arange(keep, device=kept.device).expand(batch, keep)
+    where = torch.zeros(batch, tokens, dtype=torch.long, device=kept.device).scatter(1, kept, place)
+    where = where.scatter(1, src, where.gather(1, dst))
+    return where[:, num_prefix_tokens:] - num_prefix_tokens
+
+
+def unmerge_tokens(x: torch.Tensor, num_prefix_tokens: int, holders: torch.Tensor) -> torch.Tensor:
+    """Every patch token back in grid order from merged tokens: each grid position takes the features of
+    the token that holds it (the unmerge of ToMe for Stable Diffusion, arXiv 2303.17604, for dense outputs).
+
+    Args:
+        x: ``[B, prefix + K, C]`` merged stream.
+        holders: ``[B, P]`` for each grid position, the index among ``x``'s ``K`` patch tokens of the token
+            holding it (the composition of every merge's :func:`merge_sources`).
+
+    Returns:
+        ``[B, prefix + P, C]``: prefix tokens, then the ``P`` patch tokens in grid order.
+    """
+    return torch.cat([x[:, :num_prefix_tokens], gather_tokens(x[:, num_prefix_tokens:], holders)], dim=1)
+
+
 def update_canvas(x: torch.Tensor, num_prefix_tokens: int, positions: torch.Tensor | None,
                   canvas: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Write the patch tokens alive at a pruning point into the canvas of every patch's last features.
