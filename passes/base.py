@@ -123,13 +123,13 @@ def insert_on_stream(gm: fx.GraphModule, stream: fx.Node, base: str, module: nn.
 
 def score_query(vit: ViTGraph) -> tuple[str, int]:
     """The default patch score, ``(score, cls_index)``: for a model whose readers need every token back (a dense
-    head, token outputs) ``"distinct"`` (near-duplicates go first: attention and norm scores drop the objects'
+    head, token outputs, patch tokens read by position) ``"distinct"`` (near-duplicates go first: attention and norm scores drop the objects'
     few tokens, measured on ``benchmarks/dense_digits.py``); else the CLS token's attention row (EViT) when the
     readout reads one; else the mean query (vitprune's choice for mean-pool models)."""
     from vitprune.passes.token_restore import restore_points
 
     end, readers = restore_points(vit)
-    if vit.readout.kind == "tokens" or readers:
+    if end is not None or readers:  # a dense readout, patch tokens read by position, an intermediate tap
         return "distinct", 0
     if vit.readout.token_indices and vit.num_prefix_tokens:
         return "cls", vit.readout.token_indices[0]
