@@ -9,9 +9,9 @@ training record in the file's metadata).
 
 Rows, without fine-tuning, at each FLOPs target (default 0.7, 0.6, 0.5):
 
-- importance-mask dynamic (``first_block`` 1 and the default 3) and static (``first_block`` 1; calibration:
-  the train split in chunks of 64);
-- lifespan-gather (``after_block`` 1 and 3, ``exact=False``);
+- importance-mask dynamic (``first_block`` 1 and the default 3; score ``distinct``, the default, and ``cls``,
+  EViT's CLS row) and static (``first_block`` 1; calibration: the train split in chunks of 64);
+- lifespan-gather (``after_block`` 1 and 3, ``exact=False``; the same two scores);
 - token-drop at inference, ``selection`` magnitude and random (keep count by bisection on the measured
   FLOPs ratio, ``common.token_drop_keep_count``);
 - token-merge (``flops=TARGET``, proportional attention);
@@ -72,6 +72,7 @@ LR = 1e-3  # AdamW peak learning rate for digits.train (its batch: the default, 
 BATCHES = {"eager_b16": 16, "eager_b1": 1, "compiled_b16": 16}  # throughput settings: name -> batch
 ITERS = {16: 3, 1: 20}  # forward passes per timed run, by batch
 COMPARE_AT = 0.6  # the FLOPs target of the closing paragraph
+SCORES = ("distinct", "cls")  # importance-mask dynamic and lifespan-gather: the default and EViT's CLS row
 
 
 def digits_module():
@@ -159,13 +160,13 @@ def tome_r_for(ratio: Callable[[int], float], target: float, max_r: int) -> int:
 def vitprune_rows(model, target: float, example, calibration, keep_ratios: dict) -> list[tuple[str, str, Callable]]:
     """``(method, setting, build)`` for every vitprune configuration at FLOPs ``target``; ``build()`` rewrites."""
     rw = lambda method, **p: lambda: vitprune.rewrite(model, method, example_input=example, **p)  # noqa: E731
-    rows = [("importance-mask", f"dynamic, first_block={b}", rw("importance-mask", flops=target, first_block=b))
-            for b in (1, 3)]
+    rows = [("importance-mask", f"dynamic, first_block={b}, score {s}",
+             rw("importance-mask", flops=target, first_block=b, score=s)) for b in (1, 3) for s in SCORES]
     rows.append(("importance-mask", "static, first_block=1, calibration: train split",
                  lambda: vitprune.rewrite(model, "importance-mask", example_input=example, flops=target, mode="static",
                                           first_block=1, calibration=calibration())))
-    rows += [("lifespan-gather", f"after_block={b}, exact=False", rw("lifespan-gather", flops=target, after_block=b,
-                                                                     exact=False)) for b in (1, 3)]
+    rows += [("lifespan-gather", f"after_block={b}, exact=False, score {s}",
+              rw("lifespan-gather", flops=target, after_block=b, exact=False, score=s)) for b in (1, 3) for s in SCORES]
     num_patches = vitprune.inspect_model(model, example_input=example).num_patches
     k = token_drop_keep_count(model, target, example, keep_ratios)
     rows += [("token-drop", f"{s}, at_inference, keep {k}/{num_patches}",

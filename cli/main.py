@@ -212,8 +212,8 @@ _METHOD_OPTIONS = {
 @click.option("--calibration", type=click.Path(), help="importance-mask static: folder of calibration images.")
 @click.option("--score", type=click.Choice(["auto", "cls", "mean-query", "attention-received", "l1", "l2", "cls-norm",
                                             "distinct"]),
-              help="importance-mask dynamic and lifespan-gather: how patches are scored [default: auto, the CLS "
-              "attention row, the mean query's without a CLS token, distinct for dense models].")
+              help="importance-mask dynamic and lifespan-gather: how patches are scored [default: auto, distinct: "
+              "near-duplicate patches go first].")
 @click.option("--first-block", type=int, help="importance-mask with --flops: first pruned block [default: 3]; "
               "token-merge: first merging block [default: 0].")
 @click.option("--r", "r", metavar="R|R0,R1,...", help="token-merge: tokens merged per block (ToMe's r), or one "

@@ -41,9 +41,11 @@ def _case(name: str):
     if method == "token-drop":
         model, _ = vitprune.rewrite(model, "token-drop", keep_rate=0.5, example_input=x)
     elif method == "importance-mask":
-        model, _ = vitprune.rewrite(model, "importance-mask", keep={1: 0.5, 2: 0.5}, example_input=x)
+        model, _ = vitprune.rewrite(model, "importance-mask", keep={1: 0.5, 2: 0.5}, example_input=x,
+                                     score="cls")  # the score the golden files were written with
     elif method == "lifespan-gather":
-        model, _ = vitprune.rewrite(model, "lifespan-gather", flops=0.7, after_block=1, example_input=x)
+        model, _ = vitprune.rewrite(model, "lifespan-gather", flops=0.7, after_block=1, example_input=x,
+                                     score="cls")
     return model, x
 
 

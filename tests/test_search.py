@@ -158,10 +158,10 @@ def test_importance_mask_search_is_never_worse_than_its_default(digits):
     assert counts == sorted(counts, reverse=True) and min(r.keep_counts) >= 1
     # the patch score is chosen on the default schedule: every admissible score tried, the best one kept
     scores = r.per_method["importance-mask"]["scores"]
-    assert set(scores) == {"auto", "mean-query", "l1", "l2", "cls-norm"}
+    assert set(scores) == {"auto", "cls", "mean-query", "l1", "l2", "cls-norm"}  # auto: distinct
     assert r.params["score"] == max(scores, key=scores.get) == r.per_method["importance-mask"]["score"]
     gm, _ = vitprune.rewrite(digits["model"], r.method, **r.params)
-    assert gm.meta["vitprune"]["recipe"][-1]["decisions"]["score"] in ("cls", r.params["score"])
+    assert gm.meta["vitprune"]["recipe"][-1]["decisions"]["score"] in ("distinct", r.params["score"])
 
 
 def test_latency_target_is_met_and_reported(digits, monkeypatch):

@@ -78,12 +78,12 @@ class KeepSpace:
         return f"{self.method}:{self.score}"
 
     def scores(self) -> list[str]:
-        """``auto`` and every other score the model's readout admits (``auto`` is the CLS row, or the mean
-        query's without a CLS token: that one is not tried twice)."""
+        """``auto`` and every other score the model's readout admits (``auto`` is :func:`score_query`'s default:
+        it is not tried twice; the CLS-row scores only where the readout reads a CLS token)."""
         from vitprune.passes.base import score_query
 
-        auto = score_query(self.vit)[0]
-        return ["auto"] + [s for s in SEARCHED_SCORES if s != auto and (auto == "cls" or s not in ("cls", "cls-norm"))]
+        auto, cls = score_query(self.vit)[0], bool(self.vit.readout.token_indices and self.vit.num_prefix_tokens)
+        return ["auto"] + [s for s in SEARCHED_SCORES if s != auto and (cls or s not in ("cls", "cls-norm"))]
 
     def from_counts(self, counts: dict[int, int]) -> tuple[int, ...]:
         v, alive = [], self.P
