@@ -134,6 +134,12 @@ def score_query(vit: ViTGraph) -> tuple[str, int]:
     return "distinct", 0
 
 
+def reads_cls_token(vit: ViTGraph) -> bool:
+    """Whether the readout reads a prefix token by index (a CLS token), whose attention row ``cls`` and
+    ``cls-norm`` score patches by."""
+    return bool(vit.readout.token_indices and vit.num_prefix_tokens)
+
+
 def resolve_score(vit: ViTGraph, score: str) -> tuple[str, int]:
     """The patch score a pass uses (``"auto"``: :func:`score_query`'s choice) and the CLS index it reads.
 
@@ -147,7 +153,7 @@ def resolve_score(vit: ViTGraph, score: str) -> tuple[str, int]:
         return default, cls_index
     if score not in SCORES:
         raise PassError(f"unknown score {score!r}; expected auto or one of {', '.join(SCORES)}")
-    if score in ("cls", "cls-norm") and not (vit.readout.token_indices and vit.num_prefix_tokens):
+    if score in ("cls", "cls-norm") and not reads_cls_token(vit):
         raise PassError(f"score {score!r} reads the CLS token's attention row, and this model's readout reads no "
                         "CLS token: use mean-query, attention-received, l1, l2 or distinct")
     if score in ("cls", "cls-norm"):

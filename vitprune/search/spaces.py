@@ -80,9 +80,9 @@ class KeepSpace:
     def scores(self) -> list[str]:
         """``auto`` and every other score the model's readout admits (``auto`` is :func:`score_query`'s default:
         it is not tried twice; the CLS-row scores only where the readout reads a CLS token)."""
-        from vitprune.passes.base import score_query
+        from vitprune.passes.base import reads_cls_token, score_query
 
-        auto, cls = score_query(self.vit)[0], bool(self.vit.readout.token_indices and self.vit.num_prefix_tokens)
+        auto, cls = score_query(self.vit)[0], reads_cls_token(self.vit)
         return ["auto"] + [s for s in SEARCHED_SCORES if s != auto and (cls or s not in ("cls", "cls-norm"))]
 
     def from_counts(self, counts: dict[int, int]) -> tuple[int, ...]:
