@@ -22,11 +22,14 @@ _BACKENDS = ("eager", "compile", "onnxruntime")
 @model_options
 @click.option("--flops", type=float, help="Target eval FLOPs per image as a fraction of the original's, in (0, 1); "
               "a schedule is admissible when its predicted ratio is at most FLOPS + 0.005.")
-@click.option("--latency-ms", type=float, help="Instead of --flops: milliseconds one forward of a --batch input may "
-              "take on --backend, measured on this machine.")
-@click.option("--batch", type=int, default=1, show_default=True, help="--latency-ms: batch size timed.")
+@click.option("--latency-ms", type=float, help="Milliseconds one forward of a --batch input may take on --backend on "
+              "this machine (instead of --flops, or as well: both must hold). Predicted from FLOPs plus each "
+              "token merge's time, measured here; the schedule found is timed.")
+@click.option("--speedup", type=float, help="Instead of --latency-ms: the original's time on --backend at --batch "
+              "over this (> 1), e.g. 1.5 for 1.5x its throughput.")
+@click.option("--batch", type=int, default=1, show_default=True, help="--latency-ms / --speedup: batch size timed.")
 @click.option("--backend", type=click.Choice(_BACKENDS), default="eager", show_default=True,
-              help="--latency-ms: where the latency is measured.")
+              help="--latency-ms / --speedup: where the latency is measured.")
 @click.option("--calibration", required=True, type=click.Path(), help="Folder of calibration images (any layout, "
               "read recursively; resized, center-cropped, normalised with the model's own mean/std).")
 @click.option("--calibration-limit", type=int, default=64, show_default=True,
@@ -43,17 +46,21 @@ _BACKENDS = ("eager", "compile", "onnxruntime")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the search result as JSON.")
-def search(model, source, inputs, input_size, flops, latency_ms, batch, backend, calibration, calibration_limit, methods,
+def search(model, source, inputs, input_size, flops, latency_ms, speedup, batch, backend, calibration, calibration_limit, methods,
            budget, seed, mean, std, frontend, output, overwrite, quiet, as_json) -> None:
     """Search the per-block keep counts / merges that keep MODEL's output closest to the original at a FLOPs
-    (--flops) or latency (--latency-ms) budget, on calibration images, without fine-tuning.
+    (--flops) and/or latency (--latency-ms or --speedup) budget, on calibration images, without fine-tuning.
 
     Writes a schedule file; `vitprune rewrite MODEL --schedule OUTPUT -o OUT` applies it (and verifies).
     """
     from vitprune.search import search as run_search
 
-    if (flops is None) == (latency_ms is None):
-        raise click.UsageError("give exactly one of --flops or --latency-ms")
+    if flops is None and latency_ms is None and speedup is None:
+        raise click.UsageError("give --flops, --latency-ms (or --speedup), or both")
+    if latency_ms is not None and speedup is not None:
+        raise click.UsageError("give --latency-ms or --speedup, not both")
+    if speedup is not None and not speedup > 1:
+        raise click.BadParameter(f"must be above 1, got {speedup}", param_hint="--speedup")
     if flops is not None and not 0.0 < flops < 1.0:
         raise click.BadParameter(f"must be in (0, 1), got {flops}", param_hint="--flops")
     if latency_ms is not None and not latency_ms > 0:
@@ -61,7 +68,7 @@ def search(model, source, inputs, input_size, flops, latency_ms, batch, backend,
     output = Path(output)
     _check_output(output, [*inputs, calibration], overwrite)
     mean, std = _floats3(mean, "--mean"), _floats3(std, "--std")
-    result = run_search(model, flops=flops, latency_ms=latency_ms, calibration=calibration, methods=methods,
+    result = run_search(model, flops=flops, latency_ms=latency_ms, speedup=speedup, calibration=calibration, methods=methods,
                         budget=budget, seed=seed, batch=batch, backend=backend, calibration_limit=calibration_limit,
                         progress=not quiet, input_size=input_size, mean=mean, std=std, frontend=frontend)
     result.model = source
@@ -87,8 +94,12 @@ def summary(result) -> list[str]:
         default = f" (default {result.default_method}: {result.default_cosine:.5f}{dagree})"
     else:
         default = " (no method's default schedule is admissible at this target)"
+    at = f"FLOPs {result.flops_target:g}"
+    if result.latency_target_ms is not None:
+        at = f"{result.latency_target_ms:.3g} ms" + (f" and {at}" if result.flops_limit is not None
+                                                   else f" (seeds solved at FLOPs {result.flops_target:g})")
     lines = [
-        f"search           {result.method} at FLOPs {result.flops_target:g}: {result.evaluations} evaluations on "
+        f"search           {result.method} at {at}: {result.evaluations} evaluations on "
         f"{result.calibration_images} calibration images ({result.seconds:.1f} s)",
         f"schedule         {sched} of {result.num_patches} patches; tokens per block {result.tokens_per_block}",
         f"FLOPs            predicted {result.predicted_flops_ratio:.4f}, measured {result.measured_flops_ratio:.4f}",
@@ -96,8 +107,10 @@ def summary(result) -> list[str]:
     ]
     if result.latency_ms is not None:
         met = "met" if result.latency_met else "NOT met"
-        lines.append(f"latency          {result.latency_ms:.3g} ms at batch {result.batch} on {result.backend} "
-                     f"(target {result.latency_target_ms:g} ms {met}; original {result.latency_original_ms:.3g} ms)")
+        lines.append(f"latency          {result.latency_ms:.3g} ms at batch {result.batch} on {result.backend}, "
+                     f"predicted {result.predicted_latency_ms:.3g} (target {result.latency_target_ms:.3g} ms {met}; "
+                     f"original {result.latency_original_ms:.3g} ms; speed-up {result.speedup:.2f}x, "
+                     f"{result.speedup_target:.2f}x asked)")
     return lines
 
 

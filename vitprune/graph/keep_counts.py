@@ -142,16 +142,18 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
 # token merging (ToMe): a block merges r tokens between its attention and its MLP
 
 
-def merge_schedule(vit: ViTGraph, r: int, first_block: int = 0) -> dict[int, int]:
-    """ToMe's schedule for a constant ``r``: every block from ``first_block`` merges ``min(r, P_b // 2)`` of
-    the ``P_b`` patch tokens alive there (merge.py caps ``r`` at half the tokens the same way, bipartite
-    matching merging at most one set into the other); blocks that would merge nothing are left out.
+def merge_schedule(vit: ViTGraph, r: int, first_block: int = 0, last_block: int | None = None) -> dict[int, int]:
+    """ToMe's schedule for a constant ``r``: every block from ``first_block`` (to ``last_block``, inclusive;
+    default the last) merges ``min(r, P_b // 2)`` of the ``P_b`` patch tokens alive there (merge.py caps ``r``
+    at half the tokens the same way, bipartite matching merging at most one set into the other); blocks that
+    would merge nothing are left out.
 
     Returns:
         ``{block: tokens merged in that block}``, every value ``>= 1``.
     """
     merges, alive = {}, vit.num_patches
-    for block in range(first_block, vit.num_blocks):
+    end = vit.num_blocks if last_block is None else min(vit.num_blocks, last_block + 1)
+    for block in range(first_block, end):
         merged = min(r, alive // 2)
         if merged > 0:
             merges[block] = merged
@@ -198,13 +200,14 @@ def merge_predicted_ratio(vit: ViTGraph, merges: dict[int, int], total_flops: in
 
 
 def solve_merge_for_flops(vit: ViTGraph, target: float, total_flops: int, mlp_flops_per_token: list[int],
-                          first_block: int = 0) -> int:
-    """The constant ``r`` (ToMe's schedule, :func:`merge_schedule`) whose predicted FLOPs ratio is closest to
-    ``target``, by bisection (the ratio falls as ``r`` grows).
+                          first_block: int = 0, last_block: int | None = None) -> int:
+    """The constant ``r`` (ToMe's schedule, :func:`merge_schedule`, in blocks ``first_block`` to ``last_block``,
+    default the last) whose predicted FLOPs ratio is closest to ``target``, by bisection (the ratio falls as
+    ``r`` grows).
 
     Raises:
         VitpruneError: ``target`` outside (0, 1], ``first_block`` outside the model, or a target below what
-            merging as much as bipartite matching allows from ``first_block`` on can reach.
+            merging as much as bipartite matching allows in those blocks can reach.
     """
     if not 0.0 < target <= 1.0:
         raise VitpruneError(f"FLOPs target must be in (0, 1], got {target}")
@@ -212,13 +215,15 @@ def solve_merge_for_flops(vit: ViTGraph, target: float, total_flops: int, mlp_fl
         raise VitpruneError(f"first merging block must be in 0..{vit.num_blocks - 1}, got {first_block}")
 
     def ratio(r: int) -> float:
-        return merge_predicted_ratio(vit, merge_schedule(vit, r, first_block), total_flops, mlp_flops_per_token)
+        return merge_predicted_ratio(vit, merge_schedule(vit, r, first_block, last_block), total_flops,
+                                     mlp_flops_per_token)
 
     most = vit.num_patches // 2
     floor = ratio(most)
     if target < floor - 0.01:
         raise VitpruneError(f"FLOPs target {target} is below {floor:.3f}, the least reachable by merging half the "
-                            f"patch tokens in every block from block {first_block} on")
+                            f"patch tokens in every block from block {first_block} on"
+                            + (f" to block {last_block}" if last_block is not None else ""))
     lo, hi = 0, most  # ratio(lo) >= target > ratio(hi) once the loop ends (or lo == hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2

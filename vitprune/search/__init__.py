@@ -1,4 +1,4 @@
-"""``vitprune.search``: the per-block schedule that keeps the most of a model's output at a FLOPs (or latency) budget.
+"""``vitprune.search``: the per-block schedule that keeps the most of a model's output at a FLOPs and/or latency budget.
 
 For users who cannot fine-tune: Patch Slimming (Tang et al., arXiv 2106.02852, §3.3) searches each layer's
 kept-patch count top-down under an error tolerance on calibration data; DiffRate (Chen et al., arXiv
@@ -40,10 +40,13 @@ calibration images; a schedule already scored costs nothing):
 The result is never worse on calibration than the best seed, so never worse than a method's default when
 that default is admissible.
 
-Latency targets: the largest FLOPs target whose default schedule (the first method whose default reaches it)
-meets the latency is found in at most 5 measured steps (:func:`vitprune.ship.bench.bench`), the FLOPs search
-runs there, and the searched schedule's latency is measured; if it misses, the target steps down in proportion
-(at most twice, half the budget each).
+Latency targets (``latency_ms``, alone or with ``flops``): a schedule is admissible iff its predicted
+latency fits (:class:`~vitprune.search.latency.LatencyModel`: the original's measured time times the FLOPs
+ratio, plus each merging block's ``TokenMerge`` time, measured alone on the backend and batch at a few token
+counts, since a merge's ~20 small kernels cost time its FLOPs do not show); seeds are solved at ``flops`` or,
+alone, at ``latency_ms / original ms``, and token-merge's seeds include merging in the first blocks only.
+The schedule found is timed (:func:`vitprune.ship.bench.bench`); if it misses, the model is scaled by
+measured / predicted and the search runs again (at most twice, half the budget each).
 """
 
 from vitprune.errors import SearchError

@@ -17,9 +17,51 @@ from vitprune.frontends.capture import capture
 from vitprune.graph.analysis import analyse
 from vitprune.graph.flops import count_flops
 from vitprune.passes import make_pass, run_passes
+from vitprune.search import latency as lat
 from vitprune.search.calibration import calibration_batches, flat_outputs
 from vitprune.search.schedule import SearchResult, jsonable
 from vitprune.search.spaces import FLOPS_TOLERANCE, METHODS, KeepSpace, MergeSpace
+
+
+# --------------------------------------------------------------------------------------------------------
+# what a schedule must fit
+
+
+@dataclass
+class _Budget:
+    """The constraints a schedule must meet: predicted FLOPs ratio ``<= flops + FLOPS_TOLERANCE`` and / or
+    predicted latency (:class:`~vitprune.search.latency.LatencyModel`) ``<= latency_ms``. ``seed_flops``: the
+    FLOPs target the seeds are solved at."""
+
+    flops: float | None
+    latency_ms: float | None = None
+    model: lat.LatencyModel | None = None
+
+    @property
+    def seed_flops(self) -> float:
+        if self.flops is not None:
+            return self.flops
+        return round(min(0.95, self.latency_ms / (self.model.base_ms * self.model.scale)), 4)
+
+    def admits(self, space, v: Sequence[int]) -> bool:
+        if self.flops is not None and space.ratio(v) > self.flops + FLOPS_TOLERANCE:
+            return False
+        return self.latency_ms is None or self.model.predict(space, v) <= self.latency_ms
+
+    def usage(self, space, v: Sequence[int]) -> float:
+        """How much of the tightest constraint ``v`` uses (1: exactly at it)."""
+        used = []
+        if self.flops is not None:
+            used.append(space.ratio(v) / self.flops)
+        if self.latency_ms is not None:
+            used.append(self.model.predict(space, v) / self.latency_ms)
+        return max(used)
+
+    def describe(self) -> str:
+        parts = [f"FLOPs target {self.flops:g}"] if self.flops is not None else []
+        if self.latency_ms is not None:
+            parts.append(f"a latency of {self.latency_ms:g} ms")
+        return " and ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -146,13 +188,13 @@ class _Searcher:
 
     # -- one FLOPs-target search ----------------------------------------------------------------------
 
-    def run(self, target: float, budget: int) -> dict[str, Any]:
-        """Search at ``target`` with at most ``budget`` new evaluations; returns the best candidate and the
+    def run(self, target: _Budget, budget: int) -> dict[str, Any]:
+        """Search within ``target`` with at most ``budget`` new evaluations; returns the best candidate and the
         per-method summary."""
         from tqdm import tqdm
 
         limit = self.evaluations + budget
-        self.bar = tqdm(total=budget, desc=f"search FLOPs {target:g}", unit="eval", leave=False,
+        self.bar = tqdm(total=budget, desc=f"search {target.describe()}", unit="eval", leave=False,
                         disable=None if self.progress else True)
         try:
             return self._run(target, limit)
@@ -160,20 +202,19 @@ class _Searcher:
             self.bar.close()
             self.bar = None
 
-    def _admissible(self, space, v: tuple[int, ...], target: float) -> bool:
-        return space.ratio(v) <= target + FLOPS_TOLERANCE
+    def _admissible(self, space, v: tuple[int, ...], target: _Budget) -> bool:
+        return target.admits(space, v)
 
-    def _resolve(self, space, v: tuple[int, ...], j: int, down: bool, i: int, target: float):
-        """``v`` with block ``j`` re-solved: admissible, predicted FLOPs closest to ``target`` (ties: nearest
-        to ``v``); ``None`` when no count of block ``j`` is admissible."""
+    def _resolve(self, space, v: tuple[int, ...], j: int, down: bool, i: int, target: _Budget):
+        """``v`` with block ``j`` re-solved: admissible, as close to the tightest constraint as it can be (ties:
+        nearest to ``v``); ``None`` when no count of block ``j`` is admissible."""
         best, gap = None, math.inf
         for w in space.options(v, j, down, i):
-            r = space.ratio(w)
-            if r <= target + FLOPS_TOLERANCE and abs(r - target) < gap - 1e-12:
-                best, gap = w, abs(r - target)
+            if target.admits(space, w) and abs(target.usage(space, w) - 1) < gap - 1e-12:
+                best, gap = w, abs(target.usage(space, w) - 1)
         return best
 
-    def _repair(self, space, v: tuple[int, ...], target: float):
+    def _repair(self, space, v: tuple[int, ...], target: _Budget):
         """An admissible schedule near ``v``: its last blocks lowered until the FLOPs fit (``None``: none)."""
         for j in range(space.L - 1, space.first - 1, -1):
             if self._admissible(space, v, target):
@@ -184,14 +225,40 @@ class _Searcher:
             v = w
         return v if self._admissible(space, v, target) else None
 
-    def _run(self, target: float, limit: int) -> dict[str, Any]:
+    def _fit(self, space, solve, target: _Budget, steps: int = 4):
+        """A seed of the family ``solve`` (FLOPs target -> schedule) that ``target`` admits: solved at the seed
+        FLOPs, then, while a latency is exceeded (a merge's time is not in its FLOPs), at a FLOPs target lowered
+        by the excess; else repaired (:meth:`_repair`); ``None`` when out of reach."""
+        f, v = target.seed_flops, None
+        for _ in range(steps):
+            try:
+                v = solve(f)
+            except VitpruneError:
+                break  # out of the family's reach
+            if target.admits(space, v) or target.latency_ms is None:
+                break
+            excess = (target.model.predict(space, v) - target.latency_ms) / (target.model.base_ms * target.model.scale)
+            if excess <= 0:  # the FLOPs limit binds, not the latency
+                break
+            f = round(f - excess - 1e-3, 4)
+            if f <= 0:
+                break
+        if v is None:
+            return None
+        return v if target.admits(space, v) else self._repair(space, v, target)
+
+    def _fits(self, c: _Candidate, target: _Budget) -> bool:
+        return target.admits(self.spaces[c.method], c.vector)
+
+    def _run(self, target: _Budget, limit: int) -> dict[str, Any]:
         per_method: dict[str, dict[str, Any]] = {}
         seeds: dict[str, list[tuple[int, ...]]] = {}
         best: _Candidate | None = None
+        flops = target.seed_flops
 
         def consider(c: _Candidate | None) -> None:
             nonlocal best
-            if c is None or c.cosine is None or c.predicted > target + FLOPS_TOLERANCE:
+            if c is None or c.cosine is None or not self._fits(c, target):
                 return
             if best is None or c.cosine > best.cosine:
                 best = c
@@ -199,12 +266,12 @@ class _Searcher:
         # stage 1a: every method's default, as the pass would solve the target itself
         for m in self.methods:
             space = self.spaces[m]
-            info = per_method[m] = {"default_params": {"flops": target}, "default_predicted_flops_ratio": None,
+            info = per_method[m] = {"default_params": {"flops": flops}, "default_predicted_flops_ratio": None,
                                     "default_admissible": None, "default_cosine": None, "default_agreement": None,
                                     "default_error": None}
             seeds[m] = []
             try:
-                v = space.default(target)
+                v = space.solvers()[0](flops)
             except VitpruneError as exc:
                 info["default_error"] = str(exc)
             else:
@@ -230,8 +297,8 @@ class _Searcher:
                     fixed = self._repair(space, v, target)
                     if fixed is not None:
                         seeds[m].append(fixed)
-            for v in space.scan(target):
-                v = v if self._admissible(space, v, target) else self._repair(space, v, target)
+            for solve in space.solvers():
+                v = self._fit(space, solve, target)
                 if v is not None and v not in seeds[m] and (space.key, v) not in self.cache:
                     seeds[m].append(v)
         # stage 1b: the first-block scans, spread evenly (round robin over the methods) over at most half the
@@ -272,12 +339,11 @@ class _Searcher:
             if w is None or w == best.vector:
                 continue
             c = self.evaluate(space, w, "move", limit)
-            if c is not None and c.cosine is not None and c.cosine > best.cosine \
-                    and c.predicted <= target + FLOPS_TOLERANCE:
+            if c is not None and c.cosine is not None and c.cosine > best.cosine and self._fits(c, target):
                 best, since = c, 0
         for m in self.methods:
             mine = [c for (mm, _), c in self.cache.items() if mm == self.spaces[m].key and c.cosine is not None
-                    and c.predicted <= target + FLOPS_TOLERANCE]
+                    and self._fits(c, target)]
             top = max(mine, key=lambda c: c.cosine, default=None)
             per_method[m].update(
                 best_cosine=top.cosine if top else None, best_agreement=top.agreement if top else None,
@@ -286,7 +352,7 @@ class _Searcher:
                 errors=sorted({c.error for (mm, _), c in self.cache.items() if mm.split(":")[0] == m and c.error}))
         return {"best": best, "per_method": per_method}
 
-    def result(self, target: float, outcome: dict[str, Any], budget: int) -> tuple[SearchResult, fx.GraphModule]:
+    def result(self, target: _Budget, outcome: dict[str, Any], budget: int) -> tuple[SearchResult, fx.GraphModule]:
         """The :class:`SearchResult` for ``run``'s outcome, and the searched schedule's rewritten model.
 
         Raises:
@@ -301,7 +367,7 @@ class _Searcher:
                     info.get("default_error") if info.get("default_predicted_flops_ratio") is not None else None)
                 reasons.append(f"{m}: {failed}" if failed else
                                f"{m} reaches {_least(self.spaces[m]):.3f} at the least")
-            raise SearchError(f"no method admits FLOPs target {target:g} ({'; '.join(reasons)})")
+            raise SearchError(f"no method admits {target.describe()} ({'; '.join(reasons)})")
         space = self.spaces[best.method]
         gm = self.build(best.method, space.params(best.vector))
         measured = count_flops(gm, self.x) / self.flops_before
@@ -312,7 +378,7 @@ class _Searcher:
             method=best.method, params=space.params(best.vector),
             keep_counts=sched if best.method == "importance-mask" else None,
             merges=sched if best.method == "token-merge" else None,
-            tokens_per_block=space.tokens(best.vector), flops_target=float(target),
+            tokens_per_block=space.tokens(best.vector), flops_target=float(target.seed_flops),
             predicted_flops_ratio=best.predicted, measured_flops_ratio=measured, cosine=best.cosine,
             agreement=best.agreement, default_method=dm, default_params=di.get("default_params"),
             default_cosine=di.get("default_cosine"), default_agreement=di.get("default_agreement"),
@@ -320,6 +386,10 @@ class _Searcher:
             calibration=self.calibration, calibration_images=self.images, preprocessing=self.preprocessing,
             num_patches=self.vit.num_patches, num_prefix_tokens=self.vit.num_prefix_tokens,
             num_blocks=self.vit.num_blocks, flops_per_image=int(self.total), evaluated=list(self.evaluated))
+        res.flops_limit = target.flops
+        if target.latency_ms is not None:
+            res.predicted_latency_ms = target.model.predict(space, best.vector)
+            res.latency_model = target.model.to_dict()
         return res, gm
 
 
@@ -346,71 +416,53 @@ def _spread(items: list, k: int) -> list:
 # latency
 
 
-def _latency(model: nn.Module, input_size: tuple[int, ...], backend: str, batch: int) -> float:
-    """Milliseconds for one forward of a ``[batch, C, H, W]`` input on ``backend``, measured by
-    :func:`vitprune.ship.bench.bench` (median over its runs: batch 1 its p50 latency, else ``batch`` over its
-    median throughput)."""
-    from vitprune.ship.bench import bench
+def _search_latency(s: _Searcher, flops: float | None, latency_ms: float | None, speedup: float | None,
+                    backend: str, batch: int, budget: int, retries: int = 2) -> SearchResult:
+    """Search within a latency (``latency_ms``, or the original's time over ``speedup``) and ``flops`` when given,
+    with the additive latency model (:mod:`vitprune.search.latency`), then time the schedule found against the
+    original in the same interleaved rounds; when their ratio misses, the model is scaled by measured /
+    predicted and the search runs again (at most ``retries`` times, half the budget each).
 
-    row = bench({"candidate": model}, tuple(input_size), backends=(backend,), batches=(batch,), repeats=3, iters=2,
-                latency_runs=15, progress=False)[0]
-    if row.error:
-        raise SearchError(f"cannot time the model on {backend}: {row.error}")
-    return float(row.latency_ms_p50) if batch == 1 else 1e3 * batch / float(row.images_per_s)
-
-
-def _latency_target(s: _Searcher, latency_ms: float, backend: str, batch: int, steps: int = 5) -> tuple[float, float]:
-    """``(FLOPs target, original latency)``: the largest target (of a few tried) whose default schedule meets
-    ``latency_ms`` (the first method's default that reaches the target)."""
+    Times are relative to the original's first timing: a shared machine's speed drifts between timings, the
+    ratio of two models timed together does not (much)."""
     size = tuple(s.x.shape[1:])
-    base = _latency(s.reference, size, backend, batch)
-    if base <= latency_ms:
+    base = lat.measure_latencies({"original": s.reference}, size, backend, batch, repeats=5)["original"]
+    if latency_ms is None:
+        latency_ms = base / speedup
+    elif base <= latency_ms and flops is None:
         raise SearchError(f"the original model already runs in {base:.3g} ms at batch {batch} on {backend}, within "
                           f"{latency_ms:g} ms: there is nothing to prune")
-    # each method's default in order, then importance-mask from block 1 (its widest reach): the first that
-    # reaches the target is timed
-    recipes = [(m, {"flops": None}) for m in s.methods]
-    if "importance-mask" in s.methods:
-        recipes.append(("importance-mask", {"flops": None, "first_block": 1}))
-    meet, miss, floor, tried = None, 1.0, 0.0, []
-    t = min(0.95, max(0.05, latency_ms / base))
-    for _ in range(steps):
-        t = round(t, 4)
-        gm = None
-        for method, params in recipes:
-            try:
-                gm = s.build(method, {**params, "flops": t})
-                break
-            except PassError:
-                continue
-        if gm is None:  # no method reaches t
-            floor = t
-            t = (t + miss) / 2
-            continue
-        lat = _latency(gm, size, backend, batch)
+    model = lat.LatencyModel.measure(s.vit, base, s.total, backend, batch, merges="token-merge" in s.methods)
+    result = None
+    for attempt in range(retries + 1):
+        b = budget if attempt == 0 else max(len(s.methods), budget // 2)
+        target = _Budget(flops, latency_ms, model)
+        try:
+            found, gm = s.result(target, s.run(target, b), b)
+        except SearchError:
+            if result is None:
+                raise
+            break  # the corrected model admits nothing: keep the last schedule found
+        pair = lat.measure_latencies({"original": s.reference, "candidate": gm}, size, backend, batch, repeats=5)
         del gm
-        tried.append((t, lat))
-        if lat <= latency_ms:
-            meet = t
-            if miss - t < 0.02:
-                break
-            t = (t + miss) / 2
-        else:
-            miss = t
-            t = (meet + t) / 2 if meet is not None else max((floor + t) / 2, t * latency_ms / lat * 0.97)
-    if meet is None:
-        fastest = min(tried, key=lambda p: p[1], default=None)
-        got = f"; the fastest tried ran in {fastest[1]:.3g} ms at FLOPs {fastest[0]:g}" if fastest else ""
-        raise SearchError(f"no FLOPs target tried meets {latency_ms:g} ms at batch {batch} on {backend} "
-                          f"(the original runs in {base:.3g} ms){got}")
-    return meet, base
+        relative = pair["candidate"] / pair["original"]
+        found.latency_ms, found.latency_target_ms, found.latency_original_ms = relative * base, latency_ms, base
+        found.speedup, found.speedup_target = 1 / relative, base / latency_ms
+        found.latency_met, found.backend, found.batch = relative * base <= latency_ms, backend, batch
+        result = found
+        if result.latency_met:
+            break
+        model.scale *= relative * base / found.predicted_latency_ms * 1.01  # the model was optimistic: correct it
+    result.budget = budget
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------
 # the public entry point
 
 
-def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | None = None, calibration: Any,
+def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | None = None,
+           speedup: float | None = None, calibration: Any,
            methods: Sequence[str] = METHODS, budget: int = 48, seed: int = 0, batch: int = 1,
            backend: str = "eager", calibration_limit: int = 64, progress: bool = True,
            input_size: tuple[int, int, int] | None = None, mean: Sequence[float] | None = None,
@@ -424,14 +476,21 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
             restored).
         flops: target FLOPs per image as a fraction of the original's, in ``(0, 1)``; a schedule is admissible
             iff its predicted ratio is ``<= flops + 0.005``.
-        latency_ms: instead of ``flops``: milliseconds one forward of a ``[batch, C, H, W]`` input may take on
-            ``backend`` (``"eager"``, ``"compile"`` or ``"onnxruntime"``), measured on this machine.
+        latency_ms: milliseconds one forward of a ``[batch, C, H, W]`` input may take on ``backend``
+            (``"eager"``, ``"compile"`` or ``"onnxruntime"``) on this machine, instead of ``flops`` or as well
+            (then both must hold): a schedule is admissible iff its predicted latency
+            (:class:`~vitprune.search.latency.LatencyModel`: FLOPs plus each merge's measured time) is at most
+            this; the schedule found is timed against the original in the same rounds, and ``latency_ms`` of
+            the result is its time relative to the original's, times the original's first timing.
+        speedup: instead of ``latency_ms``: the original's time on ``backend`` at ``batch`` over this, ``> 1``
+            (a relative target survives a machine whose speed drifts).
         calibration: a folder of images (read recursively, resized and center-cropped to the model's input,
             normalised with the model's own mean/std, :mod:`vitprune.io.preprocess`), a ``[N, C, H, W]``
             tensor or an iterable of ``[B, C, H, W]`` tensors (already normalised).
         methods: among ``"importance-mask"`` (dynamic) and ``"token-merge"``.
-        budget: at most this many rewrites scored on the calibration images per FLOPs search (a latency search
-            may step its target down twice more, with half the budget each); at least one per method.
+        budget: at most this many rewrites scored on the calibration images (a latency search whose schedule
+            misses when measured corrects its model and searches twice more at most, with half the budget
+            each); at least one per method.
         seed: which ``calibration_limit`` images are used when there are more (the search itself is
             deterministic); the same seed gives the same schedule.
         calibration_limit: calibration images used, ``>= 1``.
@@ -445,15 +504,19 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
         (``result.save(path)`` writes the schedule file ``vitprune rewrite --schedule`` reads).
 
     Raises:
-        SearchError: both or neither of ``flops`` and ``latency_ms``, a target outside ``(0, 1)`` or a
-            latency that is not positive, an unknown method or backend, a budget below the number of methods,
-            empty or malformed calibration data, no method that admits the target (each method's reason is
-            given), a latency no tried FLOPs target meets or that the original model already meets.
+        SearchError: neither ``flops`` nor ``latency_ms``, a target outside ``(0, 1)`` or a latency that is
+            not positive, an unknown method or backend, a budget below the number of methods, empty or
+            malformed calibration data, no method that admits the target (each method's reason is given), a
+            latency alone that the original model already meets, or a model that does not run on ``backend``.
         CaptureError, AnalysisError: the model cannot be captured or is not a ViT vitprune can rewrite.
     """
     start = time.perf_counter()
-    if (flops is None) == (latency_ms is None):
-        raise SearchError("give exactly one of a FLOPs target (--flops F) or a latency (--latency-ms MS)")
+    if flops is None and latency_ms is None and speedup is None:
+        raise SearchError("give a FLOPs target (--flops F), a latency (--latency-ms MS or --speedup X), or both")
+    if latency_ms is not None and speedup is not None:
+        raise SearchError("give a latency as --latency-ms or --speedup, not both")
+    if speedup is not None and not (isinstance(speedup, (int, float)) and 1.0 < speedup < math.inf):
+        raise SearchError(f"speed-up must be above 1, got {speedup}")
     if flops is not None and not (isinstance(flops, (int, float)) and 0.0 < float(flops) < 1.0):
         raise SearchError(f"FLOPs target must be in (0, 1), got {flops}")
     if latency_ms is not None and not (isinstance(latency_ms, (int, float)) and latency_ms > 0 and math.isfinite(latency_ms)):
@@ -468,7 +531,7 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
         raise SearchError(f"a budget of {budget} evaluations is below one per method ({len(methods)})")
     if int(calibration_limit) < 1:
         raise SearchError(f"calibration_limit must be at least 1, got {calibration_limit}")
-    if latency_ms is not None:
+    if latency_ms is not None or speedup is not None:
         from vitprune.ship.bench import BACKENDS
 
         if backend not in BACKENDS:
@@ -482,37 +545,15 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
     try:
         s = _Searcher(model, calibration, methods, int(seed), int(calibration_limit), input_size, mean, std,
                       frontend, progress)
-        if latency_ms is None:
-            result, _ = s.result(float(flops), s.run(float(flops), int(budget)), int(budget))
+        if latency_ms is None and speedup is None:
+            target = _Budget(float(flops))
+            result, _ = s.result(target, s.run(target, int(budget)), int(budget))
         else:
-            result = _search_latency(s, float(latency_ms), backend, int(batch), int(budget))
+            result = _search_latency(s, None if flops is None else float(flops),
+                                     None if latency_ms is None else float(latency_ms),
+                                     None if speedup is None else float(speedup), backend, int(batch), int(budget))
     finally:
         for m, training in modes.items():
             m.training = training
     result.seconds = time.perf_counter() - start
-    return result
-
-
-def _search_latency(s: _Searcher, latency_ms: float, backend: str, batch: int, budget: int,
-                    retries: int = 2) -> SearchResult:
-    target, base = _latency_target(s, latency_ms, backend, batch)
-    size = tuple(s.x.shape[1:])
-    result = None
-    for attempt in range(retries + 1):
-        b = budget if attempt == 0 else max(len(s.methods), budget // 2)
-        try:
-            found, gm = s.result(target, s.run(target, b), b)
-        except SearchError:
-            if result is None:
-                raise
-            break  # a lower target no method reaches: keep the last schedule found
-        measured = _latency(gm, size, backend, batch)
-        del gm
-        found.latency_ms, found.latency_target_ms, found.latency_original_ms = measured, latency_ms, base
-        found.latency_met, found.backend, found.batch = measured <= latency_ms, backend, batch
-        result = found
-        if result.latency_met:
-            break
-        target = round(target * min(0.98, latency_ms / measured), 4)
-    result.budget = budget
     return result

@@ -34,7 +34,7 @@ class SearchResult:
     keep_counts: dict[int, int] | None  # importance-mask: {block: patches kept before it} (stages only)
     merges: dict[int, int] | None  # token-merge: {block: tokens merged in it}
     tokens_per_block: list[int]  # tokens (prefix + patches) each block's attention sees
-    flops_target: float
+    flops_target: float  # --flops; with a latency alone, the FLOPs the seeds were solved at
     predicted_flops_ratio: float
     measured_flops_ratio: float | None  # torch.utils.flop_counter on the rewritten model
     cosine: float
@@ -54,10 +54,17 @@ class SearchResult:
     num_prefix_tokens: int = 0
     num_blocks: int = 0
     flops_per_image: int = 0  # the original's
-    latency_ms: float | None = None  # the searched schedule's, measured (latency searches only)
+    # latency searches only: the searched schedule's time relative to the original's (timed in the same rounds),
+    # times the original's first timing, latency_original_ms
+    latency_ms: float | None = None
+    flops_limit: float | None = None  # the FLOPs constraint (None: a latency alone)
+    predicted_latency_ms: float | None = None  # what the latency model predicted for it
+    latency_model: dict[str, Any] | None = None  # LatencyModel.to_dict(): original ms, merge overheads, scale
     latency_target_ms: float | None = None
     latency_original_ms: float | None = None
     latency_met: bool | None = None
+    speedup: float | None = None  # the original's time over the schedule's, timed in the same rounds
+    speedup_target: float | None = None  # the original's first timing over latency_target_ms
     backend: str | None = None
     batch: int | None = None
     evaluated: list[dict[str, Any]] = field(default_factory=list)  # every evaluation, in order

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import functools
+from typing import Any, Callable, Iterable, Sequence
 
 from vitprune.errors import SearchError, VitpruneError
 from vitprune.graph import keep_counts as kc
@@ -104,17 +105,13 @@ class KeepSpace:
     def tokens(self, v: Sequence[int]) -> list[int]:
         return kc.tokens_per_block(self.vit, self.counts(v))
 
-    def default(self, target: float) -> tuple[int, ...]:
-        return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, 3))
+    def solvers(self) -> list[Callable[[float], tuple[int, ...]]]:
+        """Seed families, FLOPs target -> schedule (raising VitpruneError out of reach): the pass's default
+        (geometric decay from block 3) first, then the same from every first block."""
+        return [functools.partial(self._solve, first) for first in dict.fromkeys([min(3, self.L - 1), *range(1, self.L)])]
 
-    def scan(self, target: float) -> list[tuple[int, ...]]:
-        out = []
-        for s in range(1, self.L):
-            try:
-                out.append(self.from_counts(kc.solve_for_flops(self.vit, target, self.total, s)))
-            except VitpruneError:
-                continue  # the target is out of reach from that first block
-        return out
+    def _solve(self, first: int, target: float) -> tuple[int, ...]:
+        return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, first))
 
     def step(self, v: Sequence[int], i: int, d: int) -> tuple[int, ...] | None:
         w = list(v)
@@ -177,19 +174,17 @@ class MergeSpace:
     def tokens(self, v: Sequence[int]) -> list[int]:
         return kc.merge_tokens_per_block(self.vit, self.merges(v))
 
-    def default(self, target: float) -> tuple[int, ...]:
-        r = kc.solve_merge_for_flops(self.vit, target, self.total, self.mlp, 0)
-        return self.from_merges(kc.merge_schedule(self.vit, r, 0))
+    def solvers(self) -> list[Callable[[float], tuple[int, ...]]]:
+        """Seed families, FLOPs target -> schedule: ToMe's constant ``r`` from block 0 (the pass's default)
+        first, then from every other first block on, then in the first blocks only (blocks ``0..e`` for each
+        ``e``): fewer merging blocks, each merging more, which is faster at the same FLOPs (every merge adds
+        kernels FLOPs do not show, :mod:`vitprune.search.latency`)."""
+        spans = [(s, None) for s in range(self.L)] + [(0, e) for e in range(self.L - 1)]
+        return [functools.partial(self._solve, first, last) for first, last in spans]
 
-    def scan(self, target: float) -> list[tuple[int, ...]]:
-        out = []
-        for s in range(self.L):
-            try:
-                r = kc.solve_merge_for_flops(self.vit, target, self.total, self.mlp, s)
-            except VitpruneError:
-                continue
-            out.append(self.from_merges(kc.merge_schedule(self.vit, r, s)))
-        return out
+    def _solve(self, first: int, last: int | None, target: float) -> tuple[int, ...]:
+        r = kc.solve_merge_for_flops(self.vit, target, self.total, self.mlp, first, last)
+        return self.from_merges(kc.merge_schedule(self.vit, r, first, last))
 
     def step(self, v: Sequence[int], i: int, d: int) -> tuple[int, ...] | None:
         w = list(v)
