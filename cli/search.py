@@ -46,8 +46,8 @@ _BACKENDS = ("eager", "compile", "onnxruntime")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the search result as JSON.")
-def search(model, source, inputs, input_size, flops, latency_ms, speedup, batch, backend, calibration, calibration_limit, methods,
-           budget, seed, mean, std, frontend, output, overwrite, quiet, as_json) -> None:
+def search(model, source, inputs, input_size, flops, latency_ms, speedup, batch, backend, calibration,
+           calibration_limit, methods, budget, seed, mean, std, frontend, output, overwrite, quiet, as_json) -> None:
     """Search the per-block keep counts / merges that keep MODEL's output closest to the original at a FLOPs
     (--flops) and/or latency (--latency-ms or --speedup) budget, on calibration images, without fine-tuning.
 
@@ -68,9 +68,10 @@ def search(model, source, inputs, input_size, flops, latency_ms, speedup, batch,
     output = Path(output)
     _check_output(output, [*inputs, calibration], overwrite)
     mean, std = _floats3(mean, "--mean"), _floats3(std, "--std")
-    result = run_search(model, flops=flops, latency_ms=latency_ms, speedup=speedup, calibration=calibration, methods=methods,
-                        budget=budget, seed=seed, batch=batch, backend=backend, calibration_limit=calibration_limit,
-                        progress=not quiet, input_size=input_size, mean=mean, std=std, frontend=frontend)
+    result = run_search(model, flops=flops, latency_ms=latency_ms, speedup=speedup, calibration=calibration,
+                        methods=methods, budget=budget, seed=seed, batch=batch, backend=backend,
+                        calibration_limit=calibration_limit, progress=not quiet, input_size=input_size, mean=mean,
+                        std=std, frontend=frontend)
     result.model = source
     result.save(output)
     say_preprocessing(model, mean, std, input_size)  # after the work: a refused command's error stays one line

@@ -186,7 +186,7 @@ class _Searcher:
         if got != want:
             raise RuntimeError(f"{space.method} fixed {got}, the search asked for {want}")  # pragma: no cover
 
-    # -- one FLOPs-target search ----------------------------------------------------------------------
+    # -- one search within a budget ----------------------------------------------------------------------
 
     def run(self, target: _Budget, budget: int) -> dict[str, Any]:
         """Search within ``target`` with at most ``budget`` new evaluations; returns the best candidate and the

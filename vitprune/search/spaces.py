@@ -108,7 +108,7 @@ class KeepSpace:
     def solvers(self) -> list[Callable[[float], tuple[int, ...]]]:
         """Seed families, FLOPs target -> schedule (raising VitpruneError out of reach): the pass's default
         (geometric decay from block 3) first, then the same from every first block."""
-        return [functools.partial(self._solve, first) for first in dict.fromkeys([min(3, self.L - 1), *range(1, self.L)])]
+        return [functools.partial(self._solve, first) for first in dict.fromkeys([3, *range(1, self.L)])]
 
     def _solve(self, first: int, target: float) -> tuple[int, ...]:
         return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, first))
