@@ -200,6 +200,10 @@ def test_latency_target_is_met_and_reported(digits, fake_timer):
     assert (again.params, again.latency_target_ms) == (r.params, pytest.approx(6.0))
     with pytest.raises(SearchError, match="nothing to prune"):
         search(digits["model"], latency_ms=11.0, calibration=digits["calib"], budget=6, progress=False)
+    # out of reach: each method says how close it came
+    with pytest.raises(SearchError, match="no method admits a latency of 2 ms .*token-merge at its least FLOPs "
+                                          "\\(0.[0-9]+\\) is predicted at [0-9.]+ ms"):
+        search(digits["model"], latency_ms=2.0, calibration=digits["calib"], budget=4, progress=False)
 
 
 def test_latency_with_flops_trades_merging_blocks_for_bigger_merges(digits, fake_timer):

@@ -365,8 +365,15 @@ class _Searcher:
             for m, info in per_method.items():
                 failed = next(iter(info.get("errors") or []), None) or (
                     info.get("default_error") if info.get("default_predicted_flops_ratio") is not None else None)
-                reasons.append(f"{m}: {failed}" if failed else
-                               f"{m} reaches {_least(self.spaces[m]):.3f} at the least")
+                space = self.spaces[m]
+                least = _least(space)
+                if failed:
+                    reasons.append(f"{m}: {failed}")
+                elif target.latency_ms is not None:
+                    reasons.append(f"{m} at its least FLOPs ({space.ratio(least):.3f}) is predicted at "
+                                   f"{target.model.predict(space, least):.3g} ms")
+                else:
+                    reasons.append(f"{m} reaches {space.ratio(least):.3f} at the least")
             raise SearchError(f"no method admits {target.describe()} ({'; '.join(reasons)})")
         space = self.spaces[best.method]
         gm = self.build(best.method, space.params(best.vector))
@@ -393,11 +400,11 @@ class _Searcher:
         return res, gm
 
 
-def _least(space) -> float:
-    """The lowest predicted FLOPs ratio of a schedule space (one patch from block 1; half merged in every block)."""
+def _least(space) -> tuple[int, ...]:
+    """The schedule of a space with the lowest predicted FLOPs (one patch from block 1; half merged in every block)."""
     if space.method == "importance-mask":
-        return space.ratio((space.P,) + (1,) * (space.L - 1))
-    return space.ratio(space.normalise([space.P] * space.L))
+        return (space.P,) + (1,) * (space.L - 1)
+    return space.normalise([space.P] * space.L)
 
 
 def _spread(items: list, k: int) -> list:
