@@ -99,11 +99,14 @@ def track_positions(gm: fx.GraphModule, vit: ViTGraph, canvas: bool) -> Position
             raise PassError(f"{type(mod).__name__} at node {node.name!r} cannot report the tokens it keeps")
         kept = _kept_output(gm, node, mod)
         if merge:  # a merged token sits at its destination's position; the holders say who holds each patch
-            with gm.graph.inserting_after(kept):
-                sources = gm.graph.call_function(operator.getitem, (node, 3))
-            with gm.graph.inserting_after(sources):
-                holders = (call_leaf(gm, "token_holders", TokenHolders(), (sources, state[1])) if canvas else None)
-            where = holders or sources
+            holders = None
+            if canvas:  # only an unmerge reads the holders: the merge computes its sources only then
+                mod.return_sources = True
+                with gm.graph.inserting_after(kept):
+                    sources = gm.graph.call_function(operator.getitem, (node, 3))
+                with gm.graph.inserting_after(sources):
+                    holders = call_leaf(gm, "token_holders", TokenHolders(), (sources, state[1]))
+            where = holders or kept
             track = TokenPositions(vit.num_prefix_tokens, vit.num_patches, canvas=False)
             with gm.graph.inserting_after(where):
                 pair = call_leaf(gm, "token_positions", track, (node.args[0], kept, state[0]))

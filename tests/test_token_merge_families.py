@@ -14,7 +14,7 @@ from test_token_indexed import _model, embed, moving_model
 from test_token_restore import MODELS as DENSE
 from test_token_restore import Features, Segmenter
 from vitprune.ops import token_ops
-from vitprune.ops.modules import TokenIndexedGather, TokenRestore, TokenUnmerge
+from vitprune.ops.modules import TokenIndexedGather, TokenMerge, TokenRestore, TokenUnmerge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,6 +25,9 @@ def test_every_token_indexed_and_dense_family_is_exact_at_r0_and_with_every_toke
     rewritten, report = vitprune.rewrite(model, "token-merge", example_input=x, r=4)
     assert report.keep_all_nodes_compared > 50 and report.keep_all_worst_node_diff <= 1e-6
     assert abs(report.flops_ratio - report.decisions["predicted_flops_ratio"]) < 2e-3
+    # the merge works out who holds each patch (for the unmerge) only when a reader needs every token back
+    merges = [m for m in rewritten.modules() if isinstance(m, TokenMerge)]
+    assert merges and all(m.return_kept and m.return_sources == (family in DENSE) for m in merges)
     if family in INDEXED:
         assert report.decisions["token_indexed"]["gathered"]
         assert any(isinstance(m, TokenIndexedGather) for m in rewritten.modules())

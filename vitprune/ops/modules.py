@@ -463,17 +463,18 @@ class TokenMerge(TokenModule):
     Shapes: ``x [B, num_prefix_tokens + num_patches, C]``, ``k [B, H, N, d]`` (the same ``N``),
     ``size [B, N, 1]`` (or ``None``: ones, before the first merge) -> ``(x [B, N - r, C], size [B, N - r, 1])``.
     With ``record_kept``, ``last_kept`` ``[B, num_patches - r]`` holds the patch tokens that stay. With
-    ``return_kept`` two more outputs follow: ``kept [B, num_patches - r]`` (those indices: a merged token
-    sits at its destination's grid position, so RoPE tables and relative-position biases follow it) and
-    ``sources [B, num_patches]`` (:func:`token_ops.merge_sources`: which output patch token holds each input
-    patch, for unmerging before a dense reader).
+    ``return_kept`` a third output follows: ``kept [B, num_patches - r]`` (those indices: a merged token sits
+    at its destination's grid position, so RoPE tables and relative-position biases follow it); with
+    ``return_sources`` as well a fourth, ``sources [B, num_patches]`` (:func:`token_ops.merge_sources`: which
+    output patch token holds each input patch, for unmerging before a dense reader; computed only then).
 
     Raises:
         ValueError: at construction, ``r`` outside ``[0, num_patches // 2]`` (bipartite matching merges at
             most half the patch tokens).
     """
 
-    def __init__(self, num_prefix_tokens: int, num_patches: int, r: int, block: int, return_kept: bool = False) -> None:
+    def __init__(self, num_prefix_tokens: int, num_patches: int, r: int, block: int, return_kept: bool = False,
+                 return_sources: bool = False) -> None:
         super().__init__()
         if not 0 <= r <= num_patches // 2:
             raise ValueError(f"r must be in [0, {num_patches // 2}] for {num_patches} patch tokens, got {r}")
@@ -481,11 +482,13 @@ class TokenMerge(TokenModule):
                                                                         int(r), int(block))
         self.keep_count = self.num_patches - self.r
         self.return_kept = bool(return_kept)
+        self.return_sources = bool(return_sources)
         self._force_keep_all = False
 
     def config(self) -> dict[str, Any]:
-        return self._restore_config({"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches,
-                                     "r": self.r, "block": self.block})
+        config = self._restore_config({"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches,
+                                       "r": self.r, "block": self.block})
+        return {**config, "return_sources": True} if self.return_sources else config
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         if size is None:
@@ -498,6 +501,8 @@ class TokenMerge(TokenModule):
         merged = token_ops.merge_tokens(x, size, kept, src, dst)
         if not self.return_kept:
             return merged
+        if not self.return_sources:
+            return (*merged, patches)
         return (*merged, patches, token_ops.merge_sources(kept, src, dst, self.num_prefix_tokens))
 
 
