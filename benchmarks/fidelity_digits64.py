@@ -157,6 +157,24 @@ def tome_r_for(ratio: Callable[[int], float], target: float, max_r: int) -> int:
     return min({max(0, lo - 1), lo}, key=lambda r: abs(ratio(r) - target))
 
 
+def tome_ratio(tome, model: torch.nn.Module, one: torch.Tensor) -> Callable[[int], float]:
+    """``r -> FLOPs ratio`` of stock ToMe at ``r`` on ``model`` (counted on a patched copy, cached)."""
+    base_flops, probe, ratios = count_flops(model, one), tome_model(tome, model, 0), {}
+
+    def ratio(r: int) -> float:
+        if r not in ratios:
+            probe.r = r
+            ratios[r] = count_flops(probe, one) / base_flops
+        return ratios[r]
+
+    return ratio
+
+
+def tome_r_at(ratio: Callable[[int], float], target: float) -> int:
+    """Stock ToMe's constant ``r`` whose FLOPs ratio is closest to ``target`` on the digits ViT."""
+    return tome_r_for(ratio, target, max_r=(MODEL_ARGS["img_size"] // MODEL_ARGS["patch_size"]) ** 2 // 2)
+
+
 def vitprune_rows(model, target: float, example, calibration, keep_ratios: dict) -> list[tuple[str, str, Callable]]:
     """``(method, setting, build)`` for every vitprune configuration at FLOPs ``target``; ``build()`` rewrites."""
     rw = lambda method, **p: lambda: vitprune.rewrite(model, method, example_input=example, **p)  # noqa: E731
@@ -228,17 +246,10 @@ def tome_rows(tome, model: torch.nn.Module, targets: list[float], x_test: torch.
              "tome_r0_flops_equal": count_flops(probe, one) == base_flops}
     print(f"ToMe r=0 vs original: max abs logit diff {notes['tome_r0_max_abs_diff']:.2e}, "
           f"FLOPs equal: {notes['tome_r0_flops_equal']}", flush=True)
-    ratios: dict[int, float] = {}
-
-    def ratio(r: int) -> float:
-        if r not in ratios:
-            probe.r = r
-            ratios[r] = count_flops(probe, one) / base_flops
-        return ratios[r]
-
+    ratio = tome_ratio(tome, model, one)
     entries = []
     for target in targets:
-        r = tome_r_for(ratio, target, max_r=(one.shape[-1] // MODEL_ARGS["patch_size"]) ** 2 // 2)
+        r = tome_r_at(ratio, target)
         patched = tome_model(tome, model, r)
         entries.append(({"method": "ToMe (stock)", "setting": f"r={r}, prop_attn", "target": target,
                          "params": {"r": r, "prop_attn": True}, "flops_ratio": ratio(r),

@@ -80,20 +80,14 @@ def tome_speedup(tome_src: Path, model: torch.nn.Module, target: float, one: tor
                  batch: int) -> float:
     """Stock ToMe's speed-up over the original at ``target`` FLOPs (its ``r`` as ``fidelity_digits64.py`` picks
     it), both timed together by the search's own timer."""
-    from fidelity_digits64 import MODEL_ARGS, tome_model, tome_r_for
-    from vitprune.graph.flops import count_flops
+    from fidelity_digits64 import tome_model, tome_r_at, tome_ratio
     from vitprune.search.latency import measure_latencies
 
     sys.path.insert(0, str(tome_src.resolve()))
     import tome
 
-    base, probe = count_flops(model, one), tome_model(tome, model, 0)
-
-    def ratio(r: int) -> float:
-        probe.r = r
-        return count_flops(probe, one) / base
-
-    r = tome_r_for(ratio, target, max_r=(one.shape[-1] // MODEL_ARGS["patch_size"]) ** 2 // 2)
+    ratio = tome_ratio(tome, model, one)
+    r = tome_r_at(ratio, target)
     ms = measure_latencies({"original": model, "tome": tome_model(tome, model, r)}, tuple(one.shape[1:]), backend,
                            batch, repeats=7)
     print(f"stock ToMe r={r} (FLOPs {ratio(r):.3f}): {ms['tome']:.2f} ms, original {ms['original']:.2f} ms "

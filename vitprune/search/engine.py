@@ -202,9 +202,6 @@ class _Searcher:
             self.bar.close()
             self.bar = None
 
-    def _admissible(self, space, v: tuple[int, ...], target: _Budget) -> bool:
-        return target.admits(space, v)
-
     def _resolve(self, space, v: tuple[int, ...], j: int, down: bool, i: int, target: _Budget):
         """``v`` with block ``j`` re-solved: admissible, as close to the tightest constraint as it can be (ties:
         nearest to ``v``); ``None`` when no count of block ``j`` is admissible."""
@@ -215,15 +212,15 @@ class _Searcher:
         return best
 
     def _repair(self, space, v: tuple[int, ...], target: _Budget):
-        """An admissible schedule near ``v``: its last blocks lowered until the FLOPs fit (``None``: none)."""
+        """An admissible schedule near ``v``: its last blocks lowered until it fits ``target`` (``None``: none)."""
         for j in range(space.L - 1, space.first - 1, -1):
-            if self._admissible(space, v, target):
+            if target.admits(space, v):
                 return v
             w = self._resolve(space, v, j, space.method == "importance-mask", j, target)
             if w is None:  # even block j's extreme does not fit: take it and go on with the earlier blocks
                 w = list(space.options(v, j, space.method == "importance-mask", j))[-1]
             v = w
-        return v if self._admissible(space, v, target) else None
+        return v if target.admits(space, v) else None
 
     def _fit(self, space, solve, target: _Budget, steps: int = 4):
         """A seed of the family ``solve`` (FLOPs target -> schedule) that ``target`` admits: solved at the seed
@@ -289,7 +286,7 @@ class _Searcher:
                     info["score"] = space.score
                     for t in ok.values():
                         consider(t)
-                info.update(default_predicted_flops_ratio=c.predicted, default_admissible=self._admissible(space, v, target),
+                info.update(default_predicted_flops_ratio=c.predicted, default_admissible=target.admits(space, v),
                             default_cosine=c.cosine, default_agreement=c.agreement, default_error=c.error,
                             default_tokens_per_block=space.tokens(v))
                 consider(c)

@@ -4,9 +4,10 @@ A schedule's latency is predicted as ``base_ms · flops_ratio + Σ overhead_ms(N
 (a per-operator lookup table, as hardware-aware NAS predicts latency, e.g. FBNet, arXiv 1812.03443 §3.2):
 compute scales with the FLOPs the graph analysis predicts, and each ``TokenMerge`` adds the time of its
 ~20 small kernels (matching, a top-k and a sort, gathers) that FLOPs do not show. On the 64 px digits ViT
-(compiled, batch 16) one merge at the first block's shape takes 23% of a whole block's time, so two
-schedules at the same FLOPs differ by up to 1.1x in throughput with the number of merging blocks
-(``benchmarks/results/fidelity_digits64_compiled.md``). The merge's time is measured, not assumed: one
+(compiled, batch 16) the search measured one merge at 256 patches at 1.89 ms beyond its FLOPs' share, against
+64 ms for the whole six-block model (``benchmarks/results/fidelity_digits64_search_latency.md``), and at
+FLOPs 0.6 a three-block merge schedule ran at 1.11x the throughput of a six-block one
+(``benchmarks/results/fidelity_digits64_compiled.md``: 520 vs 469 img/s). The merge's time is measured, not assumed: one
 ``TokenMerge`` alone, at the model's width and heads, on the backend and batch size of the search, at a few
 token counts (interpolated in between). importance-mask's scoring is in its FLOPs and its gather is one
 kernel a stage: it is not charged more.
