@@ -11,6 +11,7 @@ from typing import Callable
 
 import click
 
+from vitprune.cli.device import device_options
 from vitprune.cli.main import _emit_json, _floats3, model_options, normalisation_options, say_preprocessing
 from vitprune.train.evaluate import resolve_model_path
 from vitprune.train.finetune import FinetuneConfig
@@ -102,8 +103,8 @@ def _summary(history: list[dict]) -> str:
 @click.option("--hflip", is_flag=True, help="Random horizontal flips (off: digits and text are not flip-invariant).")
 @click.option("--workers", type=int, default=_DEFAULTS["num_workers"], show_default=True, help="Data-loader processes.")
 @click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True)
-@click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available].")
-@click.option("--amp/--no-amp", default=None, help="bf16 autocast (CUDA only) [default: on with CUDA].")
+@device_options("Autocast precision of the forward (weights stay float32; float16 on CUDA with loss scaling) "
+                "[default: bfloat16 on CUDA, float32 on the CPU].")
 @click.option("--keep-checkpoints", type=int, default=_DEFAULTS["keep_checkpoints"], show_default=True,
               help="Keep the last N epoch checkpoints; 0 keeps all.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last checkpoint (same options).")
@@ -153,11 +154,11 @@ def finetune(model, source, inputs, input_size, data, val, no_labels, teacher, n
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @normalisation_options
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loader processes.")
-@click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available].")
+@device_options("Autocast precision of the forward (weights stay float32) [default: float32].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random token selection.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def evaluate_cmd(model, source, inputs, input_size, data, keep_rates, batch_size, mean, std, workers, device, seed,
-                 as_json) -> None:
+def evaluate_cmd(model, source, inputs, input_size, data, keep_rates, batch_size, mean, std, workers, device, dtype,
+                 seed, as_json) -> None:
     """Top-1 / top-5 accuracy of MODEL on the image folder DATA, per inference keep rate.
 
     MODEL may be a `vitprune finetune` output folder. Images are resized (shorter side), center-cropped
@@ -168,7 +169,8 @@ def evaluate_cmd(model, source, inputs, input_size, data, keep_rates, batch_size
     rates = _floats(keep_rates, "--keep-rate")
     mean, std = _floats(mean, "--mean"), _floats(std, "--std")
     result = evaluate(model, data, keep_rates=rates, batch_size=batch_size, input_size=input_size,
-                      mean=mean, std=std, num_workers=workers, device=device, seed=seed)
+                      mean=mean, std=std, num_workers=workers, device=device, dtype=dtype,
+                      seed=seed)
     say_preprocessing(model, mean, std, input_size)  # after the work: a refused command's error stays one line
     result["model"] = source
     if as_json:

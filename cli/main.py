@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import click
 
+from vitprune.cli.device import device_options
 from vitprune.errors import VitpruneError
 
 
@@ -337,7 +338,8 @@ def _check_picture_suffix(output: str, what: str) -> None:
               help="Picture to write; its suffix is the format: .png, .jpg, .pdf, .svg (any matplotlib saves).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @normalisation_options
-def show(model, source, inputs, input_size, image, output, overwrite, mean, std) -> None:
+@device_options("Autocast precision of the forward [default: float32].")
+def show(model, source, inputs, input_size, image, output, overwrite, mean, std, device, dtype) -> None:
     """Draw IMAGE with the patches MODEL keeps at each pruning stage, one panel a stage.
 
     MODEL is usually a folder written by `vitprune rewrite`. IMAGE is resized (shorter side) and
@@ -348,7 +350,8 @@ def show(model, source, inputs, input_size, image, output, overwrite, mean, std)
     _check_picture_suffix(output, "-o")
     _check_output(Path(output), [image, *inputs], overwrite)
     mean, std = _floats3(mean, "--mean"), _floats3(std, "--std")
-    stages = do_show(model, image, output, mean=mean, std=std, input_size=input_size, protect=inputs)
+    stages = do_show(model, image, output, mean=mean, std=std, input_size=input_size, protect=inputs, device=device,
+                     dtype=dtype)
     say_preprocessing(model, mean, std, input_size)  # after the work: a refused command's error stays one line
     click.echo(f"wrote {output} ({len(stages)} stage{'' if len(stages) == 1 else 's'})")
 

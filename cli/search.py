@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from vitprune.cli.device import device_options
+from vitprune.device import resolve_device, resolve_dtype
 from vitprune.cli.main import _check_output, _emit_json, _floats3, model_options, normalisation_options, say_preprocessing
 from vitprune.errors import VitpruneError
 
@@ -46,8 +48,10 @@ _BACKENDS = ("eager", "compile", "onnxruntime")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the search result as JSON.")
+@device_options("Precision of the calibration forwards and timings (model and images cast to it) [default: float32].")
 def search(model, source, inputs, input_size, flops, latency_ms, speedup, batch, backend, calibration,
-           calibration_limit, methods, budget, seed, mean, std, frontend, output, overwrite, quiet, as_json) -> None:
+           calibration_limit, methods, budget, seed, mean, std, frontend, output, overwrite, quiet, as_json,
+           device, dtype) -> None:
     """Search the per-block keep counts / merges that keep MODEL's output closest to the original at a FLOPs
     (--flops) and/or latency (--latency-ms or --speedup) budget, on calibration images, without fine-tuning.
 
@@ -65,13 +69,14 @@ def search(model, source, inputs, input_size, flops, latency_ms, speedup, batch,
         raise click.BadParameter(f"must be in (0, 1), got {flops}", param_hint="--flops")
     if latency_ms is not None and not latency_ms > 0:
         raise click.BadParameter(f"must be a positive number of milliseconds, got {latency_ms}", param_hint="--latency-ms")
+    resolve_device(device), resolve_dtype(dtype)  # a bad value fails before any work
     output = Path(output)
     _check_output(output, [*inputs, calibration], overwrite)
     mean, std = _floats3(mean, "--mean"), _floats3(std, "--std")
     result = run_search(model, flops=flops, latency_ms=latency_ms, speedup=speedup, calibration=calibration,
                         methods=methods, budget=budget, seed=seed, batch=batch, backend=backend,
                         calibration_limit=calibration_limit, progress=not quiet, input_size=input_size, mean=mean,
-                        std=std, frontend=frontend)
+                        std=std, frontend=frontend, device=device, dtype=dtype)
     result.model = source
     result.save(output)
     say_preprocessing(model, mean, std, input_size)  # after the work: a refused command's error stays one line

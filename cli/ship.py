@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from vitprune.cli.device import device_options
+from vitprune.device import resolve_device, resolve_dtype
 from vitprune.cli.main import _check_output, _emit_json, _input_size, model_options
 
 
@@ -60,11 +62,16 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
 @click.option("--overwrite", is_flag=True, help="Replace the --plot picture if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@device_options("Precision the models run in (weights and inputs cast to it; FLOPs counted in float32) "
+                "[default: float32].")
+@click.option("--cuda-graphs", is_flag=True, help="The compile backend records CUDA graphs (inductor's "
+              "reduce-overhead mode; CUDA only).")
 def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, input_size, data, plot, overwrite,
-          as_json, quiet) -> None:
+          as_json, quiet, device, dtype, cuda_graphs) -> None:
     """Measure MODELS (timm:NAME, saved folders, ONNX files, ...): params, FLOPs, throughput, latency, peak memory.
 
-    ONNX files run on the onnxruntime backend only (with ONNX Runtime's graph optimisations).
+    ONNX files run on the onnxruntime backend only (with ONNX Runtime's graph optimisations), in float32 on
+    the CPU. On CUDA, runs are timed with CUDA events and peak memory is torch.cuda.max_memory_allocated.
 
     The first model is the baseline for speed-up and FLOPs ratio. Runs of the models are interleaved.
     """
@@ -78,6 +85,7 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, i
     if unknown or not backends:
         raise click.BadParameter(f"unknown backend {unknown[0] if unknown else ''!r}; choose from {', '.join(BACKENDS)}",
                                  param_hint="--backend")
+    dev, dt = resolve_device(device), resolve_dtype(dtype)  # a bad value fails before any model is read
     if repeats < 1 or iters < 1:
         raise click.BadParameter("must be >= 1", param_hint="--repeats/--iters")
     if plot:
@@ -99,10 +107,11 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, i
     from vitprune.train.evaluate import evaluate
 
     def accuracy(m):
-        return evaluate(m, data, input_size=size, seed=0)["rows"][0]["top1"]
+        return evaluate(m, data, input_size=size, seed=0, device=dev, dtype=dt)["rows"][0]["top1"]
 
     rows = run_bench(loaded, size, backends=backends, batches=batches, repeats=repeats, iters=iters,
-                     accuracy=accuracy if data else None, progress=not quiet)
+                     accuracy=accuracy if data else None, progress=not quiet, device=dev, dtype=dt,
+                     cuda_graphs=cuda_graphs)
     if plot:
         pareto_plot(rows, plot)
     if as_json:

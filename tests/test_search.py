@@ -177,7 +177,7 @@ def fake_timer(digits, monkeypatch):
         merges = sum(isinstance(m, TokenMerge) and m.r > 0 for m in model.modules())
         return 10.0 * count_flops(model.eval(), torch.zeros(1, *size)) / base + merges
 
-    def fake_latencies(models, size, backend, batch, repeats=3):
+    def fake_latencies(models, size, backend, batch, repeats=3, **where):  # where: device, dtype
         return {name: fake(m, size, backend, batch) for name, m in models.items()}
 
     monkeypatch.setattr(importlib.import_module("vitprune.search.latency"), "measure_latencies", fake_latencies)

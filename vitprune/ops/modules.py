@@ -303,7 +303,7 @@ class LifespanGather(TokenModule):
     def lives_from_scores(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """:meth:`lives` from the patches' scores ``[B, P]`` (:func:`token_ops.patch_scores`; stream
         ``x [B, prefix + P, C]``)."""
-        z = scores.clamp_min(1e-12).log()
+        z = scores.float().clamp_min(1e-12).log()  # float32 in any model dtype: 1e-12 is 0 in float16 (log: -inf)
         z = (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-6)
         logit = self.score_weight * z + self.mlp(x[:, self.num_prefix_tokens:]).squeeze(-1) + self.bias
         low = self.first_block - 0.5  # a life that rounds to first_block ends at the regressor's block
@@ -411,7 +411,7 @@ class SurvivalGate(_SoftSurvival):
     def forward(self, update: torch.Tensor, lives: torch.Tensor) -> torch.Tensor:
         if not self.training or update.shape[1] != self.num_prefix_tokens + lives.shape[1]:
             return update
-        gate = torch.sigmoid((lives - self.block) / self.tau)
+        gate = torch.sigmoid((lives - self.block) / self.tau).to(update.dtype)  # lives are float32 (LifespanGather)
         gate = torch.cat([gate.new_ones(gate.shape[0], self.num_prefix_tokens), gate], dim=1)
         return update * gate.unsqueeze(-1)
 

@@ -137,6 +137,7 @@ def ranked(scores: torch.Tensor) -> torch.Tensor:
     earlier first, in every backend. The values are integers below ``2^24`` (exact in float32) for ``P <= 8188``.
     """
     p = scores.shape[-1]
+    scores = scores.float()  # the values need float32's 24-bit mantissa: in bfloat16 (8 bits) most would tie
     position = torch.arange(p - 1, -1, -1, dtype=scores.dtype, device=scores.device)
     return torch.round(scores / RANK_RESOLUTION) * p + position
 
@@ -260,7 +261,9 @@ def bipartite_soft_matching(metric: torch.Tensor, num_prefix_tokens: int, r: int
         kept = torch.arange(tokens, device=device).expand(batch, tokens)
         empty = kept[:, :0]
         return kept, empty, empty
-    patches = metric[:, p:].detach()
+    # float32 whatever the model runs in: 1e-12 is 0 in float16, and bfloat16's 8-bit mantissa ties most
+    # similarities (which then match by each backend's own tie order)
+    patches = metric[:, p:].detach().float()
     patches = patches / patches.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = patches[:, 0::2], patches[:, 1::2]
     scores = a @ b.transpose(-1, -2)  # [B, |A|, |B|] cosine similarities

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from vitprune.device import resolve_device, resolve_dtype
 from vitprune.errors import PassError, SearchError, VitpruneError
 from vitprune.frontends.capture import capture
 from vitprune.graph.analysis import analyse
@@ -82,7 +83,7 @@ class _Searcher:
     """Captures and analyses the model once, computes the original outputs once, scores candidates."""
 
     def __init__(self, model: nn.Module, calibration: Any, methods: tuple[str, ...], seed: int, limit: int,
-                 input_size, mean, std, frontend: str, progress: bool) -> None:
+                 input_size, mean, std, frontend: str, progress: bool, device: Any = None, dtype: Any = None) -> None:
         from vitprune.io.origin import default_input_size, example_input
         from vitprune.io.preprocess import resolve_preprocessing
         from vitprune.rewrite import _opaque_attention
@@ -96,14 +97,16 @@ class _Searcher:
                     raise
                 input_size = tuple(calibration.shape[1:])  # a model that does not say: the calibration tensor does
         size = tuple(int(v) for v in input_size)
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+        # capture, passes and FLOPs run on the CPU in float32 (self.x); calibration forwards and timings on
+        # ``device`` in ``dtype`` (:mod:`vitprune.device`), each on a moved copy
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.preprocessing = None
         if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__"):
             prep = resolve_preprocessing(model, mean, std, channels=size[0])
             mean, std, self.preprocessing = prep.mean, prep.std, prep.to_dict()
         self.batches, self.calibration, self.images = calibration_batches(
-            calibration, size, mean, std, limit, seed, device)
+            calibration, size, mean, std, limit, seed, self.device)
+        self.batches = [b.to(self.dtype) for b in self.batches]
         self.x = example_input(model, size)  # what `vitprune rewrite` analyses and verifies with
         ref = capture(model, self.x, frontend)
         if frontend == "auto" and _opaque_attention(ref, self.x):
@@ -122,7 +125,9 @@ class _Searcher:
 
                 self.spaces[m] = MergeSpace(self.vit, self.total, measure_flops(ref, self.vit, self.x)[1])
         with torch.no_grad():
-            self.original = [flat_outputs(ref(b), b.shape[0]) for b in self.batches]
+            scorer = self.placed(ref)
+            self.original = [flat_outputs(scorer(b), b.shape[0]) for b in self.batches]
+            del scorer
         self.cache: dict[tuple[str, tuple[int, ...]], _Candidate] = {}
         self.evaluations = 0
         self.evaluated: list[dict[str, Any]] = []
@@ -141,8 +146,20 @@ class _Searcher:
         self.decisions = pass_.record
         return gm
 
+    def placed(self, gm: nn.Module) -> nn.Module:
+        """``gm`` on the search's device in its dtype: a moved copy unless that is the CPU in float32."""
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            return gm
+        return copy.deepcopy(gm).to(device=self.device, dtype=self.dtype)
+
+    @property
+    def where(self) -> dict[str, Any]:
+        """Where timings run: ``device`` and ``dtype`` keywords of :func:`vitprune.ship.bench.bench`."""
+        return {"device": self.device, "dtype": self.dtype}
+
     def score(self, gm: nn.Module) -> tuple[float, float | None]:
         cos, agree, n = [], 0, 0
+        gm = self.placed(gm)
         with torch.no_grad():
             for b, (ref, ref_top) in zip(self.batches, self.original):
                 flat, top = flat_outputs(gm(b), b.shape[0])
@@ -430,13 +447,14 @@ def _search_latency(s: _Searcher, flops: float | None, latency_ms: float | None,
     Times are relative to the original's first timing: a shared machine's speed drifts between timings, the
     ratio of two models timed together does not (much)."""
     size = tuple(s.x.shape[1:])
-    base = lat.measure_latencies({"original": s.reference}, size, backend, batch, repeats=5)["original"]
+    base = lat.measure_latencies({"original": s.reference}, size, backend, batch, repeats=5, **s.where)["original"]
     if latency_ms is None:
         latency_ms = base / speedup
     elif base <= latency_ms and flops is None:
         raise SearchError(f"the original model already runs in {base:.3g} ms at batch {batch} on {backend}, within "
                           f"{latency_ms:g} ms: there is nothing to prune")
-    model = lat.LatencyModel.measure(s.vit, base, s.total, backend, batch, merges="token-merge" in s.methods)
+    model = lat.LatencyModel.measure(s.vit, base, s.total, backend, batch, merges="token-merge" in s.methods,
+                                     **s.where)
     result = None
     for attempt in range(retries + 1):
         b = budget if attempt == 0 else max(len(s.methods), budget // 2)
@@ -447,7 +465,8 @@ def _search_latency(s: _Searcher, flops: float | None, latency_ms: float | None,
             if result is None:
                 raise
             break  # the corrected model admits nothing: keep the last schedule found
-        pair = lat.measure_latencies({"original": s.reference, "candidate": gm}, size, backend, batch, repeats=5)
+        pair = lat.measure_latencies({"original": s.reference, "candidate": gm}, size, backend, batch, repeats=5,
+                                     **s.where)
         del gm
         relative = pair["candidate"] / pair["original"]
         found.latency_ms, found.latency_target_ms, found.latency_original_ms = relative * base, latency_ms, base
@@ -470,7 +489,8 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
            methods: Sequence[str] = METHODS, budget: int = 48, seed: int = 0, batch: int = 1,
            backend: str = "eager", calibration_limit: int = 64, progress: bool = True,
            input_size: tuple[int, int, int] | None = None, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None, frontend: str = "auto") -> SearchResult:
+           std: Sequence[float] | None = None, frontend: str = "auto", device: str | torch.device | None = None,
+           dtype: str | torch.dtype | None = None) -> SearchResult:
     """Find the per-block schedule (keep counts or merges) that keeps ``model``'s output closest to the original
     at a FLOPs or latency budget, without fine-tuning (module docstring: search space and algorithm; Patch
     Slimming, arXiv 2106.02852 §3.3; DiffRate, arXiv 2305.17997).
@@ -502,6 +522,8 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
         input_size: ``(C, H, W)`` when it cannot be read from the model or a calibration tensor.
         mean, std: override the normalisation of calibration images read from a folder.
         frontend: as :func:`vitprune.rewrite`.
+        device, dtype: where the calibration forwards and the timings run (:mod:`vitprune.device`; default CUDA
+            when available, float32); capture, the passes and FLOPs stay on the CPU in float32.
 
     Returns:
         A :class:`SearchResult`; ``vitprune.rewrite(model, result.method, **result.params)`` builds the model
@@ -512,6 +534,7 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
             not positive, an unknown method or backend, a budget below the number of methods, empty or
             malformed calibration data, no method that admits the target (each method's reason is given), a
             latency alone that the original model already meets, or a model that does not run on ``backend``.
+        VitpruneError: a bad ``device`` or ``dtype``.
         CaptureError, AnalysisError: the model cannot be captured or is not a ViT vitprune can rewrite.
     """
     start = time.perf_counter()
@@ -548,7 +571,7 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
     modes = {m: m.training for m in model.modules()}
     try:
         s = _Searcher(model, calibration, methods, int(seed), int(calibration_limit), input_size, mean, std,
-                      frontend, progress)
+                      frontend, progress, device, dtype)
         if latency_ms is None and speedup is None:
             target = _Budget(float(flops))
             result, _ = s.result(target, s.run(target, int(budget)), int(budget))

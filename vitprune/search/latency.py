@@ -15,6 +15,7 @@ kernel a stage: it is not charged more.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -27,18 +28,23 @@ from vitprune.graph.analysis import ViTGraph
 
 
 def measure_latencies(models: dict[str, nn.Module], input_size: tuple[int, ...], backend: str, batch: int,
-                      repeats: int = 3) -> dict[str, float]:
+                      repeats: int = 3, device: Any = "cpu", dtype: Any = None) -> dict[str, float]:
     """Milliseconds for one forward of a ``[batch, *input_size]`` input on ``backend``, per model, measured by
     :func:`vitprune.ship.bench.bench` in interleaved rounds (so the models share the machine's drift; median
-    over the rounds: batch 1 the p50 latency, else ``batch`` over the median throughput).
+    over the rounds: batch 1 the p50 latency, else ``batch`` over the median throughput), on ``device`` in
+    ``dtype`` (moved copies off the CPU or float32: the models stay where they are).
 
     Raises:
         SearchError: a model does not run on ``backend`` (the first line of why).
     """
+    from vitprune.device import resolve_device, resolve_dtype
     from vitprune.ship.bench import bench
 
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if dev.type != "cpu" or dt != torch.float32:
+        models = {name: copy.deepcopy(m) for name, m in models.items()}  # bench moves and casts in place
     rows = bench(models, tuple(input_size), backends=(backend,), batches=(batch,), repeats=repeats, iters=2,
-                 latency_runs=5 * repeats, progress=False)
+                 latency_runs=5 * repeats, progress=False, device=dev, dtype=dt)
     out = {}
     for row in rows:
         if row.error:
@@ -47,9 +53,9 @@ def measure_latencies(models: dict[str, nn.Module], input_size: tuple[int, ...],
     return out
 
 
-def measure_latency(model: nn.Module, input_size: tuple[int, ...], backend: str, batch: int) -> float:
-    """:func:`measure_latencies` of one model."""
-    return measure_latencies({"model": model}, input_size, backend, batch)["model"]
+def measure_latency(model: nn.Module, input_size: tuple[int, ...], backend: str, batch: int, **where: Any) -> float:
+    """:func:`measure_latencies` of one model (``where``: its ``device`` and ``dtype``)."""
+    return measure_latencies({"model": model}, input_size, backend, batch, **where)["model"]
 
 
 class _MergeProbe(nn.Module):
@@ -69,17 +75,17 @@ class _MergeProbe(nn.Module):
 
 
 def merge_overhead_ms(vit: ViTGraph, patches: int, base_ms: float, total_flops: int, backend: str,
-                      batch: int) -> float:
+                      batch: int, **where: Any) -> float:
     """Milliseconds one ``TokenMerge`` adds beyond its FLOPs' share of ``base_ms``, with ``patches`` patch
     tokens alive, at the first block's width and heads, on ``backend`` at ``batch`` (``r`` = a quarter of the
     patches: its top-k and sort cover every patch whatever ``r`` is). ``total_flops``: the original's per image.
-    Never below 0."""
+    Never below 0. ``where``: the ``device`` and ``dtype`` of :func:`measure_latencies`."""
     from vitprune.graph.flops import count_flops
 
     b = vit.blocks[0]
     probe = _MergeProbe(vit.num_prefix_tokens, patches, b.heads).eval()
     size = (vit.num_prefix_tokens + patches, b.dim)
-    ms = measure_latencies({"merge": probe}, size, backend, batch)["merge"]
+    ms = measure_latencies({"merge": probe}, size, backend, batch, **where)["merge"]
     flops = count_flops(probe, torch.zeros(1, *size))
     return max(0.0, ms - base_ms * flops / total_flops)
 
@@ -98,13 +104,14 @@ class LatencyModel:
 
     @classmethod
     def measure(cls, vit: ViTGraph, base_ms: float, total_flops: int, backend: str, batch: int,
-                merges: bool) -> "LatencyModel":
-        """Time the merge (when ``merges``) at ``P``, ``P/2``, ``P/4`` and ``P/8`` patch tokens (at least 2)."""
+                merges: bool, **where: Any) -> "LatencyModel":
+        """Time the merge (when ``merges``) at ``P``, ``P/2``, ``P/4`` and ``P/8`` patch tokens (at least 2), on
+        ``where``'s ``device`` in its ``dtype`` (:func:`measure_latencies`)."""
         model = cls(float(base_ms))
         if merges:
             P = vit.num_patches
             model.patches = sorted({max(2, P // d) for d in (8, 4, 2, 1)})
-            model.overhead_ms = [merge_overhead_ms(vit, p, base_ms, total_flops, backend, batch)
+            model.overhead_ms = [merge_overhead_ms(vit, p, base_ms, total_flops, backend, batch, **where)
                                  for p in model.patches]
         return model
 

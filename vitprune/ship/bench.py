@@ -3,9 +3,18 @@
 Timing: after warm-up (compilation included), ``repeats`` rounds; in each round every model runs once
 in turn for the same backend and batch (interleaved, so machine noise hits all models alike); a run is
 ``iters`` forward passes under ``torch.inference_mode``. Throughput is the median over rounds, in
-images/s. Latency p50/p90 (ms) is measured at batch 1 from single forward passes. Peak memory (eager
-only, bytes) is the largest sum of live tensor allocations during one forward, from the profiler's
-memory events (``profile_memory=True``): activations and workspaces, not the weights.
+images/s. Latency p50/p90 (ms) is measured at batch 1 from single forward passes.
+
+Device and precision (:mod:`vitprune.device`): FLOPs are counted in float32 on the CPU, then every model
+and input is moved and cast (``module.to(device, dtype)``, in place) and runs there in that dtype. On the
+CPU a run is timed with ``time.perf_counter``; on CUDA, which runs asynchronously, with CUDA events
+recorded around it after a ``torch.cuda.synchronize`` (the queue is empty, so the events measure the run).
+
+Peak memory (bytes) is what one forward allocates beyond the weights and the input: on the CPU (eager
+only) the largest sum of live tensor allocations, from the profiler's memory events (``profile_memory=True``);
+on CUDA (every backend) ``torch.cuda.max_memory_allocated`` during the forward minus what was allocated
+before it. ``cuda_graphs`` compiles with inductor's CUDA graphs (``mode="reduce-overhead"``; rows say
+``compile+cudagraphs``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitprune.device import dtype_name, resolve_device, resolve_dtype, synchronize
 from vitprune.errors import VitpruneError
 from vitprune.io.outputs import atomic_file
 from vitprune.frontends.onnx import OnnxModel
@@ -45,13 +55,15 @@ class BenchRow:
     images_per_s_runs: list[float] = field(default_factory=list)
     latency_ms_p50: float | None = None  # batch 1 only
     latency_ms_p90: float | None = None
-    peak_memory_bytes: int | None = None  # eager only
+    peak_memory_bytes: int | None = None  # CPU: eager only; CUDA: every backend (see the module docstring)
     token_op_share: float | None = None  # eager: share of forward CPU time inside vitprune token ops
     accuracy: float | None = None
     speedup: float | None = None  # vs the first model, same backend and batch
     flops_ratio: float | None = None  # vs the first model
     efficiency: float | None = None  # speed-up / FLOPs-ideal speed-up (= speed-up · FLOPs ratio)
     error: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,8 +107,11 @@ def _onnx_flops(model: OnnxModel, x: torch.Tensor) -> int:
     return count_onnx_flops(model.proto, shapes)
 
 
-def runner(model: nn.Module | OnnxModel, backend: str, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-    """A callable running ``model`` on ``backend`` (compiled / exported on first use here).
+def runner(model: nn.Module | OnnxModel, backend: str, x: torch.Tensor, cuda_graphs: bool = False,
+           compile_backend: str = "inductor") -> Callable[[torch.Tensor], Any]:
+    """A callable running ``model`` on ``backend`` (compiled / exported on first use here); ``cuda_graphs``:
+    the compile backend uses inductor's CUDA graphs (``mode="reduce-overhead"``); ``compile_backend``: its
+    ``torch.compile`` backend.
 
     Raises:
         VitpruneError: an ONNX model on a backend other than ``onnxruntime``.
@@ -111,14 +126,44 @@ def runner(model: nn.Module | OnnxModel, backend: str, x: torch.Tensor) -> Calla
     if backend == "compile":
         from vitprune.ship.compile import compile as vp_compile
 
-        return vp_compile(model)
+        return vp_compile(model, cuda_graphs=cuda_graphs, backend=compile_backend)
     if backend == "onnxruntime":
         return _onnx_runner(model, x)
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def cuda_peak_memory_bytes(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
+    """``torch.cuda.max_memory_allocated`` during one forward ``fn(x)`` on ``x``'s GPU, minus the bytes allocated
+    before it (weights, input): what the forward itself needs at its peak."""
+    synchronize(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    with torch.inference_mode():
+        fn(x)
+    synchronize(x.device)
+    return int(torch.cuda.max_memory_allocated(x.device) - before)
+
+
+def timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, iters: int = 1) -> float:
+    """Seconds ``iters`` calls ``fn(x)`` take: ``time.perf_counter`` on the CPU; on CUDA, CUDA events around
+    the calls after a synchronisation (so the events time the calls' kernels, launch gaps included)."""
+    if x.device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn(x)
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    synchronize(x.device)
+    begin.record()
+    for _ in range(iters):
+        fn(x)
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3  # ms -> s
+
+
 def peak_memory_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Peak of live tensor bytes allocated during one eager forward (profiler memory events)."""
+    """Peak of live tensor bytes allocated during one eager forward on the CPU (profiler memory events)."""
     from torch.profiler import ProfilerActivity, profile
 
     with filtered_native_stderr(), torch.inference_mode(), \
@@ -168,20 +213,38 @@ def _first_line(exc: BaseException) -> str:
 
 def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, backends=("eager",), batches=(1, 32),
           repeats: int = 5, iters: int = 3, latency_runs: int = 20,
-          accuracy: Callable[[nn.Module], float] | None = None, progress: bool = True) -> list[BenchRow]:
+          accuracy: Callable[[nn.Module], float] | None = None, progress: bool = True,
+          device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None,
+          cuda_graphs: bool = False, compile_backend: str = "inductor") -> list[BenchRow]:
     """Measure every model on every backend and batch size; see the module docstring for the method.
 
     Args:
-        models: name -> model (eval mode is set here); the first one is the baseline for speed-up.
+        models: name -> model (eval mode is set here; moved and cast to ``device``/``dtype`` in place); the
+            first one is the baseline for speed-up.
         input_size: ``(C, H, W)``.
-        accuracy: optional ``model -> top-1`` (computed once per model, eager).
+        accuracy: optional ``model -> top-1`` (computed once per model, before the move, float32).
         progress: show a tqdm progress bar over the timing rounds (on stderr, when it is a terminal).
+        device: ``cpu``, ``cuda``, ``cuda:N``; ``None``: CUDA when available (:func:`vitprune.device.resolve_device`).
+        dtype: ``float32`` (``None``), ``bfloat16`` or ``float16``: what the weights and inputs are cast to.
+        cuda_graphs: the ``compile`` backend uses inductor's CUDA graphs (CUDA only).
+        compile_backend: the ``torch.compile`` backend of ``compile`` (``"aot_eager"`` traces without code
+            generation: for tests and dry runs, not for timings).
 
     Returns:
         One :class:`BenchRow` per model × backend × batch, in that order.
+
+    Raises:
+        VitpruneError: a bad device or dtype, ``onnxruntime`` or an ONNX model off the CPU or in another dtype
+            than float32, ``cuda_graphs`` off CUDA, models that fail on the input size.
     """
     from tqdm import tqdm
 
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    onnx_models = [n for n, m in models.items() if isinstance(m, OnnxModel)]
+    if ("onnxruntime" in backends or onnx_models) and (dev.type != "cpu" or dt != torch.float32):
+        raise VitpruneError(f"the onnxruntime backend runs float32 on the CPU here, not {dtype_name(dt)} on {dev}")
+    if cuda_graphs and dev.type != "cuda":
+        raise VitpruneError(f"--cuda-graphs records CUDA graphs; the device is {dev}")
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, *input_size, generator=gen) for b in batches}
     info = {}
@@ -189,38 +252,49 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
         onnx_model = isinstance(m, OnnxModel)
         if not onnx_model:
             m.eval()
+        one = inputs[batches[0]][:1]
+        param = None if onnx_model else next(m.parameters(), None)
+        if param is not None:  # a model already moved (an earlier bench) is counted where it is: FLOPs are FLOPs
+            one = one.to(device=param.device, dtype=param.dtype)
         try:
-            flops = _onnx_flops(m, inputs[batches[0]][:1]) if onnx_model else count_flops(m, inputs[batches[0]][:1])
+            flops = _onnx_flops(m, one) if onnx_model else count_flops(m, one)
         except Exception as exc:
             raise VitpruneError(f"{name} fails on a [1, {', '.join(map(str, input_size))}] input: "
                                 f"{_first_line(exc)}; all models must take the same input size") from exc
         info[name] = {"params": m.params if onnx_model else sum(p.numel() for p in m.parameters()), "flops": flops,
                       "accuracy": accuracy(m) if accuracy and not onnx_model else None}
+        if not onnx_model:
+            m.to(device=dev, dtype=dt).eval()  # float parameters and buffers only: token indices stay int64
+    inputs = {b: x.to(device=dev, dtype=dt) for b, x in inputs.items()}
     rows: list[BenchRow] = []
     total_rounds = len(backends) * len(batches) * repeats
     # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
     bar = tqdm(total=total_rounds, desc="bench", unit="round", disable=None if progress else True, leave=False)
     for backend in backends:
+        label = "compile+cudagraphs" if backend == "compile" and cuda_graphs else backend
         fns: dict[str, Any] = {}
         for name, m in models.items():
             try:
-                fns[name] = runner(m, backend, inputs[max(batches)])
+                fns[name] = runner(m, backend, inputs[max(batches)], cuda_graphs=cuda_graphs,
+                                   compile_backend=compile_backend)
             except Exception as exc:  # e.g. a model the ONNX exporter cannot handle: record, go on
                 fns[name] = exc
         for b in batches:
             x = inputs[b]
             group = []
             for name, m in models.items():
-                row = BenchRow(model=name, backend=backend, batch=b, params=info[name]["params"],
-                               flops_per_image=info[name]["flops"], accuracy=info[name]["accuracy"])
+                row = BenchRow(model=name, backend=label, batch=b, params=info[name]["params"],
+                               flops_per_image=info[name]["flops"], accuracy=info[name]["accuracy"],
+                               device=str(dev), dtype=dtype_name(dt))
                 fn = fns[name]
                 if isinstance(fn, Exception):
                     row.error = _first_line(fn)
                 else:
                     try:
                         with torch.inference_mode():
-                            fn(x)
-                            fn(x)  # warm-up (and compilation for this batch size)
+                            for _ in range(3 if cuda_graphs else 2):  # warm-up, compilation (CUDA graphs: recording)
+                                fn(x)
+                        synchronize(dev)
                     except Exception as exc:
                         row.error = _first_line(exc)
                 group.append(row)
@@ -228,22 +302,17 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
             with torch.inference_mode():
                 for _ in range(repeats):
                     for r in live:
-                        start = time.perf_counter()
-                        for _ in range(iters):
-                            fns[r.model](x)
-                        r.images_per_s_runs.append(b * iters / (time.perf_counter() - start))
+                        r.images_per_s_runs.append(b * iters / timed(fns[r.model], x, iters))
                     bar.update(1)
                 if b == 1:
                     for r in live:
-                        times = []
-                        for _ in range(latency_runs):
-                            start = time.perf_counter()
-                            fns[r.model](x)
-                            times.append((time.perf_counter() - start) * 1e3)
+                        times = [timed(fns[r.model], x) * 1e3 for _ in range(latency_runs)]
                         r.latency_ms_p50, r.latency_ms_p90 = (float(v) for v in np.percentile(times, [50, 90]))
             for r in live:
                 r.images_per_s = statistics.median(r.images_per_s_runs)
-                if backend == "eager" and not isinstance(models[r.model], OnnxModel):
+                if dev.type == "cuda":
+                    r.peak_memory_bytes = cuda_peak_memory_bytes(fns[r.model], x)
+                elif backend == "eager" and not isinstance(models[r.model], OnnxModel):
                     r.peak_memory_bytes = peak_memory_bytes(models[r.model], x)
                     r.token_op_share = token_op_share(models[r.model], x)
             base = group[0]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from vitprune.device import autocast, resolve_device, resolve_dtype
 from vitprune.errors import VitpruneError
 from vitprune.io.images import load_image
 from vitprune.io.outputs import atomic_file, same_file
@@ -47,7 +48,8 @@ def _token_modules_in_graph_order(gm: fx.GraphModule) -> list[tuple[str, TokenMo
     return found
 
 
-def kept_patches(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
+def kept_patches(model: nn.Module, x: torch.Tensor, *, device: str | torch.device | None = "cpu",
+                 dtype: str | torch.dtype | None = None) -> list[dict[str, Any]]:
     """The patch-grid positions kept at each pruning stage for image 0 of ``x``.
 
     Runs one forward of ``model`` in eval mode under ``torch.no_grad`` with torch's RNG seeded to 0
@@ -55,6 +57,8 @@ def kept_patches(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
     recording ``last_kept`` ``[B, K]`` (kept indices into *that module's input* patch tokens). A token
     module active in training only (``at_inference=False``, as in PatchDropout, arXiv 2208.07220) is
     switched on for this forward. The modules' flags and the model's train/eval mode are restored after.
+    The forward runs on ``device`` (``None``: CUDA when available) under autocast to ``dtype`` (default float32;
+    :mod:`vitprune.device`); the model is moved back where it was.
 
     Stages follow the modules' order in the fx graph; grid positions compose: before the first
     stage they are ``arange(P)``, after each stage ``positions = positions[last_kept]``. A token module
@@ -73,10 +77,10 @@ def kept_patches(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
         VitpruneError: the model has no token module, or none drops tokens in this forward.
         CaptureError, AnalysisError: as :func:`vitprune.inspect_model`.
     """
-    return _kept_patches(model, x)[0]
+    return _kept_patches(model, x, device, dtype)[0]
 
 
-def _kept_patches(model: nn.Module, x: torch.Tensor):
+def _kept_patches(model: nn.Module, x: torch.Tensor, device: Any = "cpu", dtype: Any = None):
     """:func:`kept_patches`, plus the :class:`~vitprune.graph.analysis.ViTGraph` it analysed."""
     from vitprune.frontends.capture import capture
     from vitprune.rewrite import inspect_model
@@ -88,9 +92,10 @@ def _kept_patches(model: nn.Module, x: torch.Tensor):
     if not ops:
         raise VitpruneError("MODEL has no token ops to show: rewrite it first")
 
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
     param = next(gm.parameters(), None)
-    if param is not None:
-        x = x.to(param.device)
+    home = param.device if param is not None else torch.device("cpu")
+    x = x.to(home)
     was_training = gm.training
     saved = [(m, m.record_kept, getattr(m, "at_inference", None)) for _, m in ops]
     try:
@@ -102,11 +107,12 @@ def _kept_patches(model: nn.Module, x: torch.Tensor):
             m.last_kept = None
             if getattr(m, "at_inference", None) is False:
                 m.at_inference = True
-        devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        devices = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast(dev, dt):
             torch.manual_seed(0)
-            gm(x)
+            gm.to(dev)(x.to(dev))
     finally:
+        gm.to(home)
         for m, record, at_inference in saved:
             m.record_kept = record
             if at_inference is not None:
@@ -256,6 +262,8 @@ def show(
     std: Sequence[float] | None = None,
     input_size: Sequence[int] | None = None,
     protect: Sequence[str | os.PathLike] = (),
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
     """Draw ``image`` with the patches ``model`` keeps at each stage into ``output``.
 
@@ -270,13 +278,16 @@ def show(
             (:func:`vitprune.io.preprocess.resolve_preprocessing`).
         input_size: ``(C, H, W)`` when it cannot be read from the model.
         protect: other input files ``output`` must not be (the model file, ...); ``image`` always is.
+        device, dtype: where and in which autocast precision the forward runs (:func:`kept_patches`; default
+            CUDA when available, float32).
 
     Returns:
         :func:`kept_patches`'s stages.
 
     Raises:
         VitpruneError: ``output`` is ``image`` or a protected file, or a folder; the image is missing or
-            unreadable; the model has no token ops; the patch embedding has no grid to draw on.
+            unreadable; the model has no token ops; the patch embedding has no grid to draw on; a bad device
+            or dtype.
     """
     from vitprune.io.origin import default_input_size
 
@@ -291,7 +302,7 @@ def show(
     size = tuple(input_size) if input_size else default_input_size(model)
     prep = resolve_preprocessing(model, mean, std, channels=size[0])
     x, display = load_image(image, size, prep.mean, prep.std)
-    stages, vit = _kept_patches(model, x)
+    stages, vit = _kept_patches(model, x, device, dtype)
     if not vit.grid or not vit.patch_size:
         raise VitpruneError("the model's patch embedding is not a convolution, so there is no patch grid to draw on")
     if vit.grid[0] * vit.grid[1] != vit.num_patches:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitprune.device import autocast, dtype_name, resolve_device, resolve_dtype
 from vitprune.errors import VitpruneError
 from vitprune.io.preprocess import resolve_preprocessing
 from vitprune.train.keep_rate_schedule import keep_count
@@ -63,20 +64,12 @@ def inference_keep_rate(model: nn.Module, rate: float | None) -> Iterator[None]:
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available, else CPU.
+    """``device``, or CUDA when available, else CPU (:func:`vitprune.device.resolve_device`).
 
     Raises:
         VitpruneError: a device torch does not know, or CUDA asked for without a GPU.
     """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise VitpruneError(f"--device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VitpruneError("--device cuda: no CUDA GPU is available here")
-    return dev
+    return resolve_device(device)
 
 
 def fork_rng(device: torch.device):
@@ -116,8 +109,9 @@ def check_classes(model: nn.Module, dataset, device: torch.device, option: str =
 
 
 @torch.no_grad()
-def accuracy_counts(model: nn.Module, loader, device: torch.device, amp: bool = False) -> torch.Tensor:
-    """Sums over ``loader`` in eval mode: ``float64 [4]`` = (cross-entropy sum, top-1 hits, top-5 hits, images).
+def accuracy_counts(model: nn.Module, loader, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sums over ``loader`` in eval mode: ``float64 [4]`` = (cross-entropy sum, top-1 hits, top-5 hits, images);
+    the forward runs under autocast to ``dtype`` (:func:`vitprune.device.autocast`; logits compared in float32).
 
     Top-5 is top-``min(5, K)`` for ``K`` classes. Sums (not means) so ranks can all-reduce them.
     """
@@ -126,7 +120,7 @@ def accuracy_counts(model: nn.Module, loader, device: torch.device, amp: bool = 
     model.eval()
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, dtype):
             logits = logits_of(model(images)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
@@ -147,15 +141,16 @@ def all_reduce_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.T
 
 
 def sharded_accuracy(model: nn.Module, dataset, batch_size: int, rank: int, world: int, device: torch.device,
-                     amp: bool = False, seed: int = 0, num_workers: int = 0, prefix: str = "") -> dict[str, Any]:
-    """Eval-mode ``{loss, top1, top5, images}`` (keys prefixed) on ``dataset``; rank ``r`` of ``world`` evaluates
+                     dtype: torch.dtype = torch.float32, seed: int = 0, num_workers: int = 0, prefix: str = ""
+                     ) -> dict[str, Any]:
+    """Eval-mode ``{loss, top1, top5, images}`` (keys prefixed) on ``dataset``, under autocast to ``dtype``; rank ``r`` of ``world`` evaluates
     images ``r, r + world, ...`` and the sums are all-reduced, so every rank returns the whole dataset's numbers.
     Random token selection is seeded with ``seed`` (global RNG state is left as it was)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world)),
                                          num_workers=num_workers)
     with fork_rng(device):
         torch.manual_seed(seed)
-        loss, top1, top5, n = all_reduce_sum(accuracy_counts(model, loader, device, amp), world, device).tolist()
+        loss, top1, top5, n = all_reduce_sum(accuracy_counts(model, loader, device, dtype), world, device).tolist()
     return {f"{prefix}loss": loss / n, f"{prefix}top1": top1 / n,
             f"{prefix}top5": top5 / n if len(dataset.classes) >= 5 else None, f"{prefix}images": int(n)}
 
@@ -171,6 +166,7 @@ def evaluate(
     std: Sequence[float] | None = None,
     num_workers: int = 0,
     device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy of ``model`` on the ImageFolder ``data``, one row per inference keep rate.
@@ -182,17 +178,20 @@ def evaluate(
             (:func:`vitprune.io.preprocess.resolve_preprocessing`).
         keep_rates: inference keep rates in ``(0, 1]``, for models with ``TokenDrop`` modules only;
             ``None``: one row, the model as it is.
+        device: ``cpu``, ``cuda``, ``cuda:N``; default CUDA when available (the module is moved there).
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``: the forward runs under autocast to it (the
+            weights stay float32; :mod:`vitprune.device`).
         seed: seeds random token selection, so each row is repeatable.
 
     Returns:
-        ``{"data", "images", "classes", "input_size", "preprocessing": {"mean", "std", "source"},
+        ``{"data", "images", "classes", "input_size", "device", "dtype", "preprocessing": {"mean", "std", "source"},
         "rows": [{"keep_rate", "keep_counts", "top1", "images",
         "top5", "loss", "images_per_s"}]}``; accuracies are fractions in ``[0, 1]``; ``top5`` is None
         with fewer than 5 classes; ``loss`` is the mean cross-entropy (nats).
 
     Raises:
         VitpruneError: bad data folder, more classes than the model's outputs, ``keep_rates`` for a
-            model without ``TokenDrop``, a rate outside ``(0, 1]``, unreadable model.
+            model without ``TokenDrop``, a rate outside ``(0, 1]``, unreadable model, a bad device or dtype.
     """
     from vitprune.train.data import eval_transform, image_folder, match_classes, recorded_classes
     from vitprune.io.load import load
@@ -209,7 +208,7 @@ def evaluate(
             raise VitpruneError("--keep-rate applies to token-drop models; this model has no TokenDrop module")
         for r in keep_rates:
             keep_count(drops[0].num_patches, r)  # raises on a rate outside (0, 1]
-    dev = pick_device(device)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
     size = tuple(input_size or default_input_size(model))
     prep = resolve_preprocessing(model, mean, std, channels=size[0])
     dataset = image_folder(data, eval_transform(size, prep.mean, prep.std), "--data")
@@ -221,11 +220,12 @@ def evaluate(
         for rate in keep_rates if keep_rates is not None else [None]:
             with inference_keep_rate(model, rate):
                 start = time.perf_counter()
-                row = sharded_accuracy(model, dataset, batch_size, 0, 1, dev, dev.type == "cuda", seed, num_workers)
+                row = sharded_accuracy(model, dataset, batch_size, 0, 1, dev, dt, seed, num_workers)
                 seconds = time.perf_counter() - start
                 counts = [m.keep_count if m.at_inference else m.num_patches for m in drops]
             rows.append({"keep_rate": rate, "keep_counts": counts, **row, "images_per_s": row["images"] / seconds})
     finally:
         model.train(was_training)
     return {"data": str(data), "images": len(dataset), "classes": len(dataset.classes), "input_size": list(size),
+            "device": str(dev), "dtype": dtype_name(dt),
             "preprocessing": prep.to_dict(), "rows": rows}

@@ -52,6 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import fx, nn
 
+from vitprune.device import DTYPES, autocast, dtype_name, grad_scaler, resolve_dtype
 from vitprune.errors import VitpruneError
 from vitprune.train.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes, fork_rng, logits_of, pick_device,
                                      resolve_model_path, sharded_accuracy, token_drops)
@@ -106,7 +107,7 @@ class FinetuneConfig:
     hflip: bool = False
     num_workers: int = 0
     seed: int = 0
-    amp: bool | None = None  # None: bf16 autocast on CUDA, off on CPU
+    dtype: str | None = None  # autocast precision: float32, bfloat16, float16; None: bfloat16 on CUDA, else float32
     keep_checkpoints: int = 2  # keep the last N epoch checkpoints (0: all)
 
     def check(self) -> None:
@@ -120,7 +121,8 @@ class FinetuneConfig:
                  "distill_temperature": (self.distill_temperature > 0, "> 0"),
                  "schedule": (self.schedule in (None, *SCHEDULES), "one of " + ", ".join(SCHEDULES)),
                  "selection": (self.selection in (None, *SELECTIONS), "one of " + ", ".join(SELECTIONS)),
-                 "num_workers": (self.num_workers >= 0, ">= 0"), "keep_checkpoints": (self.keep_checkpoints >= 0, ">= 0")}
+                 "num_workers": (self.num_workers >= 0, ">= 0"), "keep_checkpoints": (self.keep_checkpoints >= 0, ">= 0"),
+                 "dtype": (self.dtype in (None, *DTYPES), "one of " + ", ".join(DTYPES))}
         for name, (ok, want) in rules.items():
             if not ok:
                 raise VitpruneError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)!r}")
@@ -208,12 +210,13 @@ def distillation_loss_for(student_out: Any, teacher_out: Any, temperature: float
 @torch.no_grad()
 def sharded_agreement(model: nn.Module, teacher: nn.Module, teacher_ctx: Callable[[], Any], dataset, batch_size: int,
                       temperature: float, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
-                      amp: bool = False, seed: int = 0, num_workers: int = 0, prefix: str = "val_") -> dict[str, Any]:
+                      dtype: torch.dtype = torch.float32, seed: int = 0, num_workers: int = 0, prefix: str = "val_"
+                      ) -> dict[str, Any]:
     """Eval-mode agreement of ``model`` with ``teacher`` (run inside ``teacher_ctx()``) on ``dataset``:
     ``{distill, agreement, cosine, images}`` (keys prefixed). ``distill``: mean :func:`distillation_loss_for`;
     ``agreement``: fraction of equal argmaxes over dim 1, per image for ``[B, K]``, per pixel for
     ``[B, K, H, W]`` (None for other outputs); ``cosine``: mean cosine similarity of each image's flattened output
-    to the teacher's. Sharded and seeded as :func:`vitprune.train.evaluate.sharded_accuracy`."""
+    to the teacher's. Sharded, seeded and under autocast to ``dtype`` as :func:`vitprune.train.evaluate.sharded_accuracy`."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world)),
                                          num_workers=num_workers)
     sums = torch.zeros(5, dtype=torch.float64)  # distill, equal argmaxes, argmaxes, cosine (sums), images
@@ -223,7 +226,7 @@ def sharded_agreement(model: nn.Module, teacher: nn.Module, teacher_ctx: Callabl
         torch.manual_seed(seed)
         for x, _ in loader:
             x = x.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, dtype):
                 s = output_tensor(model(x)).float()
                 with teacher_ctx():
                     t = output_tensor(teacher(x)).float()
@@ -408,6 +411,9 @@ def finetune(
         resume: continue from ``output``'s last checkpoint (same options, model and process count).
         overwrite: replace an earlier run in ``output`` (only if it is one).
         device: default ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when available, else CPU.
+        dtype (in ``options``): ``float32``, ``bfloat16`` or ``float16`` (a name or a torch dtype): the forward runs
+            under autocast to it, the weights and optimizer stay float32, float16 on CUDA with a ``GradScaler``
+            (:mod:`vitprune.device`); default bfloat16 on CUDA, float32 on the CPU.
         progress: tqdm bars; default: when stderr is a terminal, on rank 0.
         protect: input paths ``output`` must not overlap (``data``, ``val`` and ``teacher`` always are).
         log: called with one-line messages (resume point, saved model).
@@ -426,6 +432,8 @@ def finetune(
     say = log or (lambda _msg: None)
     if isinstance(teacher, (str, os.PathLike)):
         options["teacher"] = str(teacher)
+    if isinstance(options.get("dtype"), torch.dtype):
+        options["dtype"] = dtype_name(resolve_dtype(options["dtype"]))
     cfg = FinetuneConfig(data=os.path.abspath(data), val=os.path.abspath(val) if val else None, **options)
     cfg.check()
     out = Path(output)
@@ -499,14 +507,14 @@ def finetune(
             opt, lambda s: lr_factor(s, cfg.epochs * spe, round(cfg.warmup_epochs * spe), cfg.min_lr / cfg.lr))
         keep = KeepSchedule(cfg.schedule, cfg.keep_start, cfg.keep_end, cfg.epochs, spe, cfg.cooldown_epochs,
                             cfg.bucket) if cfg.schedule else None
-        amp = cfg.amp if cfg.amp is not None else dev.type == "cuda"
-        if amp and dev.type != "cuda":
-            raise VitpruneError("--amp (bf16 autocast) is for CUDA; this run is on the CPU")
+        # float32 master weights, the forward under autocast; a loss scaler for float16 on CUDA (vitprune.device)
+        amp = resolve_dtype(cfg.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        scaler = grad_scaler(dev, amp)
         # OUT is made (an earlier run's files removed) only once the first epoch is done: epoch 1 reads every
         # training and validation image, so a corrupt one fails the run with nothing written.
         ddp = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None) \
             if world > 1 else student
-        loop = _Loop(cfg, world, dev, amp, ddp, teacher, teacher_ctx, drops, keep, opt, sched, spe,
+        loop = _Loop(cfg, world, dev, amp, scaler, ddp, teacher, teacher_ctx, drops, keep, opt, sched, spe,
                      progress if progress is not None else (rank == 0 and sys.stderr.isatty()))
 
         # Resume, then one checkpoint and one metrics line per epoch.
@@ -571,7 +579,8 @@ def finetune(
 
 
 # What one training epoch needs; ``model`` is the student or its DDP wrapper, ``spe`` the steps per epoch.
-_Loop = namedtuple("_Loop", "cfg world dev amp model teacher teacher_ctx drops keep opt sched spe show")
+# ``amp`` is the autocast dtype, ``scaler`` the GradScaler (enabled for float16 on CUDA only).
+_Loop = namedtuple("_Loop", "cfg world dev amp scaler model teacher teacher_ctx drops keep opt sched spe show")
 
 
 def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
@@ -596,7 +605,7 @@ def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
         rates[f"{rate:.4g}"] += 1
         set_training_progress(loop.model, (epoch * loop.spe + i) / max(1, cfg.epochs * loop.spe))  # lifespan tau
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.amp):
+        with autocast(dev, loop.amp):
             if cfg.labels:
                 logits = logits_of(loop.model(x)).float()
                 ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -617,10 +626,12 @@ def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
             if aux is not None:
                 loss = loss + aux
         loop.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loop.scaler.scale(loss).backward()  # a disabled scaler (all but float16 on CUDA) passes the loss through
         if cfg.clip_grad:
+            loop.scaler.unscale_(loop.opt)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.clip_grad)
-        loop.opt.step()
+        loop.scaler.step(loop.opt)  # skips the step when float16 gradients overflowed
+        loop.scaler.update()
         loop.sched.step()
         n = len(y)
         hits = (logits.argmax(1) == y).sum().item() if cfg.labels else 0
