@@ -85,7 +85,7 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, i
     if unknown or not backends:
         raise click.BadParameter(f"unknown backend {unknown[0] if unknown else ''!r}; choose from {', '.join(BACKENDS)}",
                                  param_hint="--backend")
-    dev, dt = resolve_device(device), resolve_dtype(dtype)  # a bad value fails before any model is read
+    resolve_device(device), resolve_dtype(dtype)  # a bad value fails before any model is read
     if repeats < 1 or iters < 1:
         raise click.BadParameter("must be >= 1", param_hint="--repeats/--iters")
     if plot:
@@ -107,10 +107,10 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, i
     from vitprune.train.evaluate import evaluate
 
     def accuracy(m):
-        return evaluate(m, data, input_size=size, seed=0, device=dev, dtype=dt)["rows"][0]["top1"]
+        return evaluate(m, data, input_size=size, seed=0, device=device, dtype=dtype)["rows"][0]["top1"]
 
     rows = run_bench(loaded, size, backends=backends, batches=batches, repeats=repeats, iters=iters,
-                     accuracy=accuracy if data else None, progress=not quiet, device=dev, dtype=dt,
+                     accuracy=accuracy if data else None, progress=not quiet, device=device, dtype=dtype,
                      cuda_graphs=cuda_graphs)
     if plot:
         pareto_plot(rows, plot)

@@ -222,7 +222,7 @@ def test_eval_and_finetune_take_a_dtype(tmp_path):
     assert result.history[0]["train_loss"] > 0
     checkpoint = torch.load(next((tmp_path / "run" / "checkpoints").iterdir()) / "state.pt", weights_only=False)
     assert checkpoint["config"]["dtype"] == "bfloat16"  # --resume needs the same
-    with pytest.raises(VitpruneError, match="--dtype must be one of"):
+    with pytest.raises(VitpruneError, match="--dtype: expected one of"):
         vitprune.finetune(model, tmp_path / "d" / "train", tmp_path / "run2", device="cpu", dtype="half", epochs=1)
 
 

@@ -25,6 +25,7 @@ from vitprune.errors import (
     VitpruneError,
 )
 from vitprune.train.evaluate import evaluate
+from vitprune.ship.bench import bench
 from vitprune.ship.export_onnx import export_onnx
 from vitprune.train.finetune import finetune
 from vitprune.io.load import load
@@ -39,6 +40,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisError", "CaptureError", "LoadError", "PassError", "RewriteReport", "SaveError",
-    "VerificationError", "ViTGraph", "VitpruneError", "analyse", "capture", "compile", "evaluate", "export_onnx", "finetune", "inspect_model",
+    "VerificationError", "ViTGraph", "VitpruneError", "analyse", "bench", "capture", "compile", "evaluate", "export_onnx", "finetune", "inspect_model",
     "load", "rewrite", "save", "inspect_onnx", "rewrite_onnx", "save_onnx", "SearchError", "SearchResult", "search",
 ]

@@ -214,7 +214,7 @@ def _first_line(exc: BaseException) -> str:
 def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, backends=("eager",), batches=(1, 32),
           repeats: int = 5, iters: int = 3, latency_runs: int = 20,
           accuracy: Callable[[nn.Module], float] | None = None, progress: bool = True,
-          device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None,
+          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
           cuda_graphs: bool = False, compile_backend: str = "inductor") -> list[BenchRow]:
     """Measure every model on every backend and batch size; see the module docstring for the method.
 
@@ -224,7 +224,8 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
         input_size: ``(C, H, W)``.
         accuracy: optional ``model -> top-1`` (computed once per model, before the move, float32).
         progress: show a tqdm progress bar over the timing rounds (on stderr, when it is a terminal).
-        device: ``cpu``, ``cuda``, ``cuda:N``; ``None``: CUDA when available (:func:`vitprune.device.resolve_device`).
+        device: ``cpu``, ``cuda``, ``cuda:N``; ``None``: CUDA when available (:func:`vitprune.device.resolve_device`),
+            but the CPU for the ``onnxruntime`` backend or an ONNX model (ONNX Runtime runs here on the CPU).
         dtype: ``float32`` (``None``), ``bfloat16`` or ``float16``: what the weights and inputs are cast to.
         cuda_graphs: the ``compile`` backend uses inductor's CUDA graphs (CUDA only).
         compile_backend: the ``torch.compile`` backend of ``compile`` (``"aot_eager"`` traces without code
@@ -239,8 +240,10 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
     """
     from tqdm import tqdm
 
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
     onnx_models = [n for n, m in models.items() if isinstance(m, OnnxModel)]
+    if device is None and ("onnxruntime" in backends or onnx_models):
+        device = "cpu"
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
     if ("onnxruntime" in backends or onnx_models) and (dev.type != "cpu" or dt != torch.float32):
         raise VitpruneError(f"the onnxruntime backend runs float32 on the CPU here, not {dtype_name(dt)} on {dev}")
     if cuda_graphs and dev.type != "cuda":

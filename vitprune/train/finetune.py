@@ -52,7 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import fx, nn
 
-from vitprune.device import DTYPES, autocast, dtype_name, grad_scaler, resolve_dtype
+from vitprune.device import autocast, dtype_name, grad_scaler, resolve_dtype
 from vitprune.errors import VitpruneError
 from vitprune.train.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes, fork_rng, logits_of, pick_device,
                                      resolve_model_path, sharded_accuracy, token_drops)
@@ -121,11 +121,11 @@ class FinetuneConfig:
                  "distill_temperature": (self.distill_temperature > 0, "> 0"),
                  "schedule": (self.schedule in (None, *SCHEDULES), "one of " + ", ".join(SCHEDULES)),
                  "selection": (self.selection in (None, *SELECTIONS), "one of " + ", ".join(SELECTIONS)),
-                 "num_workers": (self.num_workers >= 0, ">= 0"), "keep_checkpoints": (self.keep_checkpoints >= 0, ">= 0"),
-                 "dtype": (self.dtype in (None, *DTYPES), "one of " + ", ".join(DTYPES))}
+                 "num_workers": (self.num_workers >= 0, ">= 0"), "keep_checkpoints": (self.keep_checkpoints >= 0, ">= 0")}
         for name, (ok, want) in rules.items():
             if not ok:
                 raise VitpruneError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)!r}")
+        resolve_dtype(self.dtype)  # the message every command gives: --dtype: expected one of ...
         if not self.labels and self.distill is False:
             raise VitpruneError("--no-labels trains on the teacher's outputs alone; it cannot go with --no-distill")
         if self.schedule:
