@@ -35,7 +35,6 @@ import argparse
 import datetime
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import sys
@@ -67,7 +66,7 @@ COMPILE_S = {"ViT-B/16": 25.0, "ViT-L/16": 60.0, "tiny": 1.0}
 #: estimated seconds to build (rewrite on the CPU, float32, verified) every model of an architecture
 BUILD_S = {"ViT-B/16": 60.0, "ViT-L/16": 120.0, "tiny": 3.0}
 #: estimated seconds of the eager rows and of the training step
-EAGER_S = {"ViT-B/16": 25.0, "ViT-L/16": 50.0, "tiny": 2.0}
+EAGER_S = {"ViT-B/16": 25.0, "ViT-L/16": 70.0, "tiny": 2.0}
 TRAIN_S = {"ViT-B/16": 10.0, "ViT-L/16": 20.0, "tiny": 1.0}
 
 
@@ -203,7 +202,8 @@ def compile_group(setup: Setup, arch: Arch, target: float, cuda_graphs: bool) ->
 
 
 def train_rows(setup: Setup, arch: Arch) -> list[dict]:
-    """Steps/s and peak memory of one training step, token-drop keep 0.5 vs keep 1.0 (autocast, float32 weights)."""
+    """Steps/s and peak memory of one training step, token-drop keep 0.5 vs keep 1.0 (autocast, float32 weights;
+    the batch and labels live on the device)."""
     from vitprune.device import autocast, synchronize
 
     size = tuple(arch.notes["input_size"])
@@ -211,7 +211,9 @@ def train_rows(setup: Setup, arch: Arch) -> list[dict]:
     x = torch.randn(setup.train_batch, *size, generator=gen).to(setup.device)
     y = torch.randint(0, 1000, (setup.train_batch,), generator=gen).to(setup.device)
     rows = []
+    cuda = setup.device.type == "cuda"
     for keep, gm in sorted(arch.train_models.items(), reverse=True):
+        resident = torch.cuda.memory_allocated(setup.device) if cuda else 0  # the other models, not this step's
         gm.to(setup.device)  # float32 weights: autocast runs the forward in setup.dtype
         step, _ = train_step(gm, x, y)
 
@@ -220,11 +222,12 @@ def train_rows(setup: Setup, arch: Arch) -> list[dict]:
                 step()
 
         run(x), run(x)  # warm-up (optimizer state allocated)
-        if setup.device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats(setup.device)
         seconds = [timed(run, x, setup.iters) / setup.iters for _ in range(setup.repeats)]
         synchronize(setup.device)
-        peak = torch.cuda.max_memory_allocated(setup.device) if setup.device.type == "cuda" else None
+        # weights, gradients, AdamW state and the step's activations: everything but the other resident models
+        peak = torch.cuda.max_memory_allocated(setup.device) - resident if cuda else None
         rows.append({"arch": arch.name, "keep_rate": keep, "batch": setup.train_batch,
                      "train_flops_ratio": arch.notes["train_flops_ratio"][keep],
                      "steps_per_s": 1 / sorted(seconds)[len(seconds) // 2], "peak_memory_bytes": peak})
@@ -279,7 +282,8 @@ def summary(rows: list[dict], train: list[dict], setup: Setup) -> str:
         out.append("")
     if train:
         out += ["### Training step (token-drop, bfloat16 autocast)", "",
-                "| arch | keep | batch | train FLOPs ratio | steps/s | speed-up | peak MB |", "|---|---:|---:|---:|---:|---:|---:|"]
+                "| arch | keep | batch | train FLOPs ratio | steps/s | speed-up | peak MB |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         for t in train:
             peak = "–" if t["peak_memory_bytes"] is None else f"{t['peak_memory_bytes'] / 2**20:.0f}"
             out.append(f"| {t['arch']} | {t['keep_rate']} | {t['batch']} | {t['train_flops_ratio']:.3f} | "
@@ -299,7 +303,9 @@ def plan(setup: Setup, archs: dict[str, Arch]) -> list[tuple[str, Callable[[], f
         out = []
         for graphs in ([False, True] if cuda else [False]):
             # the original is compiled with the first group of each backend only
-            est = lambda a=a, g=graphs: (n - (g in archs[a].baselines)) * (archs[a].compile_s or COMPILE_S[a])  # noqa: E731
+            def est(a: str = a, g: bool = graphs) -> float:
+                return (n - (g in archs[a].baselines)) * (archs[a].compile_s or COMPILE_S[a])
+
             what = f"cudagraphs {a} F={target} b{setup.batches[0]}" if graphs else \
                 f"compile {a} F={target} b{','.join(map(str, setup.batches[1:]))}"
             out.append((what, est, ("compile", target, graphs), a))
@@ -324,7 +330,8 @@ def report(out: Path, setup: Setup, archs: dict[str, Arch], rows: list[dict], tr
     """Write ``out.json`` and ``out.md`` (atomically) with what is measured so far; returns the markdown."""
     with_speedups(rows, archs)
     md = "\n".join([
-        f"{machine['device']}, {str(setup.dtype).removeprefix('torch.')}, torch {torch.__version__}, {machine['date']}; "
+        f"{machine['device']}, {str(setup.dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+        f"{machine['date']}; "
         f"`{command}`. Cells: img/s, or p50 latency at batch 1 (speed-up ×, speed-up / FLOPs-ideal), against the "
         "original on the same backend and batch; peak memory beyond the weights.", "",
         summary(rows, train, setup),
@@ -348,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", default=",".join(ARCHS), help=f"Comma list of {', '.join(ARCHS)} (a second run can "
                    "take what the first one's budget skipped).")
     p.add_argument("--methods", default=",".join(METHODS), help="Comma list of the methods measured [default: all].")
-    p.add_argument("--dry-run", action="store_true", help="CPU, a tiny model, dynamo without a compiler: checks the script in seconds.")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, a tiny model, dynamo without a compiler: checks the script in seconds.")
     p.add_argument("--out", type=Path, help="Results path without suffix [default: benchmarks/results/gpu_speed; a dry "
                    "run: a temporary folder].")
     args = p.parse_args(argv)

@@ -175,8 +175,9 @@ def test_token_op_sources_call_nothing_that_syncs():
                     continue
                 if isinstance(node.func, ast.Attribute) and node.func.attr in banned:
                     found.append(f"{module.__name__}.{fn.name}: .{node.func.attr}()")
-                if fn.name == "forward" and isinstance(node.func, ast.Name) and node.func.id in ("int", "float", "bool") \
-                        and node.args and isinstance(node.args[0], (ast.Call, ast.Compare, ast.Subscript)):
+                cast = isinstance(node.func, ast.Name) and node.func.id in ("int", "float", "bool")
+                if fn.name == "forward" and cast and node.args and isinstance(node.args[0], (ast.Call, ast.Compare,
+                                                                                             ast.Subscript)):
                     found.append(f"{module.__name__}.{fn.name}:{node.lineno}: {ast.unparse(node)}")
     exact_count = "int((lives[0] > self.block).sum())"
     assert [f for f in found if not f.endswith(exact_count)] == [], found
@@ -184,13 +185,15 @@ def test_token_op_sources_call_nothing_that_syncs():
 
 
 def test_bench_bfloat16_eager_and_compile_on_cpu(tmp_path, cli_inprocess):
-    """The issue's done-when: ``vitprune bench MODEL REWRITTEN --device cpu --dtype bfloat16 --backend eager,compile``."""
+    """The issue's done-when: ``vitprune bench MODEL REWRITTEN --device cpu --dtype bfloat16 --backend
+    eager,compile``."""
     model = tiny()
     vitprune.save(vitprune.capture(model), tmp_path / "orig")
     vitprune.save(vitprune.rewrite(model, "token-drop", keep_rate=0.5, at_inference=True)[0], tmp_path / "td")
     torch._dynamo.reset()
-    code, out, err = cli_inprocess("bench", tmp_path / "orig", tmp_path / "td", "--device", "cpu", "--dtype", "bfloat16",
-                                   "--backend", "eager,compile", "--batch", "2", "--repeats", "1", "--iters", "1",
+    code, out, err = cli_inprocess("bench", tmp_path / "orig", tmp_path / "td", "--device", "cpu", "--dtype",
+                                   "bfloat16", "--backend", "eager,compile", "--batch", "2", "--repeats", "1",
+                                   "--iters", "1",
                                    "--json", "--quiet")
     assert code == 0, err
     rows = json.loads(out)["rows"]

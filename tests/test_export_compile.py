@@ -61,7 +61,7 @@ def test_compile_one_graph_for_every_batch_size(name):
     model = build(name).eval()
     torch._dynamo.reset()
     counters.clear()
-    fast = vitprune.compile(model, fullgraph=True)  # inductor, and no graph break (tests/test_device_dtype.py: every method)
+    fast = vitprune.compile(model, fullgraph=True)  # inductor, no graph break (every method: test_device_dtype.py)
     with torch.no_grad():
         for b in (1, 2):  # warm-up: dynamo specialises batch 1, every other batch shares one graph
             fast(torch.randn(b, 3, 32, 32))

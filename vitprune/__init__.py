@@ -40,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisError", "CaptureError", "LoadError", "PassError", "RewriteReport", "SaveError",
-    "VerificationError", "ViTGraph", "VitpruneError", "analyse", "bench", "capture", "compile", "evaluate", "export_onnx", "finetune", "inspect_model",
+    "VerificationError", "ViTGraph", "VitpruneError", "analyse", "bench", "capture", "compile", "evaluate",
+    "export_onnx", "finetune", "inspect_model",
     "load", "rewrite", "save", "inspect_onnx", "rewrite_onnx", "save_onnx", "SearchError", "SearchResult", "search",
 ]

@@ -143,8 +143,9 @@ def all_reduce_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.T
 def sharded_accuracy(model: nn.Module, dataset, batch_size: int, rank: int, world: int, device: torch.device,
                      dtype: torch.dtype = torch.float32, seed: int = 0, num_workers: int = 0, prefix: str = ""
                      ) -> dict[str, Any]:
-    """Eval-mode ``{loss, top1, top5, images}`` (keys prefixed) on ``dataset``, under autocast to ``dtype``; rank ``r`` of ``world`` evaluates
-    images ``r, r + world, ...`` and the sums are all-reduced, so every rank returns the whole dataset's numbers.
+    """Eval-mode ``{loss, top1, top5, images}`` (keys prefixed) on ``dataset``, under autocast to ``dtype``; rank
+    ``r`` of ``world`` evaluates images ``r, r + world, ...`` and the sums are all-reduced, so every rank returns
+    the whole dataset's numbers.
     Random token selection is seeded with ``seed`` (global RNG state is left as it was)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world)),
                                          num_workers=num_workers)

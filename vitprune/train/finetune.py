@@ -216,7 +216,8 @@ def sharded_agreement(model: nn.Module, teacher: nn.Module, teacher_ctx: Callabl
     ``{distill, agreement, cosine, images}`` (keys prefixed). ``distill``: mean :func:`distillation_loss_for`;
     ``agreement``: fraction of equal argmaxes over dim 1, per image for ``[B, K]``, per pixel for
     ``[B, K, H, W]`` (None for other outputs); ``cosine``: mean cosine similarity of each image's flattened output
-    to the teacher's. Sharded, seeded and under autocast to ``dtype`` as :func:`vitprune.train.evaluate.sharded_accuracy`."""
+    to the teacher's. Sharded, seeded and under autocast to ``dtype`` as
+    :func:`vitprune.train.evaluate.sharded_accuracy`."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world)),
                                          num_workers=num_workers)
     sums = torch.zeros(5, dtype=torch.float64)  # distill, equal argmaxes, argmaxes, cosine (sums), images
