@@ -5,8 +5,9 @@ in turn for the same backend and batch (interleaved, so machine noise hits all m
 ``iters`` forward passes under ``torch.inference_mode``. Throughput is the median over rounds, in
 images/s. Latency p50/p90 (ms) is measured at batch 1 from single forward passes.
 
-Device and precision (:mod:`vitprune.device`): FLOPs are counted in float32 on the CPU, then every model
-and input is moved and cast (``module.to(device, dtype)``, in place) and runs there in that dtype. On the
+Device and precision (:mod:`vitprune.device`): FLOPs are counted first, where the model is (float32 on the CPU
+for a model just loaded; a count does not depend on the dtype), then every model and input is moved and cast
+(``module.to(device, dtype)``, in place) and runs there in that dtype. On the
 CPU a run is timed with ``time.perf_counter``; on CUDA, which runs asynchronously, with CUDA events
 recorded around it after a ``torch.cuda.synchronize`` (the queue is empty, so the events measure the run).
 
@@ -222,7 +223,7 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
         models: name -> model (eval mode is set here; moved and cast to ``device``/``dtype`` in place); the
             first one is the baseline for speed-up.
         input_size: ``(C, H, W)``.
-        accuracy: optional ``model -> top-1`` (computed once per model, before the move, float32).
+        accuracy: optional ``model -> top-1`` (computed once per model, before the move and cast).
         progress: show a tqdm progress bar over the timing rounds (on stderr, when it is a terminal).
         device: ``cpu``, ``cuda``, ``cuda:N``; ``None``: CUDA when available (:func:`vitprune.device.resolve_device`),
             but the CPU for the ``onnxruntime`` backend or an ONNX model (ONNX Runtime runs here on the CPU).
