@@ -225,3 +225,14 @@ def test_a_rewritten_model_with_two_outputs_saves_from_the_command_line(tmp_path
     with torch.no_grad():
         logits, grid = loaded(x)
     assert logits.shape == (2, 1000) and grid.shape == (2, 64, 8, 8)
+
+
+def test_a_forward_that_draws_random_numbers_is_refused_as_such():
+    """ViTMAE shuffles its patches by ``argsort(rand)`` even at ``mask_ratio=0``: verification must say that the
+    model is random, not that the rewrite is wrong."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8, mask_ratio=0.0)
+    model = transformers.ViTMAEModel(cfg).eval()
+    with pytest.raises(VerificationError, match=r"draws random numbers in eval mode \(node 'rand', aten::rand\)"):
+        vitprune.rewrite(model, "token-drop", keep_rate=0.5, at_inference=True, example_input=torch.randn(2, 3, 32, 32))

@@ -161,6 +161,45 @@ class NodeComparison:
     output: Any  # the rewritten graph's keep-all output
 
 
+# Ops that draw from the RNG whatever the mode. Dropout and SDPA carry torch's ``nondeterministic_seeded``
+# tag too, but draw nothing in eval mode (p = 0), where verification runs them.
+_RANDOM_DRAWS = {"rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
+                 "bernoulli_", "normal", "normal_", "multinomial", "uniform_", "exponential_", "random_", "poisson"}
+
+
+def _target_name(n: fx.Node) -> str:
+    target = n.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.name()
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _is_random_draw(n: fx.Node) -> bool:
+    if n.op not in ("call_function", "call_method"):
+        return False
+    target = n.target
+    if isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name.split("::")[-1]
+        return (torch.Tag.nondeterministic_seeded in target.tags and "dropout" not in name
+                and "scaled_dot_product" not in name)
+    return _target_name(n).split(".")[-1] in _RANDOM_DRAWS
+
+
+def _random_draw_behind(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    """The first random draw among the node called ``name`` of ``gm`` and its ancestors, or None."""
+    node = next((n for n in gm.graph.nodes if n.name == name), None)
+    frontier, seen = ([node], {node}) if node is not None else ([], set())
+    while frontier:
+        n = frontier.pop()
+        if _is_random_draw(n):
+            return n
+        for m in n.all_input_nodes:
+            if m not in seen:
+                seen.add(m)
+                frontier.append(m)
+    return None
+
+
 def compare_nodes(reference: fx.GraphModule, rewritten: fx.GraphModule, x: torch.Tensor, *,
                   tolerance: float = 1e-5, seed: int = 0) -> NodeComparison:
     """Run ``reference`` and ``rewritten`` side by side (eval, no grad, seeded, keep-all) and compare
@@ -204,6 +243,13 @@ def compare_nodes(reference: fx.GraphModule, rewritten: fx.GraphModule, x: torch
             diff, why = difference(pending.pop(node.name), value)
             compared += 1
             if why is not None or diff > tolerance:
+                draw = _random_draw_behind(reference, node.name)
+                if draw is not None:
+                    raise VerificationError(
+                        f"with every token kept, node {node.name!r} differs from the original because the "
+                        f"original draws random numbers in eval mode (node {draw.name!r}, {_target_name(draw)}): "
+                        "its output changes from call to call, so no rewrite can be checked against it; give "
+                        "vitprune a model whose eval forward is deterministic")
                 raise VerificationError(
                     f"with every token kept, node {node.name!r} differs from the original: "
                     f"{why or f'max difference {diff:.3g} (relative to 1 + max |value|; tolerance {tolerance:g})'}"

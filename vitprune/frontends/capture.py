@@ -7,7 +7,9 @@ takes ``attn_mask`` / ``is_causal`` trace with those fixed, and the captured gra
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 
 import torch
 from torch import fx, nn
@@ -86,20 +88,63 @@ def capture(model: nn.Module, example_input: torch.Tensor | None = None, fronten
     if frontend == "export":
         if example_input is None:
             raise CaptureError("the torch.export frontend needs an example input")
-        gm = capture_export(model, example_input)
+        with _module_state_kept(model):
+            gm = capture_export(model, example_input)
     else:
         try:
-            gm = _symbolic_trace(model)
+            with _module_state_kept(model):
+                gm = _symbolic_trace(model)
         except CaptureError as traced:
             if frontend == "fx" or example_input is None:
                 raise
             try:
-                gm = capture_export(model, example_input)
+                with _module_state_kept(model):
+                    gm = capture_export(model, example_input)
             except CaptureError as exported:
                 raise CaptureError(f"{traced}; {exported}") from exported
     gm.train(model.training)
     _record_origin(model, gm)
     return gm
+
+
+_CONTAINERS = (dict, list, set)
+
+
+@contextlib.contextmanager
+def _module_state_kept(model: nn.Module) -> Iterator[None]:
+    """Leave every submodule's attributes as they were before a capture, whatever the capture did.
+
+    Tracing runs the model's forward on proxies (fx) or fake tensors (export); a forward that caches
+    something on its module keeps those: timm's LeViT stores ``attention_biases[:, idxs]`` in
+    ``attention_bias_cache`` in eval mode, so after one trace the cache holds an fx Proxy of a dead graph and
+    the next capture fails with "Argument 'getitem_6' ... does not belong to this Graph". Every attribute is
+    put back (added ones removed, replaced ones restored) and every dict/list/set attribute is refilled in
+    place with its old items, so references to those containers elsewhere stay valid. Tensor values are not
+    copied: capture never writes into parameters or buffers.
+    """
+    saved = []
+    for module in model.modules():
+        attrs = dict(vars(module))
+        contents = {k: (type(v), list(v.items()) if isinstance(v, dict) else list(v))
+                    for k, v in attrs.items() if type(v) in _CONTAINERS}
+        saved.append((module, attrs, contents))
+    try:
+        yield
+    finally:
+        for module, attrs, contents in saved:
+            state = vars(module)
+            for key in [k for k in state if k not in attrs]:
+                del state[key]
+            state.update(attrs)
+            for key, (kind, items) in contents.items():
+                container = attrs[key]
+                container.clear()
+                if kind is dict:
+                    container.update(items)
+                elif kind is list:
+                    container.extend(items)
+                else:
+                    container.update(items)
 
 
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
