@@ -133,3 +133,36 @@ def test_width_head_dim_and_mlp_width_equal_to_the_token_counts_are_no_token_axe
     assert (vit.embed_dim, head_dim, vit.num_tokens) == (NUM_PATCHES, NUM_PATCHES, NUM_PATCHES + 1)
     assert vit.token_indexed == [] and vit.prefix_tokens == ["cls"] and vit.grid == [GRID, GRID]
     assert report.keep_all_worst_node_diff <= exact and report.flops_ratio < 0.9
+
+
+def test_a_flops_target_below_the_floor_is_refused_with_the_reachable_minimum_and_the_prunable_share(standin_onnx):
+    import re
+
+    from vitprune.errors import PassError
+
+    reachable = {}
+    for min_keep in (None, 1):
+        with pytest.raises(PassError) as info:
+            rewrite_onnx(standin_onnx, "importance-mask", flops=0.3, first_block=1, min_keep=min_keep)
+        text = str(info.value)
+        assert "\n" not in text and "hold" in text and "of the model's FLOPs" in text
+        reachable[min_keep] = float(re.search(r"below ([0-9.]+)", text).group(1))
+    assert reachable[1] < reachable[None] < 1.0  # the default floor (6 of 64 patches) costs FLOPs
+
+
+@pytest.mark.parametrize("method, params", [
+    ("importance-mask", dict(flops=0.45, first_block=1)),
+    ("lifespan-gather", dict(flops=0.45, after_block=1)),
+    ("token-merge", dict(flops=0.4)),
+])
+def test_no_solver_drives_a_block_below_the_floor(method, params):
+    from vitprune.graph.keep_counts import default_min_keep
+
+    model, x = make_model("timm-cls")  # 64 patches + CLS: floor 6 patches; the targets need the floor to bind
+    fewest = {}
+    for min_keep in (None, 1):
+        _, report = vitprune.rewrite(model, method, example_input=x, min_keep=min_keep, **params)
+        d = report.decisions
+        fewest[min_keep] = min(d.get("tokens_after_merge") or d["tokens_per_block"]) - 1  # patches, CLS off
+        assert 0.5 < d["prunable_flops_share"] < 1.0 and report.flops_ratio < 0.5
+    assert fewest[None] == default_min_keep(NUM_PATCHES) == 6 and fewest[1] < 6

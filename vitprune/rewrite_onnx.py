@@ -42,6 +42,16 @@ def inspect_onnx(model: Any, *, input_size: tuple[int, int, int] | None = None) 
     return analyse_opgraph(onnx_frontend.to_opgraph(proto, x, values), list(x.shape))
 
 
+def onnx_flops_per_image(model: Any, *, input_size: tuple[int, int, int] | None = None) -> float:
+    """FLOPs of one run of an ONNX ViT per image (:mod:`vitprune.graph.flops_onnx`), at the batch the analysis
+    uses (:func:`vitprune.frontends.onnx.analysis_batch`)."""
+    from vitprune.frontends import onnx as onnx_frontend
+
+    proto = onnx_frontend.load_model(model)
+    x = onnx_frontend.example_input(proto, onnx_frontend.analysis_batch(proto), input_size)
+    return _flops(proto, onnx_frontend.run_values(proto, x), x) / x.shape[0]
+
+
 #: metadata key of an ONNX model vitprune rewrote: the passes it ran, as JSON
 RECIPE_KEY = "vitprune.recipe"
 
@@ -238,6 +248,11 @@ def rewrite_onnx(
     flops_after = _flops(new, after, x)
     import json
 
+    from vitprune.graph.keep_counts import prunable_share_of
+
+    share = prunable_share_of(vit, pass_.record, flops_before / x.shape[0])
+    if share is not None:  # what the method can cut at all: the blocks from its pruning point on
+        pass_.record["prunable_flops_share"] = share
     recipe = [{"pass": method, "params": {k: v for k, v in pass_.params.items() if k != "calibration"} | (
         {"calibration": str(pass_.params["calibration"])} if pass_.params.get("calibration") else {}),
         "decisions": pass_.record}]
