@@ -166,3 +166,29 @@ def test_no_solver_drives_a_block_below_the_floor(method, params):
         fewest[min_keep] = min(d.get("tokens_after_merge") or d["tokens_per_block"]) - 1  # patches, CLS off
         assert 0.5 < d["prunable_flops_share"] < 1.0 and report.flops_ratio < 0.5
     assert fewest[None] == default_min_keep(NUM_PATCHES) == 6 and fewest[1] < 6
+
+
+class _Features(torch.nn.Module):
+    """A timm model's ``forward_features``: every token out (a dense readout)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+@pytest.mark.parametrize("name, kinds", [
+    ("vit_small_patch14_dinov2", ["cls"]),
+    ("vit_small_patch14_reg4_dinov2", ["cls"] + ["register"] * 4),
+])
+def test_a_dense_readout_labels_dinov2s_cls_token_cls_and_its_registers_registers(name, kinds):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=28, depth=1, embed_dim=32, num_heads=2).eval()
+    x = torch.randn(2, 3, 28, 28)
+    dense = vitprune.inspect_model(_Features(model), example_input=x)
+    assert dense.readout.kind == "tokens" and dense.prefix_tokens == kinds
+    assert vitprune.inspect_model(model, example_input=x).prefix_tokens == kinds  # x[:, 0] read: the same
