@@ -157,15 +157,25 @@ def inspect(model, source, inputs, input_size, as_json, frontend) -> None:
     """
     from vitprune.rewrite import inspect_model
 
+    from vitprune.graph.keep_counts import prunable_shares
+
     if _is_onnx(model):
-        from vitprune.rewrite_onnx import inspect_onnx
+        from vitprune.rewrite_onnx import inspect_onnx, onnx_flops_per_image
 
         vit = inspect_onnx(model.proto, input_size=input_size)
+        total = onnx_flops_per_image(model.proto, input_size=input_size)
     else:
+        from vitprune.rewrite import flops_per_image
+
         vit = inspect_model(model, input_size=input_size, frontend=frontend)
+        total = flops_per_image(model, input_size=input_size)
+    # what a token method pruning from block k on can cut at all (a dense decoder, the embedding stay)
+    shares = prunable_shares(vit, total)
     meta = getattr(model, "meta", {}).get("vitprune", {}) if hasattr(model, "meta") else {}
     if as_json:
         out = vit.to_dict()
+        out["flops_per_image"] = total
+        out["prunable_flops_share"] = {str(b): share for b, share in enumerate(shares)}
         out["model"] = source
         if meta:
             out["recipe"] = meta.get("recipe", [])
@@ -174,6 +184,8 @@ def inspect(model, source, inputs, input_size, as_json, frontend) -> None:
         return
     click.echo(f"model            {source}")
     click.echo(vit.describe())
+    click.echo(f"FLOPs            {total / 1e9:.3f} G per image; prunable from block k on (the blocks k..): "
+               + ", ".join(f"{b}: {share:.0%}" for b, share in enumerate(shares)))
     for step in meta.get("recipe", []):
         click.echo(f"recipe           {step['pass']} {step['params']}")
 
@@ -189,9 +201,9 @@ def _check_output(output: Path, inputs: list[str], overwrite: bool = False, kind
 
 _METHOD_OPTIONS = {
     "token-drop": ("keep_rate", "selection", "at_inference"),
-    "importance-mask": ("keep", "flops", "mode", "calibration", "first_block", "score"),
-    "lifespan-gather": ("flops", "after_block", "exact", "score"),
-    "token-merge": ("r", "flops", "first_block", "proportional_attention"),
+    "importance-mask": ("keep", "flops", "mode", "calibration", "first_block", "score", "min_keep"),
+    "lifespan-gather": ("flops", "after_block", "exact", "score", "min_keep"),
+    "token-merge": ("r", "flops", "first_block", "proportional_attention", "min_keep"),
 }
 
 
@@ -208,6 +220,9 @@ _METHOD_OPTIONS = {
 @click.option("--flops", type=float, help="importance-mask, lifespan-gather and token-merge: target eval FLOPs as a "
               "fraction of the original's, in (0, 1] [lifespan-gather default: 0.5; importance-mask: --flops or "
               "--keep; token-merge: --flops or --r].")
+@click.option("--min-keep", type=int, help="importance-mask, lifespan-gather, token-merge with --flops: the fewest "
+              "patch tokens the solver leaves a block [default: min(10% of the patches, 16), at least 1]; a target "
+              "that needs fewer is refused with the least reachable.")
 @click.option("--mode", type=click.Choice(["dynamic", "static"]), help="importance-mask: per-image top-k "
               "(dynamic, default) or fixed index sets from calibration images (static).")
 @click.option("--calibration", type=click.Path(), help="importance-mask static: folder of calibration images.")
@@ -304,6 +319,9 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
         click.echo(f"{method} ({d['score']}): tokens per block {d['tokens_per_block']}")
     click.echo(f"FLOPs            {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G eval "
                f"({report.flops_ratio:.3f}x), {report.flops_after_train / 1e9:.3f} G train")
+    if d.get("prunable_flops_share") is not None:
+        click.echo(f"prunable         {d['prunable_flops_share']:.1%} of the FLOPs (the blocks from the pruning "
+                   "point on: all the method can cut)")
     click.echo(f"keep-all diff    {report.keep_all_max_abs_diff:.2e} (max abs vs original)")
     click.echo(f"saved            {output} ({report.seconds:.1f} s)")
 

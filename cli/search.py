@@ -46,12 +46,14 @@ _BACKENDS = ("eager", "compile", "onnxruntime")
               help="Capture with torch.fx symbolic trace, torch.export, or trace and export when tracing fails.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The schedule file to write (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--min-keep", type=int, help="The fewest patch tokens a schedule may leave a block "
+              "[default: min(10% of the patches, 16), at least 1].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the search result as JSON.")
 @device_options("Precision of the calibration forwards and timings (model and images cast to it) [default: float32].")
 def search(model, source, inputs, input_size, flops, latency_ms, speedup, batch, backend, calibration,
-           calibration_limit, methods, budget, seed, mean, std, frontend, output, overwrite, quiet, as_json,
-           device, dtype) -> None:
+           calibration_limit, methods, budget, seed, mean, std, frontend, output, overwrite, min_keep, quiet,
+           as_json, device, dtype) -> None:
     """Search the per-block keep counts / merges that keep MODEL's output closest to the original at a FLOPs
     (--flops) and/or latency (--latency-ms or --speedup) budget, on calibration images, without fine-tuning.
 
@@ -76,7 +78,7 @@ def search(model, source, inputs, input_size, flops, latency_ms, speedup, batch,
     result = run_search(model, flops=flops, latency_ms=latency_ms, speedup=speedup, calibration=calibration,
                         methods=methods, budget=budget, seed=seed, batch=batch, backend=backend,
                         calibration_limit=calibration_limit, progress=not quiet, input_size=input_size, mean=mean,
-                        std=std, frontend=frontend, device=device, dtype=dtype)
+                        std=std, frontend=frontend, min_keep=min_keep, device=device, dtype=dtype)
     result.model = source
     result.save(output)
     say_preprocessing(model, mean, std, input_size)  # after the work: a refused command's error stays one line

@@ -23,7 +23,9 @@ REQUIREMENTS: dict[str, tuple[Callable[[ViTGraph], bool], Callable[[ViTGraph], s
     "token_indexed_gatherable": (
         lambda v: all(t["token_axes"] for t in v.token_indexed),
         lambda v: next(f"tensor {t['node']!r} {t['shape']} (used by {t['used_by']!r}) is indexed by token position "
-                       "on axes vitprune cannot tell, so it cannot follow the kept tokens"
+                       "on axes vitprune cannot tell" + (f" (the token axes are lost at {t['unknown_at']!r}, an op "
+                                                         "vitprune cannot follow)" if t.get("unknown_at") else "")
+                       + ", so it cannot follow the kept tokens"
                        for t in v.token_indexed if not t["token_axes"]),
     ),
     "readers_restorable": (

@@ -125,14 +125,17 @@ class ImportanceMaskPass(VitPass):
     ``mode`` (``dynamic`` | ``static``), ``first_block`` (first pruned block for ``flops``, default 3),
     ``calibration`` (static: a folder of images or an iterable of ``[B, C, H, W]`` tensors),
     ``calibration_limit`` (images read from a folder, default 256), ``score`` (dynamic: ``auto`` or one of
-    :data:`~vitprune.ops.token_ops.SCORES`, see :func:`~vitprune.ops.token_ops.patch_scores`)."""
+    :data:`~vitprune.ops.token_ops.SCORES`, see :func:`~vitprune.ops.token_ops.patch_scores`), ``min_keep``
+    (``flops``: the fewest patches a block may keep, default
+    :func:`~vitprune.graph.keep_counts.default_min_keep`)."""
 
     name = "importance-mask"
     needs = ("readers_restorable", "token_indexed_gatherable", "no_token_ops")
     restores_tokens = True
 
     def __init__(self, keep: Any = None, flops: float | None = None, mode: str = "dynamic", first_block: int = 3,
-                 calibration: Any = None, calibration_limit: int = 256, score: str = "auto") -> None:
+                 calibration: Any = None, calibration_limit: int = 256, score: str = "auto",
+                 min_keep: int | None = None) -> None:
         if (keep is None) == (flops is None):
             raise PassError("give exactly one of a keep schedule (--keep BLOCK:RATE,...) or a FLOPs target (--flops F)")
         if mode not in MODES:
@@ -148,7 +151,8 @@ class ImportanceMaskPass(VitPass):
                          flops=float(flops) if flops is not None else None, mode=mode, first_block=int(first_block),
                          calibration=None if calibration is None else
                          str(calibration) if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__")
-                         else "<tensors>", calibration_limit=int(calibration_limit), score=str(score))
+                         else "<tensors>", calibration_limit=int(calibration_limit), score=str(score),
+                         min_keep=None if min_keep is None else int(min_keep))
 
     @property
     def needs_visible_attention(self) -> bool:
@@ -166,7 +170,8 @@ class ImportanceMaskPass(VitPass):
         if p["keep"] is not None:
             counts = counts_from_rates(vit.num_patches, vit.num_blocks, p["keep"])
         else:  # a score that costs FLOPs of its own (distinct's similarity matrix) is counted in the target
-            counts = solve_for_flops(vit, p["flops"], total, p["first_block"], score=self._score(vit)[0])
+            counts = solve_for_flops(vit, p["flops"], total, p["first_block"], score=self._score(vit)[0],
+                                     min_keep=p["min_keep"])
         alive, stages = vit.num_patches, {}
         for b, k in sorted(counts.items()):  # a stage that keeps every alive patch does nothing: skip it
             if k < alive:

@@ -54,12 +54,12 @@ class LifespanGatherPass(VitPass):
     restores_tokens = True
 
     def __init__(self, flops: float = 0.5, after_block: int = 3, exact: bool = False, budget_weight: float = 2.0,
-                 tau_start: float = 1.0, tau_end: float = 0.1, score: str = "auto") -> None:
+                 tau_start: float = 1.0, tau_end: float = 0.1, score: str = "auto", min_keep: int | None = None) -> None:
         if not 0.0 < float(flops) <= 1.0:
             raise PassError(f"FLOPs target must be in (0, 1], got {flops}")
         super().__init__(flops=float(flops), after_block=int(after_block), exact=bool(exact),
                          budget_weight=float(budget_weight), tau_start=float(tau_start), tau_end=float(tau_end),
-                         score=str(score))
+                         score=str(score), min_keep=None if min_keep is None else int(min_keep))
 
     @property
     def single_image(self) -> bool:
@@ -83,7 +83,8 @@ class LifespanGatherPass(VitPass):
         x = self.example_input
         total = count_flops(gm, x) / x.shape[0]
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
-        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first")
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
+                                 min_keep=p["min_keep"])
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
         block_att = [4 * b.heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
@@ -178,7 +179,8 @@ class LifespanGatherPass(VitPass):
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
         total = ctx.flops_per_image
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
-        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first")
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
+                                 min_keep=p["min_keep"])
         module = LifespanGather(vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale or 1.0,
                                 score=score, cls_index=cls_index)
         x = torch.from_numpy(ctx.values[block.input_node])

@@ -68,7 +68,7 @@ from vitprune.frontends.fx import fx_digraph
 from vitprune.graph.analysis import ViTGraph
 from vitprune.graph.flops import flop_counter, frozen_parameters
 from vitprune.graph.keep_counts import (merge_predicted_ratio, merge_schedule, merge_tokens_per_block,
-                                        solve_merge_for_flops)
+                                        min_keep_for, solve_merge_for_flops)
 from vitprune.ops.modules import ProportionalAttentionMask, TokenMerge
 from vitprune.passes.base import VitPass, node_named, register_pass, unique_attr_name
 
@@ -168,7 +168,7 @@ class TokenMergePass(VitPass):
     restores_tokens = True  # dense readers get every token back (unmerged); RoPE tables and biases follow
 
     def __init__(self, r: Any = None, flops: float | None = None, first_block: int = 0,
-                 proportional_attention: bool = True) -> None:
+                 proportional_attention: bool = True, min_keep: int | None = None) -> None:
         if (r is None) == (flops is None):
             raise PassError("give exactly one of r (tokens merged per block, --r R) or a FLOPs target (--flops F)")
         if r is not None:
@@ -179,7 +179,8 @@ class TokenMergePass(VitPass):
         if flops is not None and not 0.0 < float(flops) <= 1.0:
             raise PassError(f"FLOPs target must be in (0, 1], got {flops}")
         super().__init__(r=r, flops=float(flops) if flops is not None else None, first_block=int(first_block),
-                         proportional_attention=bool(proportional_attention))
+                         proportional_attention=bool(proportional_attention),
+                         min_keep=None if min_keep is None else int(min_keep))
         self.solved_r: int | None = None  # the constant r a FLOPs target solved for
 
     @property
@@ -202,10 +203,11 @@ class TokenMergePass(VitPass):
             raise PassError(f"first_block must be in 0..{L - 1} for a model with {L} blocks, got {p['first_block']}")
         if p["flops"] is not None:
             try:
-                self.solved_r = solve_merge_for_flops(vit, p["flops"], total, mlp, p["first_block"])
+                least = min_keep_for(vit, p["min_keep"])
+                self.solved_r = solve_merge_for_flops(vit, p["flops"], total, mlp, p["first_block"], min_keep=least)
             except VitpruneError as exc:  # keep_counts' refusal, as the pass's
                 raise PassError(str(exc)) from exc
-            return merge_schedule(vit, self.solved_r, p["first_block"])
+            return merge_schedule(vit, self.solved_r, p["first_block"], min_keep=least)
         r = p["r"]
         if isinstance(r, int):
             wanted = {b: r for b in range(p["first_block"], L)}

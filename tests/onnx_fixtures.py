@@ -119,6 +119,47 @@ def make_dense_model():
     return _distinct(_DenseHead(_timm(num_classes=0, global_pool=""))).eval(), _example()
 
 
+class _DinoStandIn(torch.nn.Module):
+    """An untrained stand-in for a third-party DINOv2 dense model: a Hugging Face ``Dinov2Model`` (LayerScale,
+    CLS token, the position embedding stored for a 14x14 grid and resampled in the graph by bicubic
+    interpolation to the 8x8 grid of a 32x32 input) and a convolutional decoder of two ``ConvTranspose``
+    layers to ``[B, 1, 32, 32]``. Sizes chosen to coincide: width, the first decoder's channels (its weight is
+    ``[64, 64, 2, 2]``) and its learned bias ``[1, 64, 1, 1]`` all equal the 64 patches."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import Dinov2Config, Dinov2Model
+
+        config = Dinov2Config(image_size=56, patch_size=PATCH, hidden_size=WIDTH, num_hidden_layers=2,
+                              num_attention_heads=HEADS, mlp_ratio=1, attn_implementation="sdpa")
+        self.encoder = Dinov2Model(config)
+        self.up1 = torch.nn.ConvTranspose2d(WIDTH, NUM_PATCHES, kernel_size=2, stride=2)
+        self.bias = torch.nn.Parameter(torch.zeros(1, NUM_PATCHES, 1, 1))
+        self.up2 = torch.nn.ConvTranspose2d(NUM_PATCHES, 1, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(pixel_values=x).last_hidden_state  # [B, 65, C]
+        patches = tokens[:, 1:]
+        b, n, c = patches.shape
+        grid = patches.transpose(1, 2).reshape(b, c, GRID, GRID)
+        return self.up2(torch.nn.functional.gelu(self.up1(grid) + self.bias))
+
+
+def make_dino_standin():
+    """``(model, example [2, 3, 32, 32])``: :class:`_DinoStandIn`, seeded, parameters made distinct."""
+    torch.manual_seed(0)
+    return _distinct(_DinoStandIn()).eval(), _example()
+
+
+def export_static(model: torch.nn.Module, example: torch.Tensor, path, opset: int = 14) -> Path:
+    """``model`` written the way most ONNX files are: ``torch.onnx.export(model, (example,), f)``, TorchScript
+    exporter, no ``dynamic_axes``, so the input and output keep ``example``'s batch (static)."""
+    path = Path(path)
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset)
+    return path
+
+
 @contextlib.contextmanager
 def _quiet():
     """The exporters print progress and warnings; tests want none of it."""

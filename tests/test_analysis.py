@@ -53,7 +53,7 @@ def test_mean_readout_over_patch_tokens_with_cls():
                           model_args=dict(img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2, global_pool="avg"))
     vit = analyse(model, 32)
     assert vit.readout.kind == "mean" and vit.readout.mean_start == 1
-    assert vit.prefix_tokens == ["register"]  # a CLS token nothing reads is only a prefix token
+    assert vit.prefix_tokens == ["cls"]  # nothing reads it, yet it is concatenated first as a token of its own
 
 
 def test_matmul_softmax_attention_is_found():

@@ -102,6 +102,12 @@ def rewrite(
         "recipe": recipe,
         "preprocessing": previous.get("preprocessing") or preprocessing_metadata(model),
     }
+    from vitprune.graph.keep_counts import prunable_share_of
+
+    checked = 1 if pass_.single_image else example_input.shape[0]
+    share = prunable_share_of(analyses[0], pass_.record, check.flops_before / checked)
+    if share is not None:  # what the method can cut at all: the blocks from its pruning point on
+        pass_.record["prunable_flops_share"] = share
     report = RewriteReport(
         method=method,
         params=pass_.params,
@@ -143,3 +149,17 @@ def inspect_model(
     if example_input is None:
         example_input = make_example_input(model, input_size)
     return analyse(capture(model, example_input, frontend), example_input)
+
+
+def flops_per_image(model: nn.Module, *, input_size: tuple[int, int, int] | None = None) -> float:
+    """FLOPs of one eval forward of ``model`` per image (:func:`vitprune.graph.flops.count_flops` on the
+    example input ``make_example_input`` gives), the model's train/eval mode restored."""
+    from vitprune.graph.flops import count_flops
+
+    x = make_example_input(model, input_size)
+    was = model.training
+    model.eval()
+    try:
+        return count_flops(model, x) / x.shape[0]
+    finally:
+        model.train(was)

@@ -37,9 +37,19 @@ def inspect_onnx(model: Any, *, input_size: tuple[int, int, int] | None = None) 
 
     proto = onnx_frontend.load_model(model)
     _refuse_rewritten(proto)
-    x = onnx_frontend.example_input(proto, 2, input_size)
+    x = onnx_frontend.example_input(proto, onnx_frontend.analysis_batch(proto), input_size)
     proto, values = _without_noop_masks(proto, x, 1e-5)
     return analyse_opgraph(onnx_frontend.to_opgraph(proto, x, values), list(x.shape))
+
+
+def onnx_flops_per_image(model: Any, *, input_size: tuple[int, int, int] | None = None) -> float:
+    """FLOPs of one run of an ONNX ViT per image (:mod:`vitprune.graph.flops_onnx`), at the batch the analysis
+    uses (:func:`vitprune.frontends.onnx.analysis_batch`)."""
+    from vitprune.frontends import onnx as onnx_frontend
+
+    proto = onnx_frontend.load_model(model)
+    x = onnx_frontend.example_input(proto, onnx_frontend.analysis_batch(proto), input_size)
+    return _flops(proto, onnx_frontend.run_values(proto, x), x) / x.shape[0]
 
 
 #: metadata key of an ONNX model vitprune rewrote: the passes it ran, as JSON
@@ -141,11 +151,13 @@ def rewrite_onnx(
         input_size: ``(C, H, W)`` when the graph's input size is symbolic.
         tolerance: keep-all tolerance: every original tensor and output of the keep-all graph must match
             the original within ``tolerance`` relative to ``1 + max |value|``.
-        seed: seed of the example batch ``[2, C, H, W]``.
+        seed: seed of the example batch ``[2, C, H, W]`` (``[b, C, H, W]`` for a file whose input fixes the
+            batch at ``b``: the analysis and the checks run at the file's own batch).
         **params: the method's parameters, as for :func:`vitprune.rewrite`.
 
     Returns:
-        ``(model, report)``: the rewritten ``ModelProto`` (shapes inferred, checked, batch dynamic) and a
+        ``(model, report)``: the rewritten ``ModelProto`` (shapes inferred, checked; the batch dynamic as in the
+        original, or the original's static batch) and a
         :class:`~vitprune.rewrite.RewriteReport` (FLOPs for one run of the example batch, counted from the
         graph's MatMul/Gemm/Conv/attention shapes: :mod:`vitprune.graph.flops_onnx`).
 
@@ -163,7 +175,8 @@ def rewrite_onnx(
     proto = onnx_frontend.load_model(model)
     _refuse_rewritten(proto)
     opset = onnx_frontend.opset_of(proto)
-    x = onnx_frontend.example_input(proto, 2, input_size, seed)
+    batch = onnx_frontend.static_batch(proto)
+    x = onnx_frontend.example_input(proto, batch or 2, input_size, seed)
     proto, values = _without_noop_masks(proto, x, tolerance)
     vit = analyse_opgraph(onnx_frontend.to_opgraph(proto, x, values), list(x.shape))
     pass_ = make_pass(method, **params)
@@ -184,8 +197,11 @@ def rewrite_onnx(
         raise PassError(f"pass {method!r} refused: {what} needs every token back in place, which {method} cannot give")
     flops_before = _flops(proto, values, x)
 
-    def run_original(names: Iterable[str], batch: np.ndarray) -> dict[str, np.ndarray]:
-        return onnx_frontend.run_values(proto, batch.astype(np.float32), names)
+    def run_original(names: Iterable[str], images: np.ndarray) -> dict[str, np.ndarray]:
+        images = images.astype(np.float32)
+        if batch is None:
+            return onnx_frontend.run_values(proto, images, names)
+        return _in_static_batches(lambda part: onnx_frontend.run_values(proto, part, names), images, batch)
 
     built = {}
     for keep_all in (True, False):
@@ -223,14 +239,20 @@ def rewrite_onnx(
     after = onnx_frontend.run_values(new, x)  # every tensor: the FLOPs count needs the new ones too
     check_token_shapes(after, values, ctx)
     finite = all(np.isfinite(after[o]).all() for o in outputs)
-    other = onnx_frontend.run_values(new, onnx_frontend.example_input(proto, 3, input_size, seed + 1), outputs)
+    # a dynamic batch stays dynamic (checked at another batch); a static one stays the file's own
+    other = onnx_frontend.run_values(new, onnx_frontend.example_input(proto, batch or 3, input_size, seed + 1), outputs)
     if not finite or not all(np.isfinite(v).all() for v in other.values()):
         raise VerificationError("the rewritten ONNX graph gives non-finite outputs")
-    if any(other[o].shape[0] != 3 for o in outputs if other[o].ndim):
+    if any(other[o].shape[0] != (batch or 3) for o in outputs if other[o].ndim):
         raise VerificationError("the rewritten ONNX graph does not keep the batch dynamic")
     flops_after = _flops(new, after, x)
     import json
 
+    from vitprune.graph.keep_counts import prunable_share_of
+
+    share = prunable_share_of(vit, pass_.record, flops_before / x.shape[0])
+    if share is not None:  # what the method can cut at all: the blocks from its pruning point on
+        pass_.record["prunable_flops_share"] = share
     recipe = [{"pass": method, "params": {k: v for k, v in pass_.params.items() if k != "calibration"} | (
         {"calibration": str(pass_.params["calibration"])} if pass_.params.get("calibration") else {}),
         "decisions": pass_.record}]
@@ -243,6 +265,26 @@ def rewrite_onnx(
         seconds=time.perf_counter() - start, analysis=vit.to_dict(),
     )
     return new, report
+
+
+def _in_static_batches(run, images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    """``run`` (a graph with a static batch ``batch``) over ``images`` ``[n, C, H, W]`` in chunks of ``batch``
+    (the last padded with zeros, the padding cut off again), the values concatenated on the batch axis.
+    Values without a batch axis (a shape, a table) are those of the first chunk."""
+    n = images.shape[0]
+    chunks = []
+    for start in range(0, n, batch):
+        part = images[start:start + batch]
+        if part.shape[0] < batch:
+            part = np.concatenate([part, np.zeros((batch - part.shape[0], *part.shape[1:]), part.dtype)])
+        chunks.append(run(part))
+    out = {}
+    for name, first in chunks[0].items():
+        if np.ndim(first) and first.shape[0] == batch:
+            out[name] = np.concatenate([c[name] for c in chunks])[:n]
+        else:
+            out[name] = first
+    return out
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:

@@ -29,7 +29,8 @@ aten = torch.ops.aten
 _FUNCTIONS: dict[Any, str] = {
     operator.add: "add", torch.add: "add", operator.iadd: "add", operator.mul: "mul", torch.mul: "mul",
     operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
-    F.linear: "linear", F.conv2d: "conv", torch.conv2d: "conv",
+    F.linear: "linear", F.conv2d: "conv", torch.conv2d: "conv", F.conv_transpose2d: "conv_transpose",
+    F.embedding: "embedding",
     F.scaled_dot_product_attention: "sdpa",
     torch.softmax: "softmax", F.softmax: "softmax", torch.Tensor.softmax: "softmax",
     torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
@@ -44,6 +45,7 @@ _METHODS = {"add": "add", "mul": "mul", "matmul": "matmul", "softmax": "softmax"
 _ATEN: dict[Any, str] = {
     aten.add: "add", aten.mul: "mul", aten.matmul: "matmul", aten.bmm: "matmul", aten.mm: "matmul",
     aten.linear: "linear", aten.addmm: "linear", aten.conv2d: "conv", aten.convolution: "conv",
+    aten.conv_transpose2d: "conv_transpose", aten.embedding: "embedding",
     aten.scaled_dot_product_attention: "sdpa", aten._scaled_dot_product_flash_attention_for_cpu: "sdpa",
     aten._softmax: "softmax", aten.softmax: "softmax", aten.cat: "cat",
     aten.select: "index", aten.slice: "index", aten.narrow: "index",
@@ -83,6 +85,7 @@ def _kind(gm: fx.GraphModule, node: fx.Node) -> str:
         if type(mod) in LEAF_MODULES.values():
             return "token_op"
         for cls, kind in ((nn.MultiheadAttention, "mha"), (nn.Linear, "linear"), (nn.Conv2d, "conv"),
+                          (nn.ConvTranspose2d, "conv_transpose"), (nn.Embedding, "embedding"),
                           (nn.Softmax, "softmax"), (nn.LayerNorm, "norm")):
             if isinstance(mod, cls):
                 return kind
@@ -141,6 +144,45 @@ def _normalise_index(node: fx.Node, rank: int) -> dict[str, Any]:
     return {"opaque": True}
 
 
+def _permutation(node: fx.Node, rank: int) -> dict[str, Any]:
+    """``{"perm": [...]}`` of a permute or transpose (output axis i is input axis perm[i]), ``{}`` if not known."""
+    name = getattr(node.target, "__name__", node.target)
+    args = list(node.args[1:])
+    if not rank or not all(isinstance(a, int) or isinstance(a, (tuple, list)) for a in args):
+        return {}
+    if "transpose" in str(name) and len(args) == 2 and all(isinstance(a, int) for a in args):
+        perm = list(range(rank))
+        a, b = args[0] % rank, args[1] % rank
+        perm[a], perm[b] = perm[b], perm[a]
+        return {"perm": perm}
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    if "permute" in str(name) and len(dims) == rank and all(isinstance(d, int) for d in dims):
+        return {"perm": [d % rank for d in dims]}
+    return {}
+
+
+_INSERTS = {"stack", "unsqueeze"}  # one new axis at ``dim`` (token axes are placed by it, not by sizes)
+_REMOVES = {"squeeze", "unbind", "select"}
+
+
+def _axis_change(node: fx.Node, rank: int, out_rank: int) -> dict[str, Any]:
+    """``{"inserts_axis": d}`` (stack, unsqueeze) or ``{"removes_axis": d}`` (squeeze of one axis, unbind),
+    ``d`` counted in the output / input frame; ``{}`` for other ops."""
+    name = str(getattr(node.target, "__name__", node.target)).split(".")[0]
+    dim = _arg(node, 1, "dim", 0)
+    if not isinstance(dim, int):
+        return {}
+    if name == "stack":
+        inner = len(_shape(node.args[0][0]) or ()) if node.args and isinstance(node.args[0], (list, tuple)) \
+            and node.args[0] and isinstance(node.args[0][0], fx.Node) else 0
+        return {"inserts_axis": dim % (inner + 1)} if inner else {}
+    if name == "unsqueeze" and rank:
+        return {"inserts_axis": dim % (rank + 1)}
+    if name in ("squeeze", "unbind") and rank and (name == "unbind" or len(node.args) > 1 or "dim" in node.kwargs):
+        return {"removes_axis": dim % rank}
+    return {}
+
+
 def _attrs(gm: fx.GraphModule, node: fx.Node, kind: str) -> dict[str, Any]:
     """Kind-specific, frontend-independent attributes (see :mod:`vitprune.graph.opgraph`)."""
     mod = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -161,6 +203,8 @@ def _attrs(gm: fx.GraphModule, node: fx.Node, kind: str) -> dict[str, Any]:
         if getattr(node.target, "overloadpacket", None) is aten.addmm:  # addmm(bias, x, Wᵀ): Wᵀ is [in, out]
             return {"in_features": weight[0], "out_features": weight[1]} if weight else {}
         return {"in_features": weight[1], "out_features": weight[0]} if weight else {}
+    if kind == "permute":
+        return _permutation(node, rank)
     if kind == "conv":
         stride = list(mod.stride) if mod is not None else _arg(node, 3, "stride", 1)
         return {"stride": list(stride) if isinstance(stride, (tuple, list)) else [stride, stride]}
@@ -174,6 +218,8 @@ def _attrs(gm: fx.GraphModule, node: fx.Node, kind: str) -> dict[str, Any]:
         return {"dims": tuple(d % rank if isinstance(d, int) and rank else d for d in dims)}
     if kind == "index":
         return _normalise_index(node, rank or 1)
+    if kind == "other":
+        return _axis_change(node, rank, len(_shape(node) or ()))
     if kind == "token_op":  # changes_tokens: a TokenModule (drops/gathers), not a training-only gate
         return {"module": type(mod).__name__, "config": mod.config(), "changes_tokens": isinstance(mod, TokenModule)}
     return {}

@@ -18,7 +18,8 @@ Op kinds (what the analysis reads):
   torch;
 - ``Gather`` / ``Slice`` with constant indices on a data tensor -> ``index`` (``{axis: int | slice}``);
   ``Split`` outputs -> ``index`` slices; ``ReduceMean`` -> ``mean``; ``Concat`` -> ``cat``; ``Conv`` -> ``conv``;
-  ``Reshape``/``Flatten``/``Squeeze``/``Unsqueeze`` -> ``reshape``; ``Transpose`` -> ``permute``;
+  ``ConvTranspose`` -> ``conv_transpose`` (a layer: its weight is never token-indexed);
+  ``Reshape``/``Flatten``/``Squeeze``/``Unsqueeze`` -> ``reshape``; ``Transpose`` -> ``permute`` (``perm``);
 - ``Shape``/``Size`` outputs are not tensors of the image (``tensor=False``), so the shape arithmetic
   exporters emit (``Shape -> Gather -> Concat -> Reshape``) is image-independent, as ``x.shape`` is in fx.
 """
@@ -41,6 +42,7 @@ MS_DOMAIN = "com.microsoft"
 
 _SIMPLE_KINDS = {
     "Add": "add", "Mul": "mul", "Div": "mul", "Softmax": "softmax", "Concat": "cat", "Conv": "conv",
+    "ConvTranspose": "conv_transpose",
     "ReduceMean": "mean", "LayerNormalization": "norm", "Reshape": "reshape", "Flatten": "reshape",
     "Squeeze": "reshape", "Unsqueeze": "reshape", "Transpose": "permute",
 }
@@ -115,6 +117,19 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the graph's image input fixes (a TorchScript export without ``dynamic_axes`` keeps the
+    example's batch, often 1), or None when the batch axis is symbolic."""
+    dims = image_input(model).type.tensor_type.shape.dim
+    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+
+
+def analysis_batch(model: onnx.ModelProto, wanted: int = 2) -> int:
+    """The batch vitprune analyses and verifies at: ``wanted`` (2 tells the batch axis apart from others) when the
+    batch is dynamic, else the file's own (:func:`static_batch`): the graph runs at no other."""
+    return static_batch(model) or wanted
+
+
 def example_input(model: onnx.ModelProto, batch: int = 2, input_size: tuple[int, int, int] | None = None,
                   seed: int = 0) -> np.ndarray:
     """A seeded normal ``[batch, C, H, W]`` float32 batch at the graph's input size.
@@ -159,7 +174,7 @@ def run_values(model: onnx.ModelProto, x: np.ndarray, names: Iterable[str] | Non
     output) plus the graph outputs.
 
     Raises:
-        AnalysisError: ONNX Runtime cannot run the graph on ``x`` (the message is ORT's first line).
+        AnalysisError: ONNX Runtime cannot run the graph on ``x`` (ORT's whole message, on one line).
     """
     produced = [o for n in model.graph.node for o in n.output if o]
     wanted = list(dict.fromkeys(produced if names is None else names))
@@ -173,9 +188,9 @@ def run_values(model: onnx.ModelProto, x: np.ndarray, names: Iterable[str] | Non
     try:
         out = sess.run(None, {image_input(model).name: x})
     except Exception as exc:
-        text = str(exc).strip().splitlines()
+        text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
         raise AnalysisError(f"ONNX Runtime cannot run the graph on an input of shape {list(x.shape)}: "
-                            f"{text[0] if text else type(exc).__name__}") from None
+                            f"{text or type(exc).__name__}") from None
     return {o.name: v for o, v in zip(sess.get_outputs(), out)}
 
 
@@ -398,6 +413,9 @@ def _map_node(node: onnx.NodeProto, consts: _Consts, shapes: dict[str, tuple[int
             dims = tuple(range(rank))
         kind = "mean" if op == "ReduceMean" else "max"
         return [(outs[0], kind, ins[:1], {"dims": dims, "keepdims": bool(_attr(node, "keepdims", 1))})]
+    if op == "Transpose":
+        perm = _attr(node, "perm")
+        return [(outs[0], "permute", ins, {"perm": [int(p) for p in (perm or reversed(range(rank)))]})]
     if op == "Gather":
         return [(outs[0], "index", ins, _gather_axes(node, consts, rank))]
     if op == "Slice":

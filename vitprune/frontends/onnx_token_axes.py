@@ -1,4 +1,9 @@
-"""Which axes of each ONNX tensor are token axes: forward shape propagation from the token stream.
+"""Which axes of each ONNX tensor are token axes, ONNX op by op, for the lowering's shape operands.
+
+The analysis reads token axes from the neutral op graph (:mod:`vitprune.graph.token_axes`, one propagation
+for every frontend); the ONNX lowering also needs them on the shape arithmetic the exporters emit (``Reshape``
+targets, ``Slice`` ends, ``Gemm`` on flattened ``[B·N, C]`` tensors), which the op graph does not model, so it
+follows the same rules (and helpers) at the level of ONNX nodes here.
 
 A token axis is described by its *multiplicity* ``m``: the axis' size is ``m · N`` plus a part that does
 not depend on the token count ``N`` (``[B, N, C]``: ``m = 1`` on axis 1; an attention map
@@ -19,6 +24,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from vitprune.graph.token_axes import Axes, align_right as _align_right, merge as _merge, reshape_axes as _reshape
+
 #: ops whose output 0 is computed element by element from broadcast inputs (token axes align right)
 ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Less", "Greater", "And", "Or", "Not",
@@ -30,7 +37,6 @@ ELEMENTWISE = {
 #: ops whose outputs never carry token axes (shape arithmetic)
 SHAPE_ONLY = {"Shape", "Size", "ConstantOfShape", "Range", "NonZero"}
 
-Axes = dict[int, int]  # axis -> multiplicity
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -43,42 +49,6 @@ def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
 def _const_ints(name: str, consts: dict[str, np.ndarray]) -> list[int] | None:
     v = consts.get(name)
     return None if v is None else [int(i) for i in np.asarray(v).reshape(-1)]
-
-
-def _align_right(axes: Axes, in_rank: int, out_rank: int) -> Axes:
-    return {a + out_rank - in_rank: m for a, m in axes.items()}
-
-
-def _merge(*parts: Axes) -> Axes:
-    out: Axes = {}
-    for p in parts:
-        for a, m in p.items():
-            out[a] = max(out.get(a, 0), m)
-    return out
-
-
-def _reshape(axes: Axes, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Axes | None:
-    """Token axes through a reshape: each output axis spans an interval of the flattened prefix products;
-    a token axis keeps its multiplicity, scaled by the axes merged with it. None when a token axis is split."""
-    def bounds(shape):
-        out, p = [], 1
-        for s in shape:
-            out.append((p, p * s))
-            p *= s
-        return out
-
-    ib, ob = bounds(in_shape), bounds(out_shape)
-    result: Axes = {}
-    for a, m in axes.items():
-        lo, hi = ib[a]
-        if in_shape[a] == 1:
-            continue
-        covering = [i for i, (olo, ohi) in enumerate(ob) if olo <= lo and hi <= ohi and out_shape[i] != 1]
-        if len(covering) != 1:
-            return None  # the token axis is split over several output axes
-        i = covering[0]
-        result[i] = result.get(i, 0) + m * (out_shape[i] // in_shape[a])
-    return result
 
 
 def propagate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], start: str,

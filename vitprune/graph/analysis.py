@@ -18,8 +18,9 @@ shapes propagated from one example input); no class or attribute name of the mod
   the last block whose keys are the tokens and whose queries are not: SigLIP's MAP head); or, for a dense model, readers
   that take every token in place (the token sequence as an output, a grid reshape for a segmentation or
   depth head): kind ``"tokens"``, for which a pass puts dropped tokens back (:mod:`vitprune.passes.token_restore`);
-- **token-indexed tensors**: image-independent tensors with a token-sized axis used after the point
-  where tokens can be dropped (relative position bias, RoPE tables): a token pass must gather them;
+- **token-indexed tensors**: image-independent tensors one of whose axes meets a token axis of the stream
+  after the point where tokens can be dropped (relative position bias, RoPE tables), by data flow
+  (:mod:`vitprune.graph.token_axes`), never by a size: a token pass must gather them;
 - **other readers of the token stream**: every node after the drop point that reads the stream yet
   neither flows back into it (a block's branch, the chain between blocks) nor is the readout or after
   it: a second output that reads an intermediate block's tokens, a grid reshape for a dense head, a
@@ -312,6 +313,33 @@ def _walk_embedding(g: OpGraph, start: str) -> dict[str, Any]:
     return result
 
 
+def _prefix_kinds(g: OpGraph, cat: str | None, num_prefix: int, readout: Readout) -> list[str]:
+    """Per prefix token: ``"cls"``, ``"distillation"`` or ``"register"``, by data flow.
+
+    - When the readout reads prefix tokens by index (``x[:, 0]``, DeiT's ``(x[:, 0] + x[:, 1]) / 2``), the first
+      one it reads is the CLS token, the others it reads distillation tokens, the unread ones registers (timm's
+      DINOv2 with registers: ``x[:, 0]`` read, 4 register tokens not).
+    - When it reads none (a dense readout, a mean over patch tokens), which token a training head read is not in
+      the graph; the prefix concat is: a CLS token is concatenated first as a learned token of its own
+      (``[1, 1, C]``, expanded over the batch: ViT, DeiT, DINOv2 in timm and Hugging Face), registers come as one
+      block of learned tokens (``[1, R, C]``). So the first prefix token is ``cls`` when it is an operand of its
+      own of the concat, every other unread token a register (a distillation token nothing reads cannot be told
+      from a register, and holds none of the readout's information either).
+    """
+    read = readout.token_indices if readout.kind in ("token", "token+mean") else []
+    kinds = []
+    for i in range(num_prefix):
+        if i in read:
+            kinds.append("cls" if read.index(i) == 0 else "distillation")
+        else:
+            kinds.append("register")
+    if cat is not None and num_prefix and not any(i < num_prefix for i in read):
+        first = g.inputs(cat)[0]
+        if first is not None and not g.is_data(first) and (g.shape(first) or (0, 0))[1] == 1:
+            kinds[0] = "cls"
+    return kinds
+
+
 def _patch_conv(g: OpGraph, patch_tokens: str) -> tuple[list[int] | None, list[int] | None]:
     """(grid, patch size) of the convolution that embeds the patches, if there is one."""
     for n in sorted(g.ancestors(patch_tokens), key=g.order, reverse=True):
@@ -424,66 +452,51 @@ def _is_token_pool(g: OpGraph, n: str) -> bool:
     return rank == 3 and g.attrs(n)["dims"] == (1,)
 
 
-_WEIGHTED = ("linear", "conv", "norm", "mha")
-
-
-def _token_indexed(g: OpGraph, start: str, num_prefix: int, num_patches: int) -> list[dict[str, Any]]:
-    """Image-independent tensors with a token-sized axis, consumed after ``start`` (RoPE sin/cos tables,
-    relative-position biases, position embeddings added late).
+def _token_indexed(g: OpGraph, seeds: list[str], stop: list[str], num_prefix: int,
+                   num_patches: int) -> list[dict[str, Any]]:
+    """Image-independent tensors read against a token axis after the token-stream start (RoPE sin/cos tables,
+    relative-position biases, position embeddings added late), found by data flow
+    (:mod:`vitprune.graph.token_axes`: token axes propagated from the residual stream ``seeds``, not entering
+    ``stop``, the readout and the readers whose tokens a pass restores). A tensor is token-indexed only where one
+    of its axes meets a token axis: broadcast in an element-wise op, the rows/columns of attention scores (an
+    SDPA mask), the contracted axis of a matmul. A layer's own weights never are, whatever their sizes.
 
     Each entry: ``node`` (the tensor), ``shape``, ``used_by`` (the op where it meets image data), ``rank`` (that
     op's image-dependent operand's rank: the tensor broadcasts against it, aligned right) and ``token_axes``: per
     token axis of the tensor, aligned to ``rank``, whether it indexes every token (prefix tokens first) or the
-    patch tokens only. A mask or bias of attention scores (an SDPA mask, or an operand whose last two axes are
-    both token-sized) has rows and columns; any other tensor is token-indexed on its non-channel axes (the last
-    axis is channels, as in a ``[P, d]`` RoPE table). ``token_axes`` is empty when no axis can be told.
+    patch tokens only. ``token_axes`` is empty when it cannot be gathered per image: a batch-sized or token-first
+    tensor, or one read where the token axes are unknown (an op :mod:`~vitprune.graph.token_axes` cannot
+    follow, then the tensor is reported when one of its axes has a token count: a pass refuses it by name).
     """
+    from vitprune.graph.token_axes import LAYERS, constant_token_axes, propagate
+
+    axes, unknown = propagate(g, seeds, stop)
     counts = {num_patches, num_prefix + num_patches}
     found = []
-    after = g.descendants(start)
     for n in g.nodes:
-        if not g.is_data(n) or n not in after or g.kind(n) in _WEIGHTED:
-            continue  # a layer's own weights (aten graphs show them as inputs) are not token-indexed
+        ins = g.data_inputs(n)
+        if g.kind(n) in LAYERS or not any(i in axes or i in unknown for i in ins):
+            continue
         for c in g.g.predecessors(n):
             shape = g.shape(c)
-            if not g.is_constant_tensor(c) or shape is None or len(shape) < 2:
+            if not g.is_constant_tensor(c) or shape is None or not shape:
                 continue
-            if not any(s in counts for s in shape[:-1]):
-                continue
-            rank = max([len(g.shape(i) or ()) for i in g.data_inputs(n)] + [len(shape)])
+            rank = max([len(g.shape(i) or ()) for i in ins] + [len(shape)])
             pad = rank - len(shape)
-            if shape[-1] in counts and shape[-2] in counts and _adds_to_attention_scores(g, n, c):
-                axes = [len(shape) - 2, len(shape) - 1]
-            else:
-                axes = [i for i in range(len(shape) - 1) if shape[i] in counts]
-            token_axes = [{"axis": pad + a, "with_prefix": shape[a] != num_patches} for a in axes
-                          if shape[a] in counts]
+            if any(i in unknown for i in ins):
+                hit = [a for a in range(len(shape)) if shape[a] in counts]
+                if hit and g.kind(n) not in ("index", "reshape", "permute", "output"):
+                    found.append({"node": c, "shape": list(shape), "used_by": n, "rank": rank, "token_axes": [],
+                                  "unknown_at": unknown[next(i for i in ins if i in unknown)]})
+                continue
+            hit = constant_token_axes(g, n, c, axes)
+            if not hit:
+                continue
+            token_axes = [{"axis": pad + a, "with_prefix": shape[a] != num_patches} for a in hit]
             if pad == 0 and shape[0] != 1 or any(t["axis"] == 0 for t in token_axes):
                 token_axes = []  # a batch-sized or token-first tensor: not a table to gather per image
             found.append({"node": c, "shape": list(shape), "used_by": n, "rank": rank, "token_axes": token_axes})
     return found
-
-
-def _adds_to_attention_scores(g: OpGraph, n: str, tensor: str) -> bool:
-    """Whether ``tensor``, consumed by ``n``, biases attention scores: it is an SDPA's mask, or ``n``'s value
-    reaches a softmax (or an SDPA's mask) through element-wise ops only. A RoPE table whose channel count
-    equals the token count (64 head channels, 64 patches) has the same shape as a bias but reaches the
-    softmax only through ``q @ kᵀ`` (or enters an SDPA as its query or key)."""
-    if g.kind(n) == "sdpa":
-        return tensor not in g.inputs(n)[:3]  # not the query, key or value: the mask
-    frontier, seen = [n], {n}
-    while frontier:
-        m = frontier.pop()
-        for u in g.users(m):
-            if u in seen:
-                continue
-            seen.add(u)
-            kind = g.kind(u)
-            if kind == "softmax" or kind == "sdpa" and m in g.inputs(u)[3:]:
-                return True
-            if kind in ("add", "mul", "other"):
-                frontier.append(u)
-    return False
 
 
 def _describe_node(g: OpGraph, n: str) -> str:
@@ -661,13 +674,7 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
         pos_embed = "after_prefix_concat" if emb["pos_order"][0] == "pos" else "before_prefix_concat"
 
     final_ops, readout = _walk_readout(g, stream[-1][0], pools)
-    kinds = []
-    read = readout.token_indices
-    for i in range(num_prefix):
-        if i in read:
-            kinds.append("cls" if read.index(i) == 0 else "distillation")
-        else:
-            kinds.append("register")
+    kinds = _prefix_kinds(g, emb["cat"], num_prefix, readout)
 
     token_ops = []
     for n in (n for n in g.named("token_op") if g.attrs(n)["changes_tokens"]):
@@ -678,6 +685,10 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
     insert_after = emb["insert_after"]
     stream_end = final_ops[-1] if final_ops else stream[-1][0]
     readers = _stream_readers(g, insert_after, stream_end, readout.nodes, blocks, num_prefix)
+    # token axes flow from the residual stream; the readout and the readers a pass restores take every token back
+    seeds = [insert_after] + [n for b in blocks for n in (b.input_node, *b.residual_adds)]
+    feeds_stream = g.ancestors(stream_end)
+    stop = list(readout.nodes) + [r["node"] for r in readers if r["node"] not in feeds_stream]
     return ViTGraph(
         input_shape=list(input_shape),
         num_patches=num_patches,
@@ -694,7 +705,7 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
         blocks=blocks,
         readout=readout,
         final_ops=final_ops,
-        token_indexed=_token_indexed(g, insert_after, num_prefix, num_patches),
+        token_indexed=_token_indexed(g, seeds, stop, num_prefix, num_patches),
         token_ops=token_ops,
         stream_readers=readers,
     )

@@ -55,6 +55,63 @@ def counts_from_rates(num_patches: int, num_blocks: int, rates: dict[int, float]
     return counts
 
 
+def default_min_keep(num_patches: int) -> int:
+    """The fewest patch tokens a solver lets a block run on: ``min(10% of the patches, 16)``, at least 1.
+
+    Why a floor: the blocks after the pruning point are the only FLOPs a token method can cut; when the rest of
+    the model is large (a dense decoder), a solver chasing a whole-model target drives the last blocks to a
+    handful of tokens (issue 27: DINOv2-S/14 at importance-mask ``--flops 0.5`` ran blocks 9-11 on 7, 4 and 2
+    tokens) with no warning. 16 tokens is ToMe's smallest useful set at ViT-B/16 224 (a 4x4 grid); 10% keeps small
+    grids (64 patches: 6) from being floored at a quarter of the image."""
+    return max(1, min(16, num_patches // 10))
+
+
+def min_keep_for(vit: ViTGraph, min_keep: int | None) -> int:
+    """``min_keep`` (``--min-keep``) checked against the model, or :func:`default_min_keep`.
+
+    Raises:
+        VitpruneError: ``min_keep`` outside ``1 .. num_patches``.
+    """
+    if min_keep is None:
+        return default_min_keep(vit.num_patches)
+    if not 1 <= int(min_keep) <= vit.num_patches:
+        raise VitpruneError(f"--min-keep must be in 1..{vit.num_patches} (the model's patches), got {min_keep}")
+    return int(min_keep)
+
+
+def prunable_share(vit: ViTGraph, total_flops: float, first_block: int) -> float:
+    """The share of the model's FLOPs (``total_flops`` per image) in blocks ``first_block ..``: all a token
+    method pruning from ``first_block`` on can cut (the patch embedding, the blocks before, the head and a dense
+    decoder stay as they are)."""
+    full = [vit.num_tokens] * vit.num_blocks
+    later = block_flops(vit, full) - block_flops(vit, full[:first_block] + [0] * (vit.num_blocks - first_block))
+    return later / total_flops if total_flops else 0.0
+
+
+def prunable_shares(vit: ViTGraph, total_flops: float) -> list[float]:
+    """:func:`prunable_share` for a pruning point before each block: ``[share from block 0, from 1, ...]``."""
+    return [prunable_share(vit, total_flops, b) for b in range(vit.num_blocks)]
+
+
+def prunable_share_of(vit: ViTGraph, decisions: dict, total_flops: float) -> float | None:
+    """:func:`prunable_share` from the first block a pass's ``decisions`` run on fewer tokens (its
+    ``tokens_after_merge`` or ``tokens_per_block``: a list per block, or one int for every block), or None
+    when they say nothing of the blocks."""
+    per_block = decisions.get("tokens_after_merge") or decisions.get("tokens_per_block")
+    if isinstance(per_block, int):
+        return prunable_share(vit, total_flops, 0)
+    first = next((b for b, n in enumerate(per_block or []) if n < vit.num_tokens), None)
+    return None if first is None else prunable_share(vit, total_flops, first)
+
+
+def _refuse_below(target: float, reachable: float, vit: ViTGraph, total_flops: float, first_block: int,
+                  floor: int, how: str) -> VitpruneError:
+    share = prunable_share(vit, total_flops, first_block)
+    return VitpruneError(f"FLOPs target {target} is below {reachable:.3f}, the least reachable {how} (at least "
+                         f"{floor} patch tokens per block, --min-keep; blocks {first_block}.. hold {share:.0%} of the "
+                         f"model's FLOPs, all the method can prune)")
+
+
 def tokens_per_block(vit: ViTGraph, counts: dict[int, int]) -> list[int]:
     """Tokens (prefix + patches) each block attends over under ``counts``."""
     out, patches = [], vit.num_patches
@@ -99,33 +156,38 @@ def predicted_ratio(vit: ViTGraph, counts: dict[int, int], total_flops: int, sco
 
 
 def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block: int = 3, score: str | None = None,
-                    stages: str = "each") -> dict[int, int]:
+                    stages: str = "each", min_keep: int | None = None) -> dict[int, int]:
     """Per-block keep counts whose predicted FLOPs ratio (with ``score``'s cost, :func:`predicted_ratio`) is
     closest to ``target``.
 
     vitprune's schedule shape (the paper tunes counts per layer by an error tolerance): blocks before
     ``first_block`` keep every token; from ``first_block`` on, each block keeps the same fraction ``r`` of
-    the patches alive before it (a geometric decay, nested by construction), ``r`` found by bisection.
+    the patches alive before it (a geometric decay, nested by construction), ``r`` found by bisection; no
+    block keeps fewer than ``min_keep`` patches (default :func:`default_min_keep`).
 
     Raises:
         VitpruneError: ``target`` outside (0, 1], ``first_block`` outside the model, or a target below
-            what keeping one patch from ``first_block`` on can reach.
+            what keeping ``min_keep`` patches from ``first_block`` on can reach (the message names that
+            minimum and the share of the FLOPs the blocks from ``first_block`` hold).
     """
     if not 0.0 < target <= 1.0:
         raise VitpruneError(f"FLOPs target must be in (0, 1], got {target}")
     if not 1 <= first_block < vit.num_blocks:
         raise VitpruneError(f"first pruned block must be in 1..{vit.num_blocks - 1}, got {first_block}")
 
+    least = min_keep_for(vit, min_keep)
+
     def counts_for(r: float) -> dict[int, int]:
-        return counts_from_rates(vit.num_patches, vit.num_blocks, {b: r for b in range(first_block, vit.num_blocks)})
+        counts = counts_from_rates(vit.num_patches, vit.num_blocks, {b: r for b in range(first_block, vit.num_blocks)})
+        return {b: max(k, least) for b, k in counts.items()}
 
     def ratio(counts: dict[int, int]) -> float:
         return predicted_ratio(vit, counts, total_flops, score, stages)
 
-    floor = ratio({b: 1 for b in range(first_block, vit.num_blocks)})
-    if target < floor:
-        raise VitpruneError(f"FLOPs target {target} is below {floor:.3f}, the least reachable when blocks "
-                            f"0..{first_block - 1} keep every token")
+    floor = ratio({b: least for b in range(first_block, vit.num_blocks)})
+    if target < floor - 1e-9:
+        raise _refuse_below(target, floor, vit, total_flops, first_block, least,
+                            f"when blocks 0..{first_block - 1} keep every token")
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -142,11 +204,12 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
 # token merging (ToMe): a block merges r tokens between its attention and its MLP
 
 
-def merge_schedule(vit: ViTGraph, r: int, first_block: int = 0, last_block: int | None = None) -> dict[int, int]:
+def merge_schedule(vit: ViTGraph, r: int, first_block: int = 0, last_block: int | None = None,
+                   min_keep: int = 1) -> dict[int, int]:
     """ToMe's schedule for a constant ``r``: every block from ``first_block`` (to ``last_block``, inclusive;
     default the last) merges ``min(r, P_b // 2)`` of the ``P_b`` patch tokens alive there (merge.py caps ``r``
     at half the tokens the same way, bipartite matching merging at most one set into the other); blocks that
-    would merge nothing are left out.
+    would merge nothing are left out; no block merges below ``min_keep`` patch tokens left.
 
     Returns:
         ``{block: tokens merged in that block}``, every value ``>= 1``.
@@ -154,7 +217,7 @@ def merge_schedule(vit: ViTGraph, r: int, first_block: int = 0, last_block: int 
     merges, alive = {}, vit.num_patches
     end = vit.num_blocks if last_block is None else min(vit.num_blocks, last_block + 1)
     for block in range(first_block, end):
-        merged = min(r, alive // 2)
+        merged = max(0, min(r, alive // 2, alive - min_keep))
         if merged > 0:
             merges[block] = merged
             alive -= merged
@@ -200,29 +263,31 @@ def merge_predicted_ratio(vit: ViTGraph, merges: dict[int, int], total_flops: in
 
 
 def solve_merge_for_flops(vit: ViTGraph, target: float, total_flops: int, mlp_flops_per_token: list[int],
-                          first_block: int = 0, last_block: int | None = None) -> int:
+                          first_block: int = 0, last_block: int | None = None, min_keep: int | None = None) -> int:
     """The constant ``r`` (ToMe's schedule, :func:`merge_schedule`, in blocks ``first_block`` to ``last_block``,
     default the last) whose predicted FLOPs ratio is closest to ``target``, by bisection (the ratio falls as
-    ``r`` grows).
+    ``r`` grows); no block is left with fewer than ``min_keep`` patch tokens (default :func:`default_min_keep`).
 
     Raises:
         VitpruneError: ``target`` outside (0, 1], ``first_block`` outside the model, or a target below what
-            merging as much as bipartite matching allows in those blocks can reach.
+            merging as much as bipartite matching and the floor allow in those blocks can reach.
     """
     if not 0.0 < target <= 1.0:
         raise VitpruneError(f"FLOPs target must be in (0, 1], got {target}")
     if not 0 <= first_block < vit.num_blocks:
         raise VitpruneError(f"first merging block must be in 0..{vit.num_blocks - 1}, got {first_block}")
 
+    least = min_keep_for(vit, min_keep)
+
     def ratio(r: int) -> float:
-        return merge_predicted_ratio(vit, merge_schedule(vit, r, first_block, last_block), total_flops,
+        return merge_predicted_ratio(vit, merge_schedule(vit, r, first_block, last_block, least), total_flops,
                                      mlp_flops_per_token)
 
     most = vit.num_patches // 2
     floor = ratio(most)
     if target < floor - 0.01:
-        raise VitpruneError(f"FLOPs target {target} is below {floor:.3f}, the least reachable by merging half the "
-                            f"patch tokens in every block from block {first_block} on"
+        raise _refuse_below(target, floor, vit, total_flops, first_block, least,
+                            f"by merging up to half the patch tokens in every block from block {first_block} on"
                             + (f" to block {last_block}" if last_block is not None else ""))
     lo, hi = 0, most  # ratio(lo) >= target > ratio(hi) once the loop ends (or lo == hi)
     while hi - lo > 1:

@@ -23,6 +23,7 @@ A node carries:
   ``mha``             ``heads``, ``head_dim``, ``embed_dim``, ``batch_first``
   ``linear``          ``in_features``, ``out_features``
   ``conv``            ``stride`` ``[sh, sw]``
+  ``permute``         ``perm``: the output's axes as input axes (absent when not known)
   ``cat``             ``dim``
   ``mean``            ``dims`` (tuple)
   ``index``           ``axes``: ``{axis: int | slice}`` of the non-trivial axes, ``tensor_axes``: axes
@@ -41,8 +42,8 @@ from typing import Any, Iterable
 import networkx as nx
 
 #: op kinds every frontend maps its ops onto.
-KINDS = ("input", "constant", "output", "add", "mul", "matmul", "linear", "conv", "sdpa", "softmax", "mha", "cat",
-         "index", "mean", "max", "norm", "reshape", "permute", "token_op", "other")
+KINDS = ("input", "constant", "output", "add", "mul", "matmul", "linear", "conv", "conv_transpose", "embedding", "sdpa",
+         "softmax", "mha", "cat", "index", "mean", "max", "norm", "reshape", "permute", "token_op", "other")
 
 
 class OpGraph:

@@ -83,7 +83,8 @@ class _Searcher:
     """Captures and analyses the model once, computes the original outputs once, scores candidates."""
 
     def __init__(self, model: nn.Module, calibration: Any, methods: tuple[str, ...], seed: int, limit: int,
-                 input_size, mean, std, frontend: str, progress: bool, device: Any = None, dtype: Any = None) -> None:
+                 input_size, mean, std, frontend: str, progress: bool, min_keep: int | None = None,
+                 device: Any = None, dtype: Any = None) -> None:
         from vitprune.io.origin import default_input_size, example_input
         from vitprune.io.preprocess import resolve_preprocessing
         from vitprune.rewrite import _opaque_attention
@@ -119,11 +120,11 @@ class _Searcher:
         self.spaces: dict[str, Any] = {}
         for m in methods:
             if m == "importance-mask":
-                self.spaces[m] = KeepSpace(self.vit, self.total)
+                self.spaces[m] = KeepSpace(self.vit, self.total, min_keep)
             else:
                 from vitprune.passes.token_merge import measure_flops
 
-                self.spaces[m] = MergeSpace(self.vit, self.total, measure_flops(ref, self.vit, self.x)[1])
+                self.spaces[m] = MergeSpace(self.vit, self.total, measure_flops(ref, self.vit, self.x)[1], min_keep)
         with torch.no_grad():
             scorer = self.placed(ref)
             self.original = [flat_outputs(scorer(b), b.shape[0]) for b in self.batches]
@@ -489,8 +490,8 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
            methods: Sequence[str] = METHODS, budget: int = 48, seed: int = 0, batch: int = 1,
            backend: str = "eager", calibration_limit: int = 64, progress: bool = True,
            input_size: tuple[int, int, int] | None = None, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None, frontend: str = "auto", device: str | torch.device | None = None,
-           dtype: str | torch.dtype | None = None) -> SearchResult:
+           std: Sequence[float] | None = None, frontend: str = "auto", min_keep: int | None = None,
+           device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> SearchResult:
     """Find the per-block schedule (keep counts or merges) that keeps ``model``'s output closest to the original
     at a FLOPs or latency budget, without fine-tuning (module docstring: search space and algorithm; Patch
     Slimming, arXiv 2106.02852 §3.3; DiffRate, arXiv 2305.17997).
@@ -522,6 +523,8 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
         input_size: ``(C, H, W)`` when it cannot be read from the model or a calibration tensor.
         mean, std: override the normalisation of calibration images read from a folder.
         frontend: as :func:`vitprune.rewrite`.
+        min_keep: the fewest patch tokens a schedule may leave a block (default
+            :func:`~vitprune.graph.keep_counts.default_min_keep`: ``min(10% of the patches, 16)``, at least 1).
         device, dtype: where the calibration forwards and the timings run (:mod:`vitprune.device`; default CUDA
             when available, float32); capture, the passes and FLOPs stay on the CPU in float32.
 
@@ -571,7 +574,7 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
     modes = {m: m.training for m in model.modules()}
     try:
         s = _Searcher(model, calibration, methods, int(seed), int(calibration_limit), input_size, mean, std,
-                      frontend, progress, device, dtype)
+                      frontend, progress, min_keep, device, dtype)
         if latency_ms is None and speedup is None:
             target = _Budget(float(flops))
             result, _ = s.result(target, s.run(target, int(budget)), int(budget))

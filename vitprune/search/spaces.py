@@ -65,13 +65,15 @@ def rates_for_counts(num_patches: int, counts: dict[int, int], num_blocks: int |
 
 
 class KeepSpace:
-    """importance-mask: ``v[b]`` patches alive at block ``b``; ``v[0] = P``, non-increasing, ``>= 1``."""
+    """importance-mask: ``v[b]`` patches alive at block ``b``; ``v[0] = P``, non-increasing, ``>= floor``
+    (``min_keep``, :func:`~vitprune.graph.keep_counts.min_keep_for`)."""
 
     method = "importance-mask"
     first = 1  # the first block whose count may change
 
-    def __init__(self, vit: ViTGraph, total: int) -> None:
+    def __init__(self, vit: ViTGraph, total: int, min_keep: int | None = None) -> None:
         self.vit, self.total, self.P, self.L = vit, total, vit.num_patches, vit.num_blocks
+        self.floor = kc.min_keep_for(vit, min_keep)
         self.score = "auto"  # the patch score; the search fixes it from the defaults (see SEARCHED_SCORES)
 
     @property
@@ -111,11 +113,11 @@ class KeepSpace:
         return [functools.partial(self._solve, first) for first in dict.fromkeys([3, *range(1, self.L)])]
 
     def _solve(self, first: int, target: float) -> tuple[int, ...]:
-        return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, first))
+        return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, first, min_keep=self.floor))
 
     def step(self, v: Sequence[int], i: int, d: int) -> tuple[int, ...] | None:
         w = list(v)
-        new = min(self.P, w[i] + d) if d > 0 else max(1, w[i] + d)
+        new = min(self.P, w[i] + d) if d > 0 else max(self.floor, w[i] + d)
         if new == w[i]:
             return None
         w[i] = new
@@ -130,7 +132,7 @@ class KeepSpace:
     def options(self, v: Sequence[int], j: int, down: bool, i: int) -> Iterable[tuple[int, ...]]:
         """Schedules with block ``j``'s count re-solved (down or up), nearest first, ``v`` itself included."""
         if down:
-            lo = v[i] if j < i else 1  # lower than block i's count would undo the move at i
+            lo = v[i] if j < i else self.floor  # lower than block i's count would undo the move at i
             for k in range(v[j], lo - 1, -1):
                 yield tuple(v[:j]) + (k,) + tuple(min(a, k) for a in v[j + 1:])
         else:
@@ -142,19 +144,21 @@ class KeepSpace:
 
 
 class MergeSpace:
-    """token-merge: ``v[b]`` tokens merged in block ``b``, at most half of the patch tokens alive there."""
+    """token-merge: ``v[b]`` tokens merged in block ``b``, at most half of the patch tokens alive there, never
+    leaving fewer than ``floor`` (``min_keep``)."""
 
     method = "token-merge"
     key = method
     first = 0
 
-    def __init__(self, vit: ViTGraph, total: int, mlp: list[int]) -> None:
+    def __init__(self, vit: ViTGraph, total: int, mlp: list[int], min_keep: int | None = None) -> None:
         self.vit, self.total, self.mlp, self.P, self.L = vit, total, mlp, vit.num_patches, vit.num_blocks
+        self.floor = kc.min_keep_for(vit, min_keep)
 
     def normalise(self, v: Sequence[int]) -> tuple[int, ...]:
         out, alive = [], self.P
         for r in v:
-            r = max(0, min(int(r), alive // 2))
+            r = max(0, min(int(r), alive // 2, alive - self.floor))
             out.append(r)
             alive -= r
         return tuple(out)
@@ -183,8 +187,8 @@ class MergeSpace:
         return [functools.partial(self._solve, first, last) for first, last in spans]
 
     def _solve(self, first: int, last: int | None, target: float) -> tuple[int, ...]:
-        r = kc.solve_merge_for_flops(self.vit, target, self.total, self.mlp, first, last)
-        return self.from_merges(kc.merge_schedule(self.vit, r, first, last))
+        r = kc.solve_merge_for_flops(self.vit, target, self.total, self.mlp, first, last, min_keep=self.floor)
+        return self.from_merges(kc.merge_schedule(self.vit, r, first, last, self.floor))
 
     def step(self, v: Sequence[int], i: int, d: int) -> tuple[int, ...] | None:
         w = list(v)
