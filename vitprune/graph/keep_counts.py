@@ -99,7 +99,7 @@ def predicted_ratio(vit: ViTGraph, counts: dict[int, int], total_flops: int, sco
 
 
 def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block: int = 3, score: str | None = None,
-                    stages: str = "each") -> dict[int, int]:
+                    stages: str = "each", option: str = "--first-block") -> dict[int, int]:
     """Per-block keep counts whose predicted FLOPs ratio (with ``score``'s cost, :func:`predicted_ratio`) is
     closest to ``target``.
 
@@ -109,7 +109,8 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
 
     Raises:
         VitpruneError: ``target`` outside (0, 1], ``first_block`` outside the model, or a target below
-            what keeping one patch from ``first_block`` on can reach.
+            what keeping one patch from ``first_block`` on can reach (the message names ``option``, the
+            command-line option that sets ``first_block``).
     """
     if not 0.0 < target <= 1.0:
         raise VitpruneError(f"FLOPs target must be in (0, 1], got {target}")
@@ -125,7 +126,9 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
     floor = ratio({b: 1 for b in range(first_block, vit.num_blocks)})
     if target < floor:
         raise VitpruneError(f"FLOPs target {target} is below {floor:.3f}, the least reachable when blocks "
-                            f"0..{first_block - 1} keep every token")
+                            f"0..{first_block - 1} keep every token"
+                            + (f"; prune from an earlier block ({option} {first_block - 1} or lower; in Python "
+                               f"{option.lstrip('-').replace('-', '_')}=...)" if first_block > 1 else ""))
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
