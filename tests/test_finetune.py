@@ -232,7 +232,7 @@ def test_baseline_timm_model_finetunes_and_evaluates(digits, tmp_path, cli_inpro
                                    "--epochs", 1, "--batch-size", 64, "-o", tmp_path / "base")
     assert code == 0, err
     assert "val top-1" in out and "saved" in out  # the summary table
-    assert "finetune epoch 1/1: 1/1 steps, " in err  # stderr is no terminal here: a plain progress line, no bar
+    assert "finetune epoch 1/1: 4/4 steps, " in err  # stderr is no terminal here: a plain progress line, no bar
     metrics = json.loads((tmp_path / "base" / "metrics.jsonl").read_text())
     assert metrics["train_distill"] is None and metrics["keep_rate_mean"] == 1.0  # no teacher, every token
     code, out, err = cli_inprocess("eval", tmp_path / "base", "--data", digits / "val", "--json")
