@@ -96,7 +96,8 @@ def _summary(history: list[dict]) -> str:
               help="Last epochs at keep rate 1.0.")
 @click.option("--bucket", type=float, default=_DEFAULTS["bucket"], show_default=True,
               help="Round keep rates to multiples of this (few token counts); 0: no rounding.")
-@click.option("--selection", type=click.Choice(SELECTIONS), help="Override the TokenDrop selection (random / magnitude).")
+@click.option("--selection", type=click.Choice(SELECTIONS), help="Override the TokenDrop selection: random "
+              "(PatchDropout), magnitude (largest L1 norm, PSS) or distinct (near-duplicate patches dropped first).")
 @normalisation_options
 @click.option("--scale", default="0.6,1.0", show_default=True, metavar="MIN,MAX",
               help="RandomResizedCrop area range (fractions of the image).")

@@ -129,14 +129,15 @@ def cli(ctx: click.Context) -> None:
     """Make Vision Transformers spend compute on fewer tokens, by rewriting their graph.
 
     MODEL (every command) is timm:NAME (random init; --model-arg KEY=VALUE to size it), a weights file
-    with --arch timm:NAME, a pickled .pt with --trust-pickle, or a folder vitprune wrote.
+    with --arch timm:NAME, a pickled .pt with --trust-pickle, a folder vitprune wrote, a Hugging Face
+    folder (save_pretrained), a torch.export .pt2 or an ONNX file (inspect, rewrite, bench).
 
     Examples:
 
     \b
       vitprune inspect timm:vit_small_patch16_224
       vitprune rewrite timm:vit_small_patch16_224 --method token-drop --keep-rate 0.5 -o vit_s_td
-      vitprune show vit_s_td photo.png -o kept.png
+      vitprune show vit_s_td photo.png -o kept.png   # photo.png: any picture
 
     `vitprune COMMAND --help` explains a command.
     """
@@ -155,6 +156,7 @@ def inspect(model, source, inputs, input_size, as_json, frontend) -> None:
     MODEL is timm:NAME, a weights file with --arch, a pickled .pt with --trust-pickle, a folder
     written by vitprune, a Hugging Face folder, a torch.export .pt2 or an ONNX file.
     """
+    from vitprune.graph.analysis import plain_params
     from vitprune.rewrite import inspect_model
 
     from vitprune.graph.keep_counts import prunable_shares
@@ -187,7 +189,7 @@ def inspect(model, source, inputs, input_size, as_json, frontend) -> None:
     click.echo(f"FLOPs            {total / 1e9:.3f} G per image; prunable from block k on (the blocks k..): "
                + ", ".join(f"{b}: {share:.0%}" for b, share in enumerate(shares)))
     for step in meta.get("recipe", []):
-        click.echo(f"recipe           {step['pass']} {step['params']}")
+        click.echo(f"recipe           {step['pass']} {plain_params(step['params'])}")
 
 
 def _check_output(output: Path, inputs: list[str], overwrite: bool = False, kind: str = "file",
@@ -254,7 +256,8 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
 
     MODEL is one of: timm:NAME (random init, sized with --model-arg KEY=VALUE), a weights file
     (.safetensors or a state-dict .pt) with --arch timm:NAME, a pickled whole-module .pt with
-    --trust-pickle (unpickling runs code from the file), or a folder vitprune wrote (rewrite again).
+    --trust-pickle (unpickling runs code from the file), a folder vitprune wrote (rewrite again), a
+    Hugging Face folder (save_pretrained: config.json + safetensors), a torch.export .pt2, or an ONNX file.
 
     OUTPUT is a new folder; --overwrite replaces it only if vitprune saved a model there. For an ONNX
     MODEL (model.onnx), OUTPUT is the rewritten .onnx file (never the input file).
@@ -314,11 +317,13 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
         click.echo(f"{method}: keep {d['keep_count']} of {d['num_patches']} patch tokens "
                    f"(+{d['num_prefix_tokens']} prefix) {when}")
     elif method == "token-merge":
-        click.echo(f"{method} (r per block {d['merges']}): tokens per block {d['tokens_per_block']}")
+        merges = ", ".join(f"block {b}: {r}" for b, r in d["merges"].items()) or "none"
+        click.echo(f"{method} (tokens merged: {merges}): tokens per block {', '.join(map(str, d['tokens_per_block']))}")
     else:
-        click.echo(f"{method} ({d['score']}): tokens per block {d['tokens_per_block']}")
-    click.echo(f"FLOPs            {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G eval "
-               f"({report.flops_ratio:.3f}x), {report.flops_after_train / 1e9:.3f} G train")
+        click.echo(f"{method} ({d['score']}): tokens per block {', '.join(map(str, d['tokens_per_block']))}")
+    per = max(1, int((report.analysis.get("input_shape") or [1])[0]))  # FLOPs were counted on the example batch
+    click.echo(f"FLOPs            {report.flops_before / per / 1e9:.3f} G -> {report.flops_after / per / 1e9:.3f} G "
+               f"per image, eval ({report.flops_ratio:.3f}x); {report.flops_after_train / per / 1e9:.3f} G train")
     if d.get("prunable_flops_share") is not None:
         click.echo(f"prunable         {d['prunable_flops_share']:.1%} of the FLOPs (the blocks from the pruning "
                    "point on: all the method can cut)")
@@ -361,7 +366,8 @@ def show(model, source, inputs, input_size, image, output, overwrite, mean, std,
     """Draw IMAGE with the patches MODEL keeps at each pruning stage, one panel a stage.
 
     MODEL is usually a folder written by `vitprune rewrite`. IMAGE is resized (shorter side) and
-    center-cropped to the model's input size; dropped patches are drawn darkened.
+    center-cropped to the model's input size; dropped patches are drawn darkened and tinted blue (so
+    they show on a dark background too); panels wrap four to a row.
     """
     from vitprune.ship.show import show as do_show
 

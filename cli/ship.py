@@ -78,6 +78,7 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, i
     from vitprune.ship.bench import BACKENDS, bench as run_bench, pareto_plot, table
     from vitprune.io.load import load, parse_model_args
     from vitprune.io.origin import default_input_size
+    from vitprune.io.preprocess import resolve_preprocessing
 
     batches = _ints(batches, "--batch")
     backends = tuple(b.strip() for b in backends.split(",") if b.strip())
@@ -107,13 +108,19 @@ def bench(models, batches, backends, repeats, iters, trust_pickle, model_args, i
     from vitprune.train.evaluate import evaluate
 
     def accuracy(m):
-        return evaluate(m, data, input_size=size, seed=0, device=device, dtype=dtype)["rows"][0]["top1"]
+        return evaluate(m, data, input_size=size, seed=0, device=device, dtype=dtype, progress=False)["rows"][0]["top1"]
 
     rows = run_bench(loaded, size, backends=backends, batches=batches, repeats=repeats, iters=iters,
                      accuracy=accuracy if data else None, progress=not quiet, device=device, dtype=dtype,
                      cuda_graphs=cuda_graphs)
+    if data:  # after the work: a refused command's error stays one line
+        for name, m in loaded.items():
+            if not isinstance(m, OnnxModel):
+                click.echo(f"preprocessing    {name}: {resolve_preprocessing(m, None, None, size[0]).describe()}",
+                           err=True)
     if plot:
         pareto_plot(rows, plot)
+        click.echo(f"wrote {plot}", err=True)
     if as_json:
         _emit_json([r.to_dict() for r in rows])
     else:

@@ -84,7 +84,7 @@ class LifespanGatherPass(VitPass):
         total = count_flops(gm, x) / x.shape[0]
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
         counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
-                                 min_keep=p["min_keep"])
+                                 min_keep=p["min_keep"], option="--after-block")
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
         block_att = [4 * b.heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
@@ -180,7 +180,7 @@ class LifespanGatherPass(VitPass):
         total = ctx.flops_per_image
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
         counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
-                                 min_keep=p["min_keep"])
+                                 min_keep=p["min_keep"], option="--after-block")
         module = LifespanGather(vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale or 1.0,
                                 score=score, cls_index=cls_index)
         x = torch.from_numpy(ctx.values[block.input_node])

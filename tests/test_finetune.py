@@ -222,8 +222,9 @@ def test_eval_at_several_keep_rates(digits, token_drop_dir, cli_inprocess):
     again = vitprune.evaluate(token_drop_dir, digits / "val", keep_rates=[0.25])["rows"][0]
     assert again["loss"] == rows[2]["loss"]  # random selection is seeded
 
-    code, out, _ = cli_inprocess("eval", token_drop_dir, "--data", digits / "val")
+    code, out, err = cli_inprocess("eval", token_drop_dir, "--data", digits / "val")
     assert code == 0 and "as saved" in out and "top-5" in out
+    assert "eval: 2/2 batches, " in err and "top1 " in err  # plain progress where stderr is no terminal
 
 
 def test_baseline_timm_model_finetunes_and_evaluates(digits, tmp_path, cli_inprocess):
@@ -231,6 +232,7 @@ def test_baseline_timm_model_finetunes_and_evaluates(digits, tmp_path, cli_inpro
                                    "--epochs", 1, "--batch-size", 64, "-o", tmp_path / "base")
     assert code == 0, err
     assert "val top-1" in out and "saved" in out  # the summary table
+    assert "finetune epoch 1/1: 4/4 steps, " in err  # stderr is no terminal here: a plain progress line, no bar
     metrics = json.loads((tmp_path / "base" / "metrics.jsonl").read_text())
     assert metrics["train_distill"] is None and metrics["keep_rate_mean"] == 1.0  # no teacher, every token
     code, out, err = cli_inprocess("eval", tmp_path / "base", "--data", digits / "val", "--json")

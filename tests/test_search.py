@@ -281,6 +281,7 @@ def test_cli_schedule_round_trips_through_rewrite(digits, cli_inprocess, tmp_pat
     assert code == 0, err
     doc = json.loads(out)
     assert doc["schema"] == "vitprune.search/1" and doc["calibration_images"] == 32
+    assert "search " in err and "/6 evals, " in err  # a plain progress line: stderr is no terminal here
     assert doc["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
     assert doc["predicted_flops_ratio"] <= 0.85 + FLOPS_TOLERANCE and doc["cosine"] >= doc["default_cosine"]
     saved = json.loads(sched.read_text())

@@ -145,3 +145,16 @@ def test_cli_refuses_to_overwrite_the_image(files, cli_inprocess):
         code, _, err = cli_inprocess("show", files / "m", image, "-o", output)
         assert "is the input" in _one_line_error(code, err)
     assert image.read_bytes() == before
+
+
+def test_draw_wraps_many_stages_into_rows(tmp_path):
+    from vitprune.ship.show import PANELS_PER_ROW
+
+    display = np.random.default_rng(0).uniform(size=(16, 24, 3))
+    stages = [{"before_block": b, "kept": torch.arange(6 - b), "num_patches": 6} for b in range(5)]  # 6 panels
+    with Image.open(draw(display, [2, 3], [8, 8], stages, tmp_path / "many.png")) as wrapped:
+        wide, tall = wrapped.size
+    with Image.open(draw(display, [2, 3], [8, 8], stages[:1], tmp_path / "two.png")) as one_row:
+        two_wide, two_tall = one_row.size
+    assert PANELS_PER_ROW == 4 and wide == 2 * two_wide  # 4 panels in a row where 2 were
+    assert tall > 1.8 * two_tall  # a second row for panels 5 and 6, not ten in one row

@@ -281,4 +281,5 @@ def test_cli(cli_inprocess, tmp_path):
     code, out, err = cli_inprocess("rewrite", "timm:vit_small_patch16_224", *small, "--method", "token-merge",
                                    "--r", "4", "-o", tmp_path / "text")
     assert code == 0, err  # the text summary names the merges per block
-    assert "token-merge (r per block {'0': 4, '1': 4}): tokens per block [65, 61]" in out
+    assert "token-merge (tokens merged: block 0: 4, block 1: 4): tokens per block 65, 61" in out
+    assert "G per image, eval" in out  # FLOPs per image, not per example batch

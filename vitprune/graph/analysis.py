@@ -94,6 +94,22 @@ class Readout:
         return f"{self.pool.replace('+', ' and ')} over {what}"
 
 
+def plain_params(params: Any) -> str:
+    """``{"keep_count": 32, "selection": "random"}`` as ``keep_count 32, selection random`` (nested dicts as
+    ``{0: 12, 1: 12}`` -> ``0:12 1:12``), for the one-line summaries of ``inspect`` and ``rewrite``."""
+    if not isinstance(params, dict):
+        return str(params)
+
+    def value(v: Any) -> str:
+        if isinstance(v, dict):
+            return " ".join(f"{k}:{value(x)}" for k, x in v.items()) or "none"
+        if isinstance(v, (list, tuple)):
+            return ",".join(value(x) for x in v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k} {value(v)}" for k, v in params.items() if v is not None)
+
+
 @dataclass
 class ViTGraph:
     """What vitprune knows of a captured ViT. Node fields hold fx node names."""
@@ -153,7 +169,7 @@ class ViTGraph:
                 f"  block {b.index:>2}  {b.attention:<16} heads {b.heads:>2}  dim {b.dim:>4}  tokens {b.tokens}"
             )
         for op in self.token_ops:
-            lines.append(f"token op         {op['module']} before block {op['before_block']}: {op['config']}")
+            lines.append(f"token op         {op['module']} before block {op['before_block']}: {plain_params(op['config'])}")
         for t in self.token_indexed:
             lines.append(f"token-indexed    {t['node']} {t['shape']} used by {t['used_by']}")
         for r in self.stream_readers:

@@ -105,11 +105,11 @@ def prunable_share_of(vit: ViTGraph, decisions: dict, total_flops: float) -> flo
 
 
 def _refuse_below(target: float, reachable: float, vit: ViTGraph, total_flops: float, first_block: int,
-                  floor: int, how: str) -> VitpruneError:
+                  floor: int, how: str, hint: str = "") -> VitpruneError:
     share = prunable_share(vit, total_flops, first_block)
     return VitpruneError(f"FLOPs target {target} is below {reachable:.3f}, the least reachable {how} (at least "
                          f"{floor} patch tokens per block, --min-keep; blocks {first_block}.. hold {share:.0%} of the "
-                         f"model's FLOPs, all the method can prune)")
+                         f"model's FLOPs, all the method can prune){hint}")
 
 
 def tokens_per_block(vit: ViTGraph, counts: dict[int, int]) -> list[int]:
@@ -156,7 +156,8 @@ def predicted_ratio(vit: ViTGraph, counts: dict[int, int], total_flops: int, sco
 
 
 def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block: int = 3, score: str | None = None,
-                    stages: str = "each", min_keep: int | None = None) -> dict[int, int]:
+                    stages: str = "each", min_keep: int | None = None, option: str = "--first-block"
+                    ) -> dict[int, int]:
     """Per-block keep counts whose predicted FLOPs ratio (with ``score``'s cost, :func:`predicted_ratio`) is
     closest to ``target``.
 
@@ -168,7 +169,8 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
     Raises:
         VitpruneError: ``target`` outside (0, 1], ``first_block`` outside the model, or a target below
             what keeping ``min_keep`` patches from ``first_block`` on can reach (the message names that
-            minimum and the share of the FLOPs the blocks from ``first_block`` hold).
+            minimum, the share of the FLOPs the blocks from ``first_block`` hold, and ``option``, the command-line
+            option that sets ``first_block``).
     """
     if not 0.0 < target <= 1.0:
         raise VitpruneError(f"FLOPs target must be in (0, 1], got {target}")
@@ -187,7 +189,9 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
     floor = ratio({b: least for b in range(first_block, vit.num_blocks)})
     if target < floor - 1e-9:
         raise _refuse_below(target, floor, vit, total_flops, first_block, least,
-                            f"when blocks 0..{first_block - 1} keep every token")
+                            f"when blocks 0..{first_block - 1} keep every token",
+                            f"; or prune from an earlier block ({option} {first_block - 1} or lower; in Python "
+                            f"{option.lstrip('-').replace('-', '_')}=...)" if first_block > 1 else "")
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2

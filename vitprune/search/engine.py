@@ -209,11 +209,10 @@ class _Searcher:
     def run(self, target: _Budget, budget: int) -> dict[str, Any]:
         """Search within ``target`` with at most ``budget`` new evaluations; returns the best candidate and the
         per-method summary."""
-        from tqdm import tqdm
+        from vitprune.train.progress import Progress
 
         limit = self.evaluations + budget
-        self.bar = tqdm(total=budget, desc=f"search {target.describe()}", unit="eval", leave=False,
-                        disable=None if self.progress else True)
+        self.bar = Progress(total=budget, desc=f"search {target.describe()}", unit="evals", enabled=self.progress)
         try:
             return self._run(target, limit)
         finally:
@@ -519,7 +518,8 @@ def search(model: nn.Module, *, flops: float | None = None, latency_ms: float | 
         seed: which ``calibration_limit`` images are used when there are more (the search itself is
             deterministic); the same seed gives the same schedule.
         calibration_limit: calibration images used, ``>= 1``.
-        progress: a tqdm bar on stderr (only when it is a terminal).
+        progress: on stderr, a tqdm bar on a terminal, else a plain line every 10 s and at the end
+            (:class:`vitprune.train.progress.Progress`).
         input_size: ``(C, H, W)`` when it cannot be read from the model or a calibration tensor.
         mean, std: override the normalisation of calibration images read from a folder.
         frontend: as :func:`vitprune.rewrite`.

@@ -98,8 +98,16 @@ class KeepSpace:
     def counts(self, v: Sequence[int]) -> dict[int, int]:
         return {b: v[b] for b in range(1, self.L) if v[b] < v[b - 1]}
 
+    @property
+    def score_name(self) -> str:
+        """The score the pass computes (``auto`` resolved): its FLOPs count in the predicted ratio, as the pass
+        counts them in a ``--flops`` target."""
+        from vitprune.passes.base import score_query
+
+        return score_query(self.vit)[0] if self.score == "auto" else self.score
+
     def ratio(self, v: Sequence[int]) -> float:
-        return kc.predicted_ratio(self.vit, self.counts(v), self.total)
+        return kc.predicted_ratio(self.vit, self.counts(v), self.total, self.score_name)
 
     def params(self, v: Sequence[int]) -> dict[str, Any]:
         return {"keep": rates_for_counts(self.P, self.counts(v), self.L), "mode": "dynamic", "score": self.score}
@@ -113,7 +121,8 @@ class KeepSpace:
         return [functools.partial(self._solve, first) for first in dict.fromkeys([3, *range(1, self.L)])]
 
     def _solve(self, first: int, target: float) -> tuple[int, ...]:
-        return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, first, min_keep=self.floor))
+        return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, first, self.score_name,
+                                                   min_keep=self.floor))
 
     def step(self, v: Sequence[int], i: int, d: int) -> tuple[int, ...] | None:
         w = list(v)

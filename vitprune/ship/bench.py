@@ -364,10 +364,12 @@ def pareto_plot(rows: list[BenchRow], path: str | os.PathLike, backend: str | No
     fig = Figure(figsize=(6, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for r in pick:
-        y = r.accuracy if use_acc else r.flops_ratio
-        ax.scatter(r.images_per_s, y)
-        ax.annotate(r.model, (r.images_per_s, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    markers = "osD^v<>pPX*h"
+    for i, r in enumerate(pick):  # names in a legend: labels beside close points overlapped (hf_im2td)
+        ax.scatter(r.images_per_s, r.accuracy if use_acc else r.flops_ratio, marker=markers[i % len(markers)],
+                   label=r.model)
+    if pick:
+        ax.legend(fontsize=7, loc="best")
     ax.set_xlabel(f"throughput (images/s, {backend}, batch {batch})")
     ax.set_ylabel("top-1 accuracy" if use_acc else "FLOPs ratio to the first model")
     ax.grid(alpha=0.3)

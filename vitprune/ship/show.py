@@ -1,7 +1,8 @@
 """Draw which patches a rewritten ViT keeps: ``vitprune show MODEL IMAGE -o PNG``.
 
 One panel shows the input image with all ``P`` patches, then one panel per pruning stage (a vitprune
-token module, in graph order) with the dropped patches darkened. For ``token-drop`` the stage is
+token module, in graph order) with the dropped patches darkened and tinted blue; panels wrap
+:data:`PANELS_PER_ROW` to a row. For ``token-drop`` the stage is
 PatchDropout (arXiv 2208.07220) or, with ``selection="magnitude"``, the L1-norm selection of the
 Patch Sampling Schedule (arXiv 2208.09520); a token drop that is active in training only is switched
 on for the one forward drawn here, so the picture shows what a training step would keep.
@@ -35,6 +36,8 @@ from vitprune.io.preprocess import resolve_preprocessing
 DROPPED_BRIGHTNESS = 0.25
 #: colour blended into a dropped patch, so dropped patches of a dark background still show.
 DROPPED_TINT = np.array([0.10, 0.20, 0.55], dtype=np.float32)
+#: panels per row of :func:`draw`'s picture (ten side by side were unreadable without zoom).
+PANELS_PER_ROW = 4
 
 
 def _token_modules_in_graph_order(gm: fx.GraphModule) -> list[tuple[str, TokenModule]]:
@@ -162,7 +165,7 @@ def _lives_panel(display: np.ndarray, grid: tuple[int, int], patch_size: tuple[i
 
 def _panels(display: np.ndarray, grid: tuple[int, int], patch_size: tuple[int, int],
             stages: list[dict[str, Any]]) -> list[tuple[np.ndarray, str]]:
-    """(image ``[H, W, 3]``, title) per panel: the image, then each stage with dropped patches darkened."""
+    """(image ``[H, W, 3]``, title) per panel: the image, then each stage with dropped patches darkened and tinted."""
     gh, gw = grid
     ph, pw = patch_size
     height, width = display.shape[:2]
@@ -190,7 +193,8 @@ def draw(
     stages: list[dict[str, Any]],
     path: str | os.PathLike,
 ) -> Path:
-    """Draw the image and the patches kept at each stage, side by side, and write it to ``path``.
+    """Draw the image and the patches kept at each stage, :data:`PANELS_PER_ROW` panels a row, and write it to
+    ``path``.
 
     Panel 0 is the image ("all N patches"); then one panel per stage, dropped patches darkened (times
     :data:`DROPPED_BRIGHTNESS`, tinted blue), titled "before block b: K of P patches". A faint line marks the patch
@@ -230,9 +234,13 @@ def draw(
     panels = _panels(display, (gh, gw), (ph, pw), stages)
 
     panel_in = 3.2
-    fig = Figure(figsize=(panel_in * len(panels), panel_in * height / width + 0.5), dpi=120)
+    cols = min(len(panels), PANELS_PER_ROW)
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(panel_in * cols, rows * (panel_in * height / width + 0.5)), dpi=120)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()  # the last row's empty places
     for i, (ax, (img, title)) in enumerate(zip(axes, panels)):
         ax.imshow(np.clip(img, 0.0, 1.0), interpolation="nearest")
         ax.set_title(title, fontsize=9)

@@ -10,6 +10,7 @@ every token. A model without ``TokenDrop`` (unrewritten, importance-mask) gives 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from vitprune.device import autocast, dtype_name, resolve_device, resolve_dtype
 from vitprune.errors import VitpruneError
 from vitprune.io.preprocess import resolve_preprocessing
 from vitprune.train.keep_rate_schedule import keep_count
+from vitprune.train.progress import Progress
 from vitprune.ops.modules import TokenDrop
 
 MODEL_SUBDIR = "model"  # where `vitprune finetune -o OUT` puts the model: OUT/model
@@ -109,11 +111,13 @@ def check_classes(model: nn.Module, dataset, device: torch.device, option: str =
 
 
 @torch.no_grad()
-def accuracy_counts(model: nn.Module, loader, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def accuracy_counts(model: nn.Module, loader, device: torch.device, dtype: torch.dtype = torch.float32,
+                    progress=None) -> torch.Tensor:
     """Sums over ``loader`` in eval mode: ``float64 [4]`` = (cross-entropy sum, top-1 hits, top-5 hits, images);
     the forward runs under autocast to ``dtype`` (:func:`vitprune.device.autocast`; logits compared in float32).
 
-    Top-5 is top-``min(5, K)`` for ``K`` classes. Sums (not means) so ranks can all-reduce them.
+    Top-5 is top-``min(5, K)`` for ``K`` classes. Sums (not means) so ranks can all-reduce them. ``progress``: a
+    :class:`vitprune.train.progress.Progress` updated once per batch.
     """
     sums = torch.zeros(4, dtype=torch.float64)
     was_training = model.training
@@ -126,6 +130,9 @@ def accuracy_counts(model: nn.Module, loader, device: torch.device, dtype: torch
         hits = top == labels[:, None]
         sums += torch.tensor([float(F.cross_entropy(logits, labels, reduction="sum")), float(hits[:, 0].sum()),
                               float(hits.any(dim=1).sum()), len(labels)], dtype=torch.float64)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(top1=f"{float(sums[1] / sums[3]):.4f}")
     model.train(was_training)
     return sums
 
@@ -141,17 +148,19 @@ def all_reduce_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.T
 
 
 def sharded_accuracy(model: nn.Module, dataset, batch_size: int, rank: int, world: int, device: torch.device,
-                     dtype: torch.dtype = torch.float32, seed: int = 0, num_workers: int = 0, prefix: str = ""
-                     ) -> dict[str, Any]:
+                     dtype: torch.dtype = torch.float32, seed: int = 0, num_workers: int = 0, prefix: str = "",
+                     progress=None) -> dict[str, Any]:
     """Eval-mode ``{loss, top1, top5, images}`` (keys prefixed) on ``dataset``, under autocast to ``dtype``; rank
     ``r`` of ``world`` evaluates images ``r, r + world, ...`` and the sums are all-reduced, so every rank returns
     the whole dataset's numbers.
-    Random token selection is seeded with ``seed`` (global RNG state is left as it was)."""
+    Random token selection is seeded with ``seed`` (global RNG state is left as it was). ``progress``: as
+    :func:`accuracy_counts`."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world)),
                                          num_workers=num_workers)
     with fork_rng(device):
         torch.manual_seed(seed)
-        loss, top1, top5, n = all_reduce_sum(accuracy_counts(model, loader, device, dtype), world, device).tolist()
+        loss, top1, top5, n = all_reduce_sum(accuracy_counts(model, loader, device, dtype, progress), world,
+                                             device).tolist()
     return {f"{prefix}loss": loss / n, f"{prefix}top1": top1 / n,
             f"{prefix}top5": top5 / n if len(dataset.classes) >= 5 else None, f"{prefix}images": int(n)}
 
@@ -169,6 +178,7 @@ def evaluate(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy of ``model`` on the ImageFolder ``data``, one row per inference keep rate.
 
@@ -183,6 +193,8 @@ def evaluate(
         dtype: ``float32`` (default), ``bfloat16`` or ``float16``: the forward runs under autocast to it (the
             weights stay float32; :mod:`vitprune.device`).
         seed: seeds random token selection, so each row is repeatable.
+        progress: on stderr per keep rate, a tqdm bar on a terminal, else a plain line every 10 s and at the end
+            (:class:`vitprune.train.progress.Progress`).
 
     Returns:
         ``{"data", "images", "classes", "input_size", "device", "dtype", "preprocessing": {"mean", "std", "source"},
@@ -221,7 +233,10 @@ def evaluate(
         for rate in keep_rates if keep_rates is not None else [None]:
             with inference_keep_rate(model, rate):
                 start = time.perf_counter()
-                row = sharded_accuracy(model, dataset, batch_size, 0, 1, dev, dt, seed, num_workers)
+                bar = Progress(total=math.ceil(len(dataset) / batch_size), unit="batches", enabled=progress,
+                               desc="eval" + (f" keep rate {rate:g}" if rate is not None else ""))
+                row = sharded_accuracy(model, dataset, batch_size, 0, 1, dev, dt, seed, num_workers, progress=bar)
+                bar.close()
                 seconds = time.perf_counter() - start
                 counts = [m.keep_count if m.at_inference else m.num_patches for m in drops]
             rows.append({"keep_rate": rate, "keep_counts": counts, **row, "images_per_s": row["images"] / seconds})

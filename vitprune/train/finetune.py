@@ -39,7 +39,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter, namedtuple
@@ -59,6 +58,7 @@ from vitprune.train.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes
 from vitprune.io.preprocess import metadata as preprocessing_metadata
 from vitprune.io.preprocess import resolve_preprocessing
 from vitprune.train.keep_rate_schedule import SCHEDULES, KeepSchedule, keep_count
+from vitprune.train.progress import Progress
 from vitprune.ops.modules import auxiliary_losses, force_keep_all, set_training_progress, token_modules
 from vitprune.ops.token_ops import SELECTIONS
 
@@ -415,7 +415,8 @@ def finetune(
         dtype (in ``options``): ``float32``, ``bfloat16`` or ``float16`` (a name or a torch dtype): the forward runs
             under autocast to it, the weights and optimizer stay float32, float16 on CUDA with a ``GradScaler``
             (:mod:`vitprune.device`); default bfloat16 on CUDA, float32 on the CPU.
-        progress: tqdm bars; default: when stderr is a terminal, on rank 0.
+        progress: on stderr, a tqdm bar per epoch on a terminal, else a plain line every 10 s and at each
+            epoch's end (:class:`vitprune.train.progress.Progress`); default: on rank 0.
         protect: input paths ``output`` must not overlap (``data``, ``val`` and ``teacher`` always are).
         log: called with one-line messages (resume point, saved model).
         **options: :class:`FinetuneConfig` fields (``epochs``, ``lr``, ``schedule``, ``keep_start``, ...).
@@ -516,7 +517,7 @@ def finetune(
         ddp = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None) \
             if world > 1 else student
         loop = _Loop(cfg, world, dev, amp, scaler, ddp, teacher, teacher_ctx, drops, keep, opt, sched, spe,
-                     progress if progress is not None else (rank == 0 and sys.stderr.isatty()))
+                     progress if progress is not None else rank == 0)
 
         # Resume, then one checkpoint and one metrics line per epoch.
         history: list[dict[str, Any]] = []
@@ -590,13 +591,9 @@ def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
     loop.model.train()
     sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd (sums over images), top-1 hits, images
     rates: Counter = Counter()
-    bar = loader
-    if loop.show:
-        from tqdm import tqdm
-
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True, file=sys.stderr)
+    bar = Progress(total=loop.spe, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", unit="steps", enabled=loop.show)
     started = time.perf_counter()
-    for i, (x, y) in enumerate(bar):
+    for i, (x, y) in enumerate(bar.wrap(loader)):
         if loop.keep is not None:
             rate = loop.keep.rate(epoch * loop.spe + i)
             for m in drops:
@@ -641,6 +638,7 @@ def _train_epoch(loop: _Loop, loader, epoch: int) -> dict[str, Any]:
             acc = {"acc": f"{sums[3] / sums[4]:.3f}"} if cfg.labels else {}
             bar.set_postfix(loss=f"{sums[0] / sums[4]:.3f}", **acc, keep=f"{rate:.2f}",
                             img_s=f"{sums[4] * loop.world / (time.perf_counter() - started):.0f}")
+    bar.close()
     seconds = time.perf_counter() - started
     sums = all_reduce_sum(sums, loop.world, dev)
     if not math.isfinite(float(sums[0])):
