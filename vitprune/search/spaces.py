@@ -96,8 +96,15 @@ class KeepSpace:
     def counts(self, v: Sequence[int]) -> dict[int, int]:
         return {b: v[b] for b in range(1, self.L) if v[b] < v[b - 1]}
 
+    def _resolved_score(self) -> str:
+        """The score the rewrite will compute (``auto`` resolved as the pass resolves it): its own FLOPs
+        (``distinct``'s similarity matrix) count in the ratio, as the rewrite counts them."""
+        from vitprune.passes.base import resolve_score
+
+        return resolve_score(self.vit, self.score)[0]
+
     def ratio(self, v: Sequence[int]) -> float:
-        return kc.predicted_ratio(self.vit, self.counts(v), self.total)
+        return kc.predicted_ratio(self.vit, self.counts(v), self.total, score=self._resolved_score())
 
     def params(self, v: Sequence[int]) -> dict[str, Any]:
         return {"keep": rates_for_counts(self.P, self.counts(v), self.L), "mode": "dynamic", "score": self.score}
@@ -111,7 +118,7 @@ class KeepSpace:
         return [functools.partial(self._solve, first) for first in dict.fromkeys([3, *range(1, self.L)])]
 
     def _solve(self, first: int, target: float) -> tuple[int, ...]:
-        return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, first))
+        return self.from_counts(kc.solve_for_flops(self.vit, target, self.total, first, score=self._resolved_score()))
 
     def step(self, v: Sequence[int], i: int, d: int) -> tuple[int, ...] | None:
         w = list(v)
