@@ -179,3 +179,20 @@ def test_overwrite_refuses_a_listed_name_that_is_not_a_regular_file(tmp_path, sw
     assert code == 1 and err.count("\n") == 1 and "graph.json, which is a folder or a link" in err, err
     assert thesis.read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["o"] + (["thesis.txt"] if swap == "link" else []))
+
+
+def test_onnx_external_data_never_replaces_an_existing_file(onnx_dir, tmp_path):
+    """``save_onnx`` with external data (a model over 2 GB): ``NAME.data`` is staged and linked into place,
+    never over an existing file; a refused save leaves neither the graph nor a temporary behind."""
+    import onnx
+
+    from onnx_fixtures import cached_onnx
+
+    model = onnx.load(str(cached_onnx("timm-cls", "ts17", onnx_dir)))
+    vitprune.save_onnx(model, tmp_path / "a.onnx", external_data=True)
+    assert (tmp_path / "a.onnx.data").stat().st_size > (tmp_path / "a.onnx").stat().st_size
+    (tmp_path / "b.onnx.data").write_text("the user's file")
+    with pytest.raises(vitprune.errors.VitpruneError, match="b.onnx.data exists"):
+        vitprune.save_onnx(model, tmp_path / "b.onnx", external_data=True)
+    assert (tmp_path / "b.onnx.data").read_text() == "the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.data", "b.onnx.data"]

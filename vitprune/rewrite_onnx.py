@@ -259,11 +259,31 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
     if not path.parent.is_dir():
         raise VitpruneError(f"the folder {path.parent} does not exist")
     external = model.ByteSize() >= 2 ** 31 - 2 ** 20 if external_data is None else external_data
-    with atomic_file(path) as tmp:
-        if external:  # the data file lands first under its final name; the graph pointing to it last
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # onnx.save moves the weights of the model it is given out to the file
-            onnx.save(copy, str(tmp), save_as_external_data=True, location=path.name + ".data",
-                      all_tensors_to_one_file=True)
-        else:
-            onnx.save(model, str(tmp))
+    data = path.with_name(path.name + ".data")
+    if external and (data.exists() or data.is_symlink()):
+        raise VitpruneError(f"{data} exists (the external data of {path.name} would replace it); remove it or "
+                            "choose another output")
+    linked = False
+    try:
+        with atomic_file(path) as tmp:
+            if external:  # the data file lands first under its final name; the graph pointing to it last
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)  # onnx.save moves the weights of the model it is given out to the file
+                with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as staging:
+                    # written under a temporary folder (the graph names it ``NAME.data``), then linked into
+                    # place: os.link fails on an existing file, so a file that appeared meanwhile is kept
+                    onnx.save(copy, os.path.join(staging, path.name), save_as_external_data=True,
+                              location=data.name, all_tensors_to_one_file=True)
+                    try:
+                        os.link(os.path.join(staging, data.name), data)
+                        linked = True
+                    except FileExistsError:
+                        raise VitpruneError(f"{data} exists (the external data of {path.name} would replace it); "
+                                            "remove it or choose another output") from None
+                    os.replace(os.path.join(staging, path.name), tmp)
+            else:
+                onnx.save(model, str(tmp))
+    except BaseException:
+        if linked:  # the graph did not land: the data file it points to goes too
+            data.unlink(missing_ok=True)
+        raise
