@@ -196,3 +196,26 @@ def test_onnx_external_data_never_replaces_an_existing_file(onnx_dir, tmp_path):
         vitprune.save_onnx(model, tmp_path / "b.onnx", external_data=True)
     assert (tmp_path / "b.onnx.data").read_text() == "the user's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.data", "b.onnx.data"]
+
+
+def test_onnx_recipe_metadata_fuzz_is_one_line(onnx_dir, tmp_path, cli_inprocess):
+    """Hostile ``vitprune.recipe`` metadata (not JSON, 10^5 deep, wrong shapes): ``inspect`` and ``rewrite``
+    exit 1 with one line and write nothing."""
+    import onnx
+
+    from onnx_fixtures import cached_onnx
+    from vitprune.rewrite_onnx import RECIPE_KEY
+
+    base = onnx.load(str(cached_onnx("timm-cls", "ts17", onnx_dir)))
+    for i, value in enumerate(["{not json", "[" * 100_000 + "]" * 100_000, '{"pass": "x"}', "[1, 2]",
+                               '[{"pass": 5}]', '"text"']):
+        model = onnx.ModelProto()
+        model.CopyFrom(base)
+        onnx.helper.set_model_props(model, {RECIPE_KEY: value})
+        path = tmp_path / f"m{i}.onnx"
+        onnx.save(model, str(path))
+        for argv in (["inspect", path], ["rewrite", path, "--keep-rate", "0.5", "-o", tmp_path / "out.onnx"]):
+            code, _, err = cli_inprocess(*argv)
+            assert code == 1 and err.startswith("vitprune: error: ") and err.count("\n") == 1, (value[:20], err)
+            assert "is not a recipe vitprune wrote" in err, err
+    assert not (tmp_path / "out.onnx").exists()

@@ -47,12 +47,25 @@ RECIPE_KEY = "vitprune.recipe"
 
 
 def recipe_of(proto: "onnx.ModelProto") -> list[dict[str, Any]] | None:
-    """The passes vitprune ran on this ONNX model (its ``vitprune.recipe`` metadata), or None."""
+    """The passes vitprune ran on this ONNX model (its ``vitprune.recipe`` metadata), or None.
+
+    Raises:
+        AnalysisError: the metadata is not vitprune's recipe (not JSON, nested too deep, not a list of
+            passes): anyone can write metadata into an ONNX file.
+    """
     import json
 
     for prop in proto.metadata_props:
         if prop.key == RECIPE_KEY:
-            return json.loads(prop.value)
+            try:
+                recipe = json.loads(prop.value)
+            except (ValueError, RecursionError):
+                recipe = None
+            if not (isinstance(recipe, list)
+                    and all(isinstance(step, dict) and isinstance(step.get("pass"), str) for step in recipe)):
+                raise AnalysisError(f"the ONNX metadata {RECIPE_KEY!r} is not a recipe vitprune wrote "
+                                    "(a JSON list of passes); remove it or export the model again")
+            return recipe
     return None
 
 
