@@ -219,3 +219,23 @@ def test_onnx_recipe_metadata_fuzz_is_one_line(onnx_dir, tmp_path, cli_inprocess
             assert code == 1 and err.startswith("vitprune: error: ") and err.count("\n") == 1, (value[:20], err)
             assert "is not a recipe vitprune wrote" in err, err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, cli_inprocess):
+    """A vitprune folder whose metadata says ``input_shape [2, 3, 2^20, 2^20]`` (26 TB) and
+    ``bench --batch 10^9``: one line naming the memory needed, nothing written, no allocator error."""
+    import json
+
+    out = tmp_path / "m"
+    assert cli_inprocess("rewrite", ARCH, *TINY, "--keep-rate", "0.5", "-o", out)[0] == 0
+    code, _, err = cli_inprocess("bench", out, "--batch", "1000000000")
+    assert code == 1 and err.count("\n") == 1 and "--batch 1000000000 of shape" in err and "TiB" in err, err
+    doc = json.loads((out / "graph.json").read_text())
+    doc["metadata"]["input_shape"] = [2, 3, 2 ** 20, 2 ** 20]
+    (out / "graph.json").write_text(json.dumps(doc))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for argv in (["inspect", out], ["bench", out], ["rewrite", out, "--keep-rate", "0.5", "-o", tmp_path / "o2"]):
+        code, _, err = cli_inprocess(*argv)
+        assert code == 1 and err.startswith("vitprune: error: ") and err.count("\n") == 1, (argv[0], err)
+        assert "needs" in err and "TiB" in err, (argv[0], err)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

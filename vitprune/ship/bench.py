@@ -182,7 +182,11 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
     """
     from tqdm import tqdm
 
+    from vitprune.io.sizes import check_fits
+
     gen = torch.Generator().manual_seed(0)
+    for b in batches:  # before any allocation: refused with the size it would need
+        check_fits([b, *input_size], f"--batch {b}")
     inputs = {b: torch.randn(b, *input_size, generator=gen) for b in batches}
     info = {}
     for name, m in models.items():
