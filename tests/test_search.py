@@ -347,3 +347,29 @@ def test_cli_user_errors_are_one_line_and_write_nothing(digits, cli_inprocess, t
         assert message in line, (args, line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "empty", "exists.json", "good.json", "other.json"]
     assert (tmp_path / "exists.json").read_text() == "{}" and not list(folder.rglob("*.json"))
+
+
+def test_every_space_and_score_keeps_its_flops_promise_when_rewritten(digits):
+    """Issue 25: a schedule the search calls admissible (predicted <= target + 0.005) lands there when
+    rewritten, for each space and each patch score (distinct's own FLOPs were left out of the prediction)."""
+    from vitprune.search.engine import _Searcher
+
+    s = _Searcher(digits["model"], digits["calib"][:4], ("importance-mask", "token-merge"), 0, 4,
+                  None, None, None, "auto", False)
+    checked = 0
+    for name, space in s.spaces.items():
+        for score in getattr(space, "scores", lambda: [None])():
+            if score is not None:
+                space.score = score
+            for solve in space.solvers()[:2]:
+                try:
+                    v = solve(TARGET)
+                except vitprune.errors.VitpruneError:
+                    continue  # out of this seed family's reach (the search tries the next)
+                if space.ratio(v) > TARGET + FLOPS_TOLERANCE:
+                    continue  # not admissible: the search never returns it
+                _, report = vitprune.rewrite(digits["model"], space.method, **space.params(v))
+                assert report.flops_ratio <= TARGET + FLOPS_TOLERANCE + 1e-4, (name, score, v)
+                assert report.flops_ratio == pytest.approx(space.ratio(v), abs=2e-3), (name, score, v)
+                checked += 1
+    assert checked >= 4

@@ -1,4 +1,4 @@
-"""Keep torch's native log lines off the user's terminal while vitprune profiles.
+"""Keep torch's native log lines (and its Python loggers' tracebacks) off the user's terminal.
 
 The CUDA build of torch (what ``pip install torch`` gives on x86_64) writes Kineto's log lines to file
 descriptor 2 from C++ whenever ``torch.profiler`` runs, even on a machine without a GPU:
@@ -12,6 +12,7 @@ raised inside the block still reach the user.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -46,3 +47,22 @@ def filtered_native_stderr() -> Iterator[None]:
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def quiet_python_loggers(*names: str) -> Iterator[None]:
+    """Within the block, the named Python loggers (and their children) print nothing: torch logs a
+    multi-line ``W... Traceback`` block when ``torch.export.load`` fails, before raising the error
+    vitprune turns into its one line."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.disabled for logger in loggers]
+    children = [logging.getLogger(k) for k in list(logging.root.manager.loggerDict)
+                if any(k.startswith(name + ".") for name in names)]
+    saved_children = [c.disabled for c in children]
+    for logger in loggers + children:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger, was in zip(loggers + children, saved + saved_children):
+            logger.disabled = was

@@ -57,12 +57,25 @@ RECIPE_KEY = "vitprune.recipe"
 
 
 def recipe_of(proto: "onnx.ModelProto") -> list[dict[str, Any]] | None:
-    """The passes vitprune ran on this ONNX model (its ``vitprune.recipe`` metadata), or None."""
+    """The passes vitprune ran on this ONNX model (its ``vitprune.recipe`` metadata), or None.
+
+    Raises:
+        AnalysisError: the metadata is not vitprune's recipe (not JSON, nested too deep, not a list of
+            passes): anyone can write metadata into an ONNX file.
+    """
     import json
 
     for prop in proto.metadata_props:
         if prop.key == RECIPE_KEY:
-            return json.loads(prop.value)
+            try:
+                recipe = json.loads(prop.value)
+            except (ValueError, RecursionError):
+                recipe = None
+            if not (isinstance(recipe, list)
+                    and all(isinstance(step, dict) and isinstance(step.get("pass"), str) for step in recipe)):
+                raise AnalysisError(f"the ONNX metadata {RECIPE_KEY!r} is not a recipe vitprune wrote "
+                                    "(a JSON list of passes); remove it or export the model again")
+            return recipe
     return None
 
 
@@ -301,11 +314,31 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
     if not path.parent.is_dir():
         raise VitpruneError(f"the folder {path.parent} does not exist")
     external = model.ByteSize() >= 2 ** 31 - 2 ** 20 if external_data is None else external_data
-    with atomic_file(path) as tmp:
-        if external:  # the data file lands first under its final name; the graph pointing to it last
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # onnx.save moves the weights of the model it is given out to the file
-            onnx.save(copy, str(tmp), save_as_external_data=True, location=path.name + ".data",
-                      all_tensors_to_one_file=True)
-        else:
-            onnx.save(model, str(tmp))
+    data = path.with_name(path.name + ".data")
+    if external and (data.exists() or data.is_symlink()):
+        raise VitpruneError(f"{data} exists (the external data of {path.name} would replace it); remove it or "
+                            "choose another output")
+    linked = False
+    try:
+        with atomic_file(path) as tmp:
+            if external:  # the data file lands first under its final name; the graph pointing to it last
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)  # onnx.save moves the weights of the model it is given out to the file
+                with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as staging:
+                    # written under a temporary folder (the graph names it ``NAME.data``), then linked into
+                    # place: os.link fails on an existing file, so a file that appeared meanwhile is kept
+                    onnx.save(copy, os.path.join(staging, path.name), save_as_external_data=True,
+                              location=data.name, all_tensors_to_one_file=True)
+                    try:
+                        os.link(os.path.join(staging, data.name), data)
+                        linked = True
+                    except FileExistsError:
+                        raise VitpruneError(f"{data} exists (the external data of {path.name} would replace it); "
+                                            "remove it or choose another output") from None
+                    os.replace(os.path.join(staging, path.name), tmp)
+            else:
+                onnx.save(model, str(tmp))
+    except BaseException:
+        if linked:  # the graph did not land: the data file it points to goes too
+            data.unlink(missing_ok=True)
+        raise

@@ -10,7 +10,8 @@ Sources (``vitprune.load(source, ...)``):
 - a Hugging Face folder (``config.json`` + safetensors, as ``save_pretrained`` writes it), built with
   transformers' own classes (:mod:`vitprune.io.hf`; the ``hf`` extra), never ``trust_remote_code``;
 - a ``torch.export`` file (``.pt2``, ``torch.export.save``), as an aten-level graph
-  (:mod:`vitprune.frontends.export`);
+  (:mod:`vitprune.frontends.export`); without ``trust_pickle`` only an archive whose pickled members are
+  weights-only loadable and which holds no native code or code-like expression (:mod:`vitprune.io.pt2_check`);
 - an ONNX file (``.onnx``, external data beside it), as a :class:`~vitprune.frontends.onnx.OnnxModel` for
   the ONNX frontend (:func:`vitprune.rewrite_onnx`); read as ONNX, never unpickled;
 - an ``nn.Module`` the caller already holds (returned as it is).
@@ -227,7 +228,7 @@ def load(
         except VitpruneError as exc:
             raise LoadError(str(exc)) from None
     if path.suffix == ".pt2":
-        model = _load_pt2(path)
+        model = _load_pt2(path, trust_pickle)
         remember_source(model, {"kind": "torch.export", "path": str(path)})
         return model
     if path.is_dir():
@@ -254,13 +255,18 @@ def load(
     raise LoadError(f"{path} holds only weights (a state dict): pass --arch timm:NAME to say which architecture")
 
 
-def _load_pt2(path: Path) -> nn.Module:
+def _load_pt2(path: Path, trust_pickle: bool = False) -> nn.Module:
     """A ``torch.export.save`` file as a plain GraphModule (:mod:`vitprune.frontends.export`); its input
-    size is the program's example input. Masks that mask nothing are dropped as at capture."""
+    size is the program's example input. Masks that mask nothing are dropped as at capture. Without
+    ``trust_pickle`` the archive is first checked to run no code (:mod:`vitprune.io.pt2_check`)."""
     from vitprune.frontends.export import drop_noop_attention_masks, plain_graph_module
+    from vitprune.io.pt2_check import check_pt2_archive
+    from vitprune.native_logs import quiet_python_loggers
 
+    if not trust_pickle:
+        check_pt2_archive(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_python_loggers("torch.export", "torch._export"):
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
     except Exception as exc:  # corrupt archive, other torch version: several types

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitprune.io.sizes import check_fits
+
 from vitprune.errors import VitpruneError
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
@@ -41,7 +43,10 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """
     meta = getattr(model, "meta", None)
     if isinstance(meta, dict) and "vitprune" in meta and meta["vitprune"].get("input_shape"):
-        return tuple(meta["vitprune"]["input_shape"][1:])
+        shape = meta["vitprune"]["input_shape"]  # from a file: checked, not trusted
+        if not isinstance(shape, list) or len(shape) != 4:
+            raise VitpruneError(f"the model's metadata gives the input shape {shape!r}, not [B, C, H, W]")
+        return check_fits([1, *shape[1:]], "the input the model's metadata gives")[1:]
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         c, h, w = cfg["input_size"]
@@ -62,6 +67,7 @@ def example_input(
 ) -> torch.Tensor:
     """A seeded standard-normal image batch ``[batch, C, H, W]`` for shape propagation and verification."""
     c, h, w = input_size or default_input_size(model)
+    check_fits([batch, c, h, w], "the example input")
     gen = torch.Generator().manual_seed(seed)
     param = next(model.parameters(), None)
     x = torch.randn(batch, c, h, w, generator=gen)

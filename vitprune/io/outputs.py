@@ -100,7 +100,8 @@ def _check_not_in_model_folder(output: Path, what: str) -> None:
 
 
 def refuse_unless_replaceable(path: str | os.PathLike, error: type = VitpruneError) -> None:
-    """Raise ``error`` unless ``path`` is a folder vitprune saved a model to, holding only the files it wrote."""
+    """Raise ``error`` unless ``path`` is a folder vitprune saved a model to, holding only the files it wrote:
+    every entry a regular file (no folder, no link) that the marker lists."""
     from vitprune.io.save import GRAPH_FILE, written_files
 
     path = Path(path)
@@ -110,10 +111,16 @@ def refuse_unless_replaceable(path: str | os.PathLike, error: type = VitpruneErr
     if files is None:
         has = " (it has a graph.json but no vitprune marker)" if (path / GRAPH_FILE).exists() else ""
         raise error(f"{path} exists and is not a model saved by vitprune{has}; refusing to replace it")
-    others = sorted(e.name for e in os.scandir(path) if e.name not in files)
+    entries = list(os.scandir(path))
+    others = sorted(e.name for e in entries if e.name not in files)
     if others:
         raise error(f"{path} holds files vitprune did not write ({', '.join(others[:3])}); "
                             "refusing to replace it")
+    # A listed name is not enough: ``graph.json`` could be the user's folder or a link to their file.
+    odd = sorted(e.name for e in entries if e.is_symlink() or not e.is_file(follow_symlinks=False))
+    if odd:
+        raise error(f"{path} holds {odd[0]}, which is a folder or a link, not a file vitprune wrote; "
+                    "refusing to replace it")
 
 
 def clean_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
@@ -141,8 +148,10 @@ def clean_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
             if pid.isdigit() and _alive(int(pid)):
                 continue
             try:
-                if not e.is_dir(follow_symlinks=False) or any(n not in ours for n in os.listdir(e.path)):
-                    continue
+                if not e.is_dir(follow_symlinks=False) or any(
+                        f.name not in ours or f.is_symlink() or not f.is_file(follow_symlinks=False)
+                        for f in os.scandir(e.path)):
+                    continue  # not only the regular files a save writes: not ours to remove
                 shutil.rmtree(e.path)
                 removed.append(Path(e.path))
             except OSError:

@@ -100,11 +100,12 @@ class KeepSpace:
 
     @property
     def score_name(self) -> str:
-        """The score the pass computes (``auto`` resolved): its FLOPs count in the predicted ratio, as the pass
-        counts them in a ``--flops`` target."""
-        from vitprune.passes.base import score_query
+        """The score the rewrite will compute (``auto`` resolved as the pass resolves it): its own FLOPs
+        (``distinct``'s similarity matrix) count in the predicted ratio, as the pass counts them in a ``--flops``
+        target."""
+        from vitprune.passes.base import resolve_score
 
-        return score_query(self.vit)[0] if self.score == "auto" else self.score
+        return resolve_score(self.vit, self.score)[0]
 
     def ratio(self, v: Sequence[int]) -> float:
         return kc.predicted_ratio(self.vit, self.counts(v), self.total, self.score_name)

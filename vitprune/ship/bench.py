@@ -241,6 +241,8 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
     """
     from tqdm import tqdm
 
+    from vitprune.io.sizes import check_fits
+
     onnx_models = [n for n, m in models.items() if isinstance(m, OnnxModel)]
     if device is None and ("onnxruntime" in backends or onnx_models):
         device = "cpu"
@@ -250,6 +252,8 @@ def bench(models: dict[str, nn.Module], input_size: tuple[int, int, int], *, bac
     if cuda_graphs and dev.type != "cuda":
         raise VitpruneError(f"--cuda-graphs records CUDA graphs; the device is {dev}")
     gen = torch.Generator().manual_seed(0)
+    for b in batches:  # before any allocation: refused with the size it would need
+        check_fits([b, *input_size], f"--batch {b}")
     inputs = {b: torch.randn(b, *input_size, generator=gen) for b in batches}
     info = {}
     for name, m in models.items():
