@@ -388,11 +388,11 @@ def test_eval_maps_classes_by_name_and_refuses_unknown_ones(tmp_path, cli_inproc
     ft = vitprune.finetune(vitprune.load(model), tmp_path / "train", tmp_path / "ft", epochs=1, batch_size=4,
                            device="cpu", progress=False)
     assert vitprune.load(tmp_path / "ft").meta["vitprune"]["classes"] == ["1", "2", "5"]
-    full = vitprune.evaluate(ft.model, tmp_path / "train")["rows"][0]["top1"]
+    full = vitprune.evaluate(ft.model, tmp_path / "train", progress=False)["rows"][0]["top1"]
     # a folder holding only class 5: scored as class 5 (index 2), not as index 0
     (tmp_path / "only5").mkdir()
     shutil.copytree(tmp_path / "train" / "5", tmp_path / "only5" / "5")
-    logits = vitprune.evaluate(ft.model, tmp_path / "only5")
+    logits = vitprune.evaluate(ft.model, tmp_path / "only5", progress=False)
     with torch.no_grad():
         from vitprune.train.data import eval_transform, image_folder
 
