@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitprune.compat import cpu_profile
 from vitprune.device import dtype_name, resolve_device, resolve_dtype, synchronize
 from vitprune.errors import VitpruneError
 from vitprune.io.outputs import atomic_file
@@ -165,10 +166,7 @@ def timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, iters: int = 1) ->
 
 def peak_memory_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Peak of live tensor bytes allocated during one eager forward on the CPU (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with filtered_native_stderr(), torch.inference_mode(), \
-            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with filtered_native_stderr(), torch.inference_mode(), cpu_profile(profile_memory=True) as prof:
         model(x)
     # each op's self memory is what it allocated minus what it freed; "[memory]" events are frees
     # outside any op. Their running sum in time order is the live-bytes timeline.
@@ -195,7 +193,7 @@ def token_op_share(model: nn.Module, x: torch.Tensor, forwards: int = 2) -> floa
     try:
         with torch.inference_mode():
             model(x)
-            with filtered_native_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with filtered_native_stderr(), cpu_profile() as prof:
                 for _ in range(forwards):
                     with torch.profiler.record_function("vitprune::forward"):
                         model(x)
