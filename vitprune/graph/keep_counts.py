@@ -61,8 +61,9 @@ def default_min_keep(num_patches: int) -> int:
     Why a floor: the blocks after the pruning point are the only FLOPs a token method can cut; when the rest of
     the model is large (a dense decoder), a solver chasing a whole-model target drives the last blocks to a
     handful of tokens (issue 27: DINOv2-S/14 at importance-mask ``--flops 0.5`` ran blocks 9-11 on 7, 4 and 2
-    tokens) with no warning. 16 tokens is ToMe's smallest useful set at ViT-B/16 224 (a 4x4 grid); 10% keeps small
-    grids (64 patches: 6) from being floored at a quarter of the image."""
+    tokens) with no warning. The numbers are a default, not a measurement: 16 tokens is a 4x4 grid of a 14x14
+    image, and 10% keeps small grids (64 patches: 6) from being floored at a quarter of the image; ``--min-keep``
+    sets another."""
     return max(1, min(16, num_patches // 10))
 
 
