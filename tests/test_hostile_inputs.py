@@ -1,0 +1,97 @@
+"""The remaining cases of issue 25: hostile ONNX graphs, Hugging Face folders that are not vision models or
+carry bad configs, and ONNX files vitprune itself rewrote.
+
+Every refusal is one line ``vitprune: error: ...`` with a non-zero exit (the CLI runs in-process: an
+escaping exception fails the test as a traceback would), and the workspace is hashed before and after:
+nothing appears, disappears or changes. Each case has a control that loads (the fixture is valid, so the
+refusal is the case's own).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+from PIL import Image
+
+from onnx_fixtures import cached_onnx
+from test_bad_input import _check_one_line, _snapshot
+
+# ----- ONNX graphs no runtime can load --------------------------------------------------------------------
+
+
+def _edited(base: onnx.ModelProto, change) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    change(model)
+    return model
+
+
+def _unknown_domain(m: onnx.ModelProto, imported: bool) -> None:
+    node = next(n for n in m.graph.node if n.op_type == "Slice")
+    node.domain = "evil.domain"
+    if imported:
+        m.opset_import.append(helper.make_opsetid("evil.domain", 1))
+
+
+def _cycle(m: onnx.ModelProto) -> None:
+    """An early Add reads the output of a later one: Add -> ... -> Add -> (back)."""
+    adds = [i for i, n in enumerate(m.graph.node) if n.op_type == "Add" and n.input[0]]
+    early, late = adds[len(adds) // 4], adds[len(adds) // 2]
+    m.graph.node[early].input[0] = m.graph.node[late].output[0]
+
+
+def _opset(m: onnx.ModelProto, version: int) -> None:
+    next(i for i in m.opset_import if i.domain in ("", "ai.onnx")).version = version
+
+
+def _input_shape(m: onnx.ModelProto, shape: list[int]) -> None:
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    for d, v in zip(dims, shape):
+        d.Clear()
+        d.dim_value = v
+
+
+ONNX_CASES = {
+    "unknown domain": (lambda m: _unknown_domain(m, True), "'evil.domain', which neither ONNX nor ONNX Runtime"),
+    "domain not imported": (lambda m: _unknown_domain(m, False), "which the file does not import"),
+    "unknown operator": (lambda m: setattr(next(n for n in m.graph.node if n.op_type == "Softmax"), "op_type",
+                                            "Softmaxx"), "(Softmaxx) is not an operator"),
+    "cycle": (_cycle, "has a cycle through"),
+    "opset 99": (lambda m: _opset(m, 99), "imports opset 99"),
+    "input of 2^40 elements": (lambda m: _input_shape(m, [1024] * 4), "[1024, 1024, 1024, 1024] needs 12 TiB"),
+    "input of 2^40 pixels": (lambda m: _input_shape(m, [1, 3, 2 ** 20, 2 ** 20]), "needs 36 TiB"),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_onnx(onnx_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hostile_onnx")
+    base = onnx.load(str(cached_onnx("timm-cls", "ts17", onnx_dir)))
+    onnx.save(base, str(folder / "good.onnx"))
+    for i, (change, _) in enumerate(ONNX_CASES.values()):
+        onnx.save(_edited(base, change), str(folder / f"case{i}.onnx"))
+    return folder
+
+
+@pytest.mark.parametrize("case", list(ONNX_CASES))
+def test_onnx_no_runtime_can_load_is_one_line(case, hostile_onnx, cli_inprocess):
+    """A node of an unknown domain, a cycle, opset 99, an input of 2^40 elements: refused naming the node or
+    the size needed (before allocating: numpy would need 12 TiB), by ``inspect`` and ``rewrite``."""
+    path = hostile_onnx / f"case{list(ONNX_CASES).index(case)}.onnx"
+    before = _snapshot(hostile_onnx)
+    for argv in (["inspect", path], ["rewrite", path, "--keep-rate", "0.5", "-o", hostile_onnx / "out.onnx"]):
+        code, _, err = cli_inprocess(*argv)
+        _check_one_line(code, err, ONNX_CASES[case][1])
+    assert _snapshot(hostile_onnx) == before
+
+
+def test_onnx_control_loads(hostile_onnx, cli_inprocess):
+    code, out, err = cli_inprocess("inspect", hostile_onnx / "good.onnx")
+    assert code == 0 and "blocks" in out, err
