@@ -95,3 +95,87 @@ def test_onnx_no_runtime_can_load_is_one_line(case, hostile_onnx, cli_inprocess)
 def test_onnx_control_loads(hostile_onnx, cli_inprocess):
     code, out, err = cli_inprocess("inspect", hostile_onnx / "good.onnx")
     assert code == 0 and "blocks" in out, err
+
+
+# ----- Hugging Face folders -------------------------------------------------------------------------------
+
+
+def _images(folder: Path, classes: str) -> None:
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (folder / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+
+
+def _edit_json(path: Path, **changes) -> None:
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(doc | changes))
+
+
+@pytest.fixture(scope="module")
+def hf_ws(tmp_path_factory) -> Path:
+    """Tiny ``save_pretrained`` folders (random init, 1 layer, width 32): a ViT classifier, BERT, the ViT with
+    hostile ``architectures`` and with hostile ``preprocessor_config.json`` values; images of 2 classes."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    transformers.ViTForImageClassification(transformers.ViTConfig(image_size=32, patch_size=8, num_labels=2,
+                                                                  **small)).save_pretrained(d / "vit")
+    transformers.BertModel(transformers.BertConfig(vocab_size=50, max_position_embeddings=16, **small)
+                           ).save_pretrained(d / "bert")
+    shutil.copytree(d / "vit", d / "arch")
+    _edit_json(d / "arch" / "config.json", architectures=["__class__", "os", 5])
+    for name, mean, std in [("mean_evil", "evil", [0.5] * 3), ("std_zero", [0.5] * 3, [0.5, 0.0, 0.5]),
+                            ("mean_nested", [[0.5]] * 3, [0.5] * 3), ("std_nan", [0.5] * 3, [float("nan")] * 3)]:
+        shutil.copytree(d / "vit", d / name)
+        (d / name / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    _images(d / "data", "ab")
+    return d
+
+
+HF_CASES = {
+    "bert": "BertModel reads input_ids, not images",
+    "arch": "names the architectures ['__class__', 'os', 5]: none is a model class",
+    "mean_evil": "preprocessor_config.json: the normalisation mean is 'evil'",
+    "std_zero": "the normalisation std is '[0.5, 0.0, 0.5]'",
+    "mean_nested": "the normalisation mean is",
+    "std_nan": "the normalisation std is",
+}
+
+
+def _every_reader(d: Path, model: Path) -> list[list]:
+    """The commands that read a model's preprocessing (eval, finetune, show) and inspect / rewrite."""
+    return [["inspect", model], ["rewrite", model, "-o", d / "out"], ["eval", model, "--data", d / "data"],
+            ["finetune", model, "--data", d / "data", "--epochs", "1", "-o", d / "run"],
+            ["show", model, d / "data" / "a" / "0.png", "-o", d / "kept.png"]]
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_hf_folder_that_cannot_serve_images_is_one_line(case, hf_ws, cli_inprocess):
+    before = _snapshot(hf_ws)
+    readers = _every_reader(hf_ws, hf_ws / case)
+    for argv in readers if case == "mean_evil" else readers[:3:2]:  # every reader once; inspect and eval for all
+        code, _, err = cli_inprocess(*argv)
+        _check_one_line(code, err, HF_CASES[case])
+    assert _snapshot(hf_ws) == before
+
+
+def test_hf_control_evaluates(hf_ws, cli_inprocess):
+    code, out, err = cli_inprocess("eval", hf_ws / "vit", "--data", hf_ws / "data", "--json")
+    assert code == 0, err
+    assert json.loads(out)["images"] == 4
+
+
+def test_saved_model_with_hostile_preprocessing_metadata_is_one_line(hf_ws, tmp_path, cli_inprocess):
+    """A vitprune folder whose ``graph.json`` records ``mean: "evil"``: refused where the normalisation is read."""
+    out = tmp_path / "m"
+    assert cli_inprocess("rewrite", hf_ws / "vit", "--keep-rate", "0.5", "-o", out)[0] == 0
+    doc = json.loads((out / "graph.json").read_text())
+    doc["metadata"]["preprocessing"] = {"mean": "evil", "std": [0.5, 0.5, 0.5], "source": "x"}
+    (out / "graph.json").write_text(json.dumps(doc))
+    before = _snapshot(tmp_path)
+    code, _, err = cli_inprocess("eval", out, "--data", hf_ws / "data")
+    _check_one_line(code, err, "the saved model's preprocessing metadata: the normalisation mean is 'evil'")
+    assert _snapshot(tmp_path) == before
