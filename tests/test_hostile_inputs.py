@@ -179,3 +179,61 @@ def test_saved_model_with_hostile_preprocessing_metadata_is_one_line(hf_ws, tmp_
     code, _, err = cli_inprocess("eval", out, "--data", hf_ws / "data")
     _check_one_line(code, err, "the saved model's preprocessing metadata: the normalisation mean is 'evil'")
     assert _snapshot(tmp_path) == before
+
+
+# ----- inspect describes an ONNX file vitprune rewrote; rewrite refuses it ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rewritten_onnx(onnx_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """``{method: (rewritten file, its rewrite report's decisions)}``: token-drop and importance-mask."""
+    import vitprune
+
+    folder = tmp_path_factory.mktemp("rewritten_onnx")
+    src = cached_onnx("timm-cls", "ts17", onnx_dir)
+    out = {}
+    for method, params in [("token-drop", dict(keep_rate=0.5)), ("importance-mask", dict(flops=0.85))]:
+        proto, report = vitprune.rewrite_onnx(src, method, **params)
+        vitprune.save_onnx(proto, folder / f"{method}.onnx")
+        out[method] = folder / f"{method}.onnx", report.decisions
+    return out
+
+
+@pytest.mark.parametrize("method", ["token-drop", "importance-mask"])
+def test_inspect_describes_a_rewritten_onnx_file(method, rewritten_onnx, cli_inprocess):
+    """The recipe, the tokens per block it records and the tokens each attention op of the graph reads (one ORT
+    run): for importance-mask 65, 65, 65, 23 (prunes before block 3), token-drop 33 in every block."""
+    path, decisions = rewritten_onnx[method]
+    expected = decisions["tokens_per_block"]
+    expected = expected if isinstance(expected, list) else [expected] * 4
+    code, out, err = cli_inprocess("inspect", path, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["rewritten_by_vitprune"] and doc["recipe"][0]["pass"] == method
+    assert doc["tokens_per_block"] == expected
+    assert [a["tokens"] for a in doc["attention_tokens"]] == expected  # the graph agrees with its recipe
+    assert expected != [65] * 4 and doc["flops_per_image"] > 0
+    code, out, err = cli_inprocess("inspect", path)
+    assert code == 0 and f"recipe           {method}" in out and ", ".join(map(str, expected)) in out, err
+    code, _, err = cli_inprocess("rewrite", path, "--keep-rate", "0.5", "-o", path.with_name("again.onnx"))
+    _check_one_line(code, err, f"already rewritten by vitprune ({method})")
+    assert not path.with_name("again.onnx").exists()
+
+
+def test_inspect_of_a_rewritten_onnx_file_shows_only_counts_that_are_counts(rewritten_onnx, tmp_path, cli_inprocess):
+    """Metadata anyone could write: a ``tokens_per_block`` that is no list of ints is left out; the graph's
+    own counts are still read."""
+    from vitprune.rewrite_onnx import RECIPE_KEY
+
+    path, _ = rewritten_onnx["importance-mask"]
+    model = onnx.load(str(path))
+    prop = next(p for p in model.metadata_props if p.key == RECIPE_KEY)
+    recipe = json.loads(prop.value)
+    recipe[0]["decisions"]["tokens_per_block"] = ["x", 1.5]
+    recipe[0]["params"] = "not a dict"
+    prop.value = json.dumps(recipe)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    code, out, err = cli_inprocess("inspect", tmp_path / "m.onnx", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["tokens_per_block"] is None and [a["tokens"] for a in doc["attention_tokens"]] == [65, 65, 65, 23]

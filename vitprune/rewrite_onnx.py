@@ -79,12 +79,48 @@ def recipe_of(proto: "onnx.ModelProto") -> list[dict[str, Any]] | None:
     return None
 
 
+def describe_rewritten_onnx(model: Any, *, input_size: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """What can be read of an ONNX model vitprune rewrote (the analysis does not read its token ops back):
+    the recipe from its ``vitprune.recipe`` metadata, the tokens per block the recipe records, the tokens each
+    attention op reads (from one ONNX Runtime run of the graph) and the FLOPs per image.
+
+    Returns:
+        ``{"recipe": [{"pass", "params", "decisions"}], "tokens_per_block": [int] | None (the recipe's, when it
+        records them), "attention_tokens": [{"node", "tokens"}], "flops_per_image": float}``.
+
+    Raises:
+        AnalysisError: the model holds no recipe, or a malformed one (:func:`recipe_of`), or its graph does
+            not run.
+    """
+    from vitprune.frontends import onnx as onnx_frontend
+    from vitprune.graph.analysis import attention_tokens
+
+    proto = onnx_frontend.load_model(model)
+    recipe = recipe_of(proto)
+    if not recipe:
+        raise AnalysisError("this ONNX model holds no vitprune recipe: inspect analyses it as any ONNX file")
+    x = onnx_frontend.example_input(proto, onnx_frontend.analysis_batch(proto), input_size)
+    values = onnx_frontend.run_values(proto, x)
+    graph = onnx_frontend.to_opgraph(proto, x, values)
+    recorded = recipe[-1].get("decisions")
+    per_block = recorded.get("tokens_per_block") if isinstance(recorded, dict) else None
+    if isinstance(per_block, int) and not isinstance(per_block, bool):  # token-drop: one count for every block
+        per_block = [per_block] * len(attention_tokens(graph))
+    if not (isinstance(per_block, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in per_block)):
+        per_block = None  # anyone can write metadata: a count that is not one is not shown
+    return {"recipe": [{"pass": step["pass"], "params": step.get("params") if isinstance(step.get("params"), dict)
+                        else {}, "decisions": step.get("decisions")} for step in recipe],
+            "tokens_per_block": per_block,
+            "attention_tokens": [{"node": n, "tokens": t} for n, t in attention_tokens(graph)],
+            "flops_per_image": _flops(proto, values, x) / x.shape[0]}
+
+
 def _refuse_rewritten(proto: "onnx.ModelProto") -> None:
     recipe = recipe_of(proto)
     if recipe:
         done = ", ".join(step["pass"] for step in recipe)
         raise AnalysisError(f"this ONNX model was already rewritten by vitprune ({done}); its token ops are "
-                            "plain ONNX nodes the analysis does not read back: rewrite or inspect the original file")
+                            "plain ONNX nodes the analysis does not read back: rewrite the original file")
 
 
 def _without_noop_masks(proto: "onnx.ModelProto", x: np.ndarray, tolerance: float):
