@@ -360,7 +360,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
             if external:  # the data file lands first under its final name; the graph pointing to it last
                 copy = onnx.ModelProto()
                 copy.CopyFrom(model)  # onnx.save moves the weights of the model it is given out to the file
-                with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as staging:
+                with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent) as staging:
                     # written under a temporary folder (the graph names it ``NAME.data``), then linked into
                     # place: os.link fails on an existing file, so a file that appeared meanwhile is kept
                     onnx.save(copy, os.path.join(staging, path.name), save_as_external_data=True,
