@@ -1,5 +1,6 @@
 """The old corpus's unverified cases (issue 25): a SIGKILL while ``rewrite`` / ``export`` / ``finetune`` write
-their output.
+their output, ``--input-size`` that the patch does not divide on every command that takes it, and ``eval``
+on a folder holding only some of the classes a model was fine-tuned on.
 
 The kill is deterministic: the CLI runs in a subprocess whose ``os.replace`` / ``os.rename`` pause when
 they would move a vitprune temporary (``*.tmp-PID-*``) into place, so the kill lands after the temporary
@@ -9,7 +10,9 @@ kill was mid-write), and the next run (in-process) succeeds and leaves no tempor
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vitprune
-from test_bad_input import _snapshot
+from test_bad_input import _check_one_line, _snapshot
 
 ARCH = "timm:vit_small_patch16_224"
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
@@ -130,3 +133,51 @@ def test_sigkill_mid_checkpoint_then_resume_is_bit_exact(ws, tmp_path, cli_inpro
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     start = load_file(str(ws / "sm" / "tensors.safetensors"))
     assert any(not torch.equal(full[k], start[k]) for k in start)  # it did train
+
+
+# ----- --input-size the patch does not divide, on every command that takes it --------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "{d}/sm", "--data", "{d}/data"],
+    ["finetune", "{d}/sm", "--data", "{d}/data", "--epochs", "1", "-o", "{d}/run"],
+    ["export", "{d}/sm", "-o", "{d}/x.onnx"],
+    ["bench", "{d}/sm", "--batch", "1", "--iters", "1", "--repeats", "1"],
+], ids=lambda a: a[0])
+def test_input_size_the_patch_does_not_divide_is_one_line(argv, ws, cli_inprocess):
+    """``--input-size 3,33,33`` for a 32x32 model with 8x8 patches (inspect, rewrite and show: tests/test_bad_input.py):
+    eval raised the patch embedding's AssertionError, finetune ignored the option, export blamed the exporter."""
+    before = _snapshot(ws)
+    code, _, err = cli_inprocess(*[str(a).format(d=ws) for a in argv], "--input-size", "3,33,33")
+    _check_one_line(code, err, "33, 33]")
+    assert _snapshot(ws) == before
+
+
+# ----- eval on some of the classes ---------------------------------------------------------------------------
+
+
+def _eval_sums(cli_inprocess, model: Path, folder: Path) -> np.ndarray:
+    """(loss sum, top-1 hits, images) of ``vitprune eval MODEL --data FOLDER``."""
+    code, out, err = cli_inprocess("eval", model, "--data", folder, "--json")
+    assert code == 0, err
+    row = json.loads(out)["rows"][0]
+    return np.array([row["loss"] * row["images"], row["top1"] * row["images"], row["images"]])
+
+
+def test_eval_on_a_class_subset_scores_each_image_as_its_class(ws, tmp_path, cli_inprocess):
+    """A folder with only some of the classes the model was fine-tuned on (a, b, c): the per-image losses and
+    hits of folder {a} and folder {b, c} add up to those of the whole folder only if b and c are scored as
+    classes 1 and 2, not renumbered 0 and 1. The same model without its recorded class names shows it could
+    fail: {b, c} then reads as classes 0 and 1 and the sums differ."""
+    for name in ("a", "bc"):
+        for c in name:
+            shutil.copytree(ws / "data" / c, tmp_path / name / c)
+    whole = _eval_sums(cli_inprocess, ws / "ft", ws / "data")
+    parts = _eval_sums(cli_inprocess, ws / "ft", tmp_path / "a") + _eval_sums(cli_inprocess, ws / "ft", tmp_path / "bc")
+    assert parts == pytest.approx(whole, rel=1e-5)
+    shutil.copytree(ws / "ft" / "model", tmp_path / "nameless")
+    doc = json.loads((tmp_path / "nameless" / "graph.json").read_text())
+    del doc["metadata"]["classes"]
+    (tmp_path / "nameless" / "graph.json").write_text(json.dumps(doc))
+    renumbered = _eval_sums(cli_inprocess, tmp_path / "nameless", tmp_path / "bc")
+    assert renumbered[0] != pytest.approx(_eval_sums(cli_inprocess, ws / "ft", tmp_path / "bc")[0], rel=1e-3)

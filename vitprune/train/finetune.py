@@ -269,6 +269,8 @@ def as_graph_module(model: nn.Module, input_size: Sequence[int] | None = None) -
     size = list(input_size or default_input_size(model))
     gm = capture(copy.deepcopy(model), example_input(model, tuple(size)))  # export when tracing fails
     meta = dict(getattr(model, "meta", {}).get("vitprune") or {"source": source_of(model), "recipe": []})
+    if input_size is not None:  # what the user asked for, over what the model recorded (checked on an image later)
+        meta["input_shape"] = [1, *size]
     meta.setdefault("input_shape", [1, *size])
     meta.setdefault("preprocessing", preprocessing_metadata(model))
     gm.meta["vitprune"] = meta
