@@ -181,3 +181,29 @@ def test_eval_on_a_class_subset_scores_each_image_as_its_class(ws, tmp_path, cli
     (tmp_path / "nameless" / "graph.json").write_text(json.dumps(doc))
     renumbered = _eval_sums(cli_inprocess, tmp_path / "nameless", tmp_path / "bc")
     assert renumbered[0] != pytest.approx(_eval_sums(cli_inprocess, ws / "ft", tmp_path / "bc")[0], rel=1e-3)
+
+
+def test_only_a_dead_processs_own_temporaries_are_removed(tmp_path):
+    """What the next write removes (:func:`vitprune.io.outputs.clean_stale_temporaries`): a dead process's
+    temporary file and its ONNX external-data staging folder; never a live process's, a folder holding anything
+    a save does not write, a link, or a file without a PID."""
+    from vitprune.io.outputs import clean_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    alive = str(os.getppid())  # this process's parent: alive (this process's own PID counts as done)
+    dest = tmp_path / "m.onnx"
+    (tmp_path / f".m.onnx.tmp-{dead}-a1.tmp").write_bytes(b"half a graph")
+    (tmp_path / f".m.onnx.tmp-{dead}-b2").mkdir()
+    for name in ("m.onnx", "m.onnx.data"):
+        (tmp_path / f".m.onnx.tmp-{dead}-b2" / name).write_bytes(b"staged")
+    kept = [f".m.onnx.tmp-{alive}-c3.tmp", ".m.onnx.tmp-d4.tmp", f".m.onnx.tmp-{dead}-e5", f".m.onnx.tmp-{dead}-f6"]
+    (tmp_path / kept[0]).write_bytes(b"another process is writing this")
+    (tmp_path / kept[1]).write_bytes(b"no PID: not a name vitprune gives a file")
+    (tmp_path / kept[2]).mkdir()
+    (tmp_path / kept[2] / "thesis.txt").write_text("years of work")
+    os.symlink(tmp_path / kept[2] / "thesis.txt", tmp_path / kept[3])
+    removed = clean_stale_temporaries(dest)
+    assert sorted(p.name for p in removed) == [f".m.onnx.tmp-{dead}-a1.tmp", f".m.onnx.tmp-{dead}-b2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert (tmp_path / kept[2] / "thesis.txt").read_text() == "years of work"
