@@ -128,12 +128,13 @@ def _metadata_variants(recipe: list[dict]):
         yield f"recipe {value[:20]!r}", [(RECIPE_KEY, value)]
     step = recipe[0]
     # each ~0.2 s (inspect runs the graph once): every field with each wrong type, every key with three
-    wrong = [None, -1, 2 ** 70, 1.5, "x", [], {"a": 1}, [-3, "x"], [[[[1]]]], True]
+    deep = json.loads("[" * 500 + "]" * 500)  # parses, then exhausted the recursion of inspect's printing
+    wrong = [None, -1, 2 ** 70, 1.5, "x", [], {"a": 1}, [-3, "x"], [[[[1]]]], True, deep]
     for field in ("params", "decisions"):
         for v in wrong:
             yield f"{field}={v!r:.30}", [(RECIPE_KEY, json.dumps([step | {field: v}]))]
     for key in [*step["decisions"], *step["params"]]:
-        for v in (None, "x", [[[[1]]]]):
+        for v in (None, "x", deep):
             inner = "decisions" if key in step["decisions"] else "params"
             yield f"{inner}.{key}={v!r:.30}", [(RECIPE_KEY, json.dumps([step | {inner: step[inner] | {key: v}}]))]
     yield "two recipes", [(RECIPE_KEY, text), (RECIPE_KEY, "{not json")]

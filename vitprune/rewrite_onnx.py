@@ -60,8 +60,8 @@ def recipe_of(proto: "onnx.ModelProto") -> list[dict[str, Any]] | None:
     """The passes vitprune ran on this ONNX model (its ``vitprune.recipe`` metadata), or None.
 
     Raises:
-        AnalysisError: the metadata is not vitprune's recipe (not JSON, nested too deep, not a list of
-            passes): anyone can write metadata into an ONNX file.
+        AnalysisError: the metadata is not vitprune's recipe (not JSON, nested deeper than
+            :data:`RECIPE_DEPTH`, not a list of passes): anyone can write metadata into an ONNX file.
     """
     import json
 
@@ -71,12 +71,28 @@ def recipe_of(proto: "onnx.ModelProto") -> list[dict[str, Any]] | None:
                 recipe = json.loads(prop.value)
             except (ValueError, RecursionError):
                 recipe = None
-            if not (isinstance(recipe, list)
+            if not (isinstance(recipe, list) and _depth(recipe) <= RECIPE_DEPTH
                     and all(isinstance(step, dict) and isinstance(step.get("pass"), str) for step in recipe)):
                 raise AnalysisError(f"the ONNX metadata {RECIPE_KEY!r} is not a recipe vitprune wrote "
                                     "(a JSON list of passes); remove it or export the model again")
             return recipe
     return None
+
+
+#: deepest nesting of a recipe vitprune writes is 4 (list, step, params, a per-block dict); deeper JSON would
+#: only exhaust the recursion of whatever prints it
+RECIPE_DEPTH = 16
+
+
+def _depth(doc: Any) -> int:
+    """How deeply lists and dicts nest in a parsed JSON document (iteratively: it may nest past recursion)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def describe_rewritten_onnx(model: Any, *, input_size: tuple[int, int, int] | None = None) -> dict[str, Any]:

@@ -131,7 +131,8 @@ def check_graph(model: onnx.ModelProto) -> None:
         if (domain, node.op_type) in local:
             pass
         elif domain not in imported:
-            raise AnalysisError(f"{what} is in the operator domain {domain!r}, which the file does not import")
+            raise AnalysisError(f"{what} is in the operator domain {domain or 'ai.onnx'!r}, which the file does not "
+                                "import")
         elif domain not in onnx_domains and domain not in ORT_DOMAINS:
             raise AnalysisError(f"{what} is in the operator domain {domain!r}, which neither ONNX nor ONNX Runtime "
                                 "defines: no runtime can run it")
