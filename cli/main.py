@@ -162,8 +162,10 @@ def inspect(model, source, inputs, input_size, as_json, frontend) -> None:
     from vitprune.graph.keep_counts import prunable_shares
 
     if _is_onnx(model):
-        from vitprune.rewrite_onnx import inspect_onnx, onnx_flops_per_image
+        from vitprune.rewrite_onnx import inspect_onnx, onnx_flops_per_image, recipe_of
 
+        if recipe_of(model.proto):  # vitprune rewrote it: what its recipe and graph say, not the analysis
+            return _inspect_rewritten_onnx(model, source, input_size, as_json)
         vit = inspect_onnx(model.proto, input_size=input_size)
         total = onnx_flops_per_image(model.proto, input_size=input_size)
     else:
@@ -190,6 +192,25 @@ def inspect(model, source, inputs, input_size, as_json, frontend) -> None:
                + ", ".join(f"{b}: {share:.0%}" for b, share in enumerate(shares)))
     for step in meta.get("recipe", []):
         click.echo(f"recipe           {step['pass']} {plain_params(step['params'])}")
+
+
+def _inspect_rewritten_onnx(model: Any, source: str, input_size: Any, as_json: bool) -> None:
+    """``inspect`` of an ONNX file vitprune rewrote: its recipe, token counts and FLOPs."""
+    from vitprune.graph.analysis import plain_params
+    from vitprune.rewrite_onnx import describe_rewritten_onnx
+
+    found = describe_rewritten_onnx(model.proto, input_size=input_size)
+    if as_json:
+        _emit_json({"model": source, "rewritten_by_vitprune": True, **found})
+        return
+    click.echo(f"model            {source} (rewritten by vitprune; its token ops are not analysed again)")
+    for step in found["recipe"]:
+        click.echo(f"recipe           {step['pass']} {plain_params(step['params'])}")
+    if found["tokens_per_block"] is not None:
+        click.echo(f"tokens/block     {', '.join(map(str, found['tokens_per_block']))} (the recipe's)")
+    click.echo(f"attention reads  {', '.join(str(a['tokens']) for a in found['attention_tokens']) or 'no attention op'}"
+               " tokens (each attention op of the graph, in order)")
+    click.echo(f"FLOPs            {found['flops_per_image'] / 1e9:.3f} G per image")
 
 
 def _check_output(output: Path, inputs: list[str], overwrite: bool = False, kind: str = "file",

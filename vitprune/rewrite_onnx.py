@@ -60,8 +60,8 @@ def recipe_of(proto: "onnx.ModelProto") -> list[dict[str, Any]] | None:
     """The passes vitprune ran on this ONNX model (its ``vitprune.recipe`` metadata), or None.
 
     Raises:
-        AnalysisError: the metadata is not vitprune's recipe (not JSON, nested too deep, not a list of
-            passes): anyone can write metadata into an ONNX file.
+        AnalysisError: the metadata is not vitprune's recipe (not JSON, nested deeper than
+            :data:`RECIPE_DEPTH`, not a list of passes): anyone can write metadata into an ONNX file.
     """
     import json
 
@@ -71,7 +71,7 @@ def recipe_of(proto: "onnx.ModelProto") -> list[dict[str, Any]] | None:
                 recipe = json.loads(prop.value)
             except (ValueError, RecursionError):
                 recipe = None
-            if not (isinstance(recipe, list)
+            if not (isinstance(recipe, list) and _depth(recipe) <= RECIPE_DEPTH
                     and all(isinstance(step, dict) and isinstance(step.get("pass"), str) for step in recipe)):
                 raise AnalysisError(f"the ONNX metadata {RECIPE_KEY!r} is not a recipe vitprune wrote "
                                     "(a JSON list of passes); remove it or export the model again")
@@ -79,12 +79,64 @@ def recipe_of(proto: "onnx.ModelProto") -> list[dict[str, Any]] | None:
     return None
 
 
+#: deepest nesting of a recipe vitprune writes is 4 (list, step, params, a per-block dict); deeper JSON would
+#: only exhaust the recursion of whatever prints it
+RECIPE_DEPTH = 16
+
+
+def _depth(doc: Any) -> int:
+    """How deeply lists and dicts nest in a parsed JSON document (iteratively: it may nest past recursion)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def describe_rewritten_onnx(model: Any, *, input_size: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """What can be read of an ONNX model vitprune rewrote (the analysis does not read its token ops back):
+    the recipe from its ``vitprune.recipe`` metadata, the tokens per block the recipe records, the tokens each
+    attention op reads (from one ONNX Runtime run of the graph) and the FLOPs per image.
+
+    Returns:
+        ``{"recipe": [{"pass", "params", "decisions"}], "tokens_per_block": [int] | None (the recipe's, when it
+        records them), "attention_tokens": [{"node", "tokens"}], "flops_per_image": float}``.
+
+    Raises:
+        AnalysisError: the model holds no recipe, or a malformed one (:func:`recipe_of`), or its graph does
+            not run.
+    """
+    from vitprune.frontends import onnx as onnx_frontend
+    from vitprune.graph.analysis import attention_tokens
+
+    proto = onnx_frontend.load_model(model)
+    recipe = recipe_of(proto)
+    if not recipe:
+        raise AnalysisError("this ONNX model holds no vitprune recipe: inspect analyses it as any ONNX file")
+    x = onnx_frontend.example_input(proto, onnx_frontend.analysis_batch(proto), input_size)
+    values = onnx_frontend.run_values(proto, x)
+    graph = onnx_frontend.to_opgraph(proto, x, values)
+    recorded = recipe[-1].get("decisions")
+    per_block = recorded.get("tokens_per_block") if isinstance(recorded, dict) else None
+    if isinstance(per_block, int) and not isinstance(per_block, bool):  # token-drop: one count for every block
+        per_block = [per_block] * len(attention_tokens(graph))
+    if not (isinstance(per_block, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in per_block)):
+        per_block = None  # anyone can write metadata: a count that is not one is not shown
+    return {"recipe": [{"pass": step["pass"], "params": step.get("params") if isinstance(step.get("params"), dict)
+                        else {}, "decisions": step.get("decisions")} for step in recipe],
+            "tokens_per_block": per_block,
+            "attention_tokens": [{"node": n, "tokens": t} for n, t in attention_tokens(graph)],
+            "flops_per_image": _flops(proto, values, x) / x.shape[0]}
+
+
 def _refuse_rewritten(proto: "onnx.ModelProto") -> None:
     recipe = recipe_of(proto)
     if recipe:
         done = ", ".join(step["pass"] for step in recipe)
         raise AnalysisError(f"this ONNX model was already rewritten by vitprune ({done}); its token ops are "
-                            "plain ONNX nodes the analysis does not read back: rewrite or inspect the original file")
+                            "plain ONNX nodes the analysis does not read back: rewrite the original file")
 
 
 def _without_noop_masks(proto: "onnx.ModelProto", x: np.ndarray, tolerance: float):
@@ -324,7 +376,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
             if external:  # the data file lands first under its final name; the graph pointing to it last
                 copy = onnx.ModelProto()
                 copy.CopyFrom(model)  # onnx.save moves the weights of the model it is given out to the file
-                with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as staging:
+                with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent) as staging:
                     # written under a temporary folder (the graph names it ``NAME.data``), then linked into
                     # place: os.link fails on an existing file, so a file that appeared meanwhile is kept
                     onnx.save(copy, os.path.join(staging, path.name), save_as_external_data=True,

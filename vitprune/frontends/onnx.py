@@ -26,6 +26,7 @@ Op kinds (what the analysis reads):
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,6 +37,7 @@ from onnx import numpy_helper
 
 from vitprune.errors import AnalysisError, VitpruneError
 from vitprune.graph.opgraph import OpGraph
+from vitprune.io.sizes import check_fits
 
 INT64_MAX = 2 ** 63 - 1
 MS_DOMAIN = "com.microsoft"
@@ -78,16 +80,74 @@ def load_model(source: Any) -> onnx.ModelProto:
     """An ONNX model from a path (external data beside it loads too) or a ``ModelProto``.
 
     Raises:
-        VitpruneError: the file is not a readable ONNX model (one line, never a pickle fallback).
+        VitpruneError: the file is not a readable ONNX model (one line, never a pickle fallback);
+            AnalysisError: a graph no runtime can load (:func:`check_graph`).
     """
     if isinstance(source, onnx.ModelProto):
+        check_graph(source)
         return source
     path = Path(os.fspath(source))
     try:
-        return onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf decode errors carry no useful text
         raise VitpruneError(f"cannot read {path}: not an ONNX model or corrupt ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else 'decode failed'})") from None
+    check_graph(model)
+    return model
+
+
+#: operator domains ONNX Runtime implements besides ONNX's own (its contrib, layout and ATen ops)
+ORT_DOMAINS = frozenset({MS_DOMAIN, "com.microsoft.nchwc", "com.microsoft.experimental", "com.microsoft.dml",
+                         "com.ms.internal.nhwc", "org.pytorch.aten"})
+
+
+@functools.lru_cache(maxsize=1)
+def _onnx_domains() -> frozenset[str]:
+    return frozenset(s.domain for s in onnx.defs.get_all_schemas_with_history())
+
+
+def check_graph(model: onnx.ModelProto) -> None:
+    """Refuse, naming the node, a graph ONNX Runtime could not load, before any session is built (ORT's own
+    errors are multi-line C++ messages): an opset newer than this onnx knows, a node in an operator domain
+    the file does not import or no runtime defines, an operator ONNX does not define, a cycle.
+
+    Raises:
+        AnalysisError: one of the above (the node's name and op, and the reason).
+    """
+    import networkx as nx
+
+    newest = onnx.defs.onnx_opset_version()
+    imported = {("" if imp.domain == "ai.onnx" else imp.domain): int(imp.version) for imp in model.opset_import}
+    if imported.get("", 0) > newest:
+        raise AnalysisError(f"the ONNX file imports opset {imported['']} of the default domain; onnx "
+                            f"{onnx.__version__} knows opsets up to {newest}: export it at opset {newest} or lower")
+    onnx_domains = _onnx_domains()
+    local = {(f.domain, f.name) for f in model.functions}  # functions the file defines itself
+    graph = nx.DiGraph()
+    producer: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        what = f"node {node.name or (node.output[0] if node.output else str(i))!r} ({node.op_type})"
+        if (domain, node.op_type) in local:
+            pass
+        elif domain not in imported:
+            raise AnalysisError(f"{what} is in the operator domain {domain or 'ai.onnx'!r}, which the file does not "
+                                "import")
+        elif domain not in onnx_domains and domain not in ORT_DOMAINS:
+            raise AnalysisError(f"{what} is in the operator domain {domain!r}, which neither ONNX nor ONNX Runtime "
+                                "defines: no runtime can run it")
+        elif domain in onnx_domains and not onnx.defs.has(node.op_type, domain):
+            raise AnalysisError(f"{what} is not an operator of the domain {domain or 'ai.onnx'!r}")
+        graph.add_node(i)
+        producer.update((o, i) for o in node.output if o)
+    for i, node in enumerate(model.graph.node):
+        graph.add_edges_from((producer[t], i) for t in node.input if t in producer)
+    if nx.is_directed_acyclic_graph(graph):  # a topological sort: linear (find_cycle walks every edge path)
+        return
+    cycle = nx.find_cycle(graph)
+    names = [model.graph.node[a].name or model.graph.node[a].output[0] for a, _ in cycle]
+    raise AnalysisError(f"the ONNX graph has a cycle through {len(names)} nodes ({' -> '.join(names[:4])}"
+                        f"{' -> ...' if len(names) > 4 else ''}): not a valid ONNX graph")
 
 
 def is_onnx_file(path: Any) -> bool:
@@ -136,6 +196,7 @@ def example_input(model: onnx.ModelProto, batch: int = 2, input_size: tuple[int,
 
     Raises:
         AnalysisError: the input is not 4-D, or ``C, H, W`` are symbolic and no ``input_size`` is given.
+        VitpruneError: the batch does not fit in the memory available now (the message gives the size needed).
     """
     dims = image_input(model).type.tensor_type.shape.dim
     if len(dims) != 4:
@@ -146,6 +207,8 @@ def example_input(model: onnx.ModelProto, batch: int = 2, input_size: tuple[int,
     if any(s is None or s <= 0 for s in size):
         raise AnalysisError(f"the ONNX graph's input size is symbolic ({[d.dim_param or d.dim_value for d in dims]}); "
                             "give --input-size C,H,W")
+    # the float64 draw and its float32 copy: refused before allocating when they cannot fit
+    check_fits([batch, *size], "the ONNX graph's example input", bytes_per_element=12)
     return np.random.default_rng(seed).standard_normal((batch, *size)).astype(np.float32)
 
 
@@ -159,14 +222,27 @@ def session(model: onnx.ModelProto, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
     data = model.SerializeToString() if model.ByteSize() < 2 ** 31 - 2 ** 20 else None
-    if data is None:  # > 2 GB: ORT reads external data from a file
+    try:
+        if data is not None:
+            return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         import tempfile
 
-        tmp = tempfile.mkdtemp(prefix="vitprune-onnx-")
-        path = os.path.join(tmp, "model.onnx")
-        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="vitprune-onnx-") as tmp:  # > 2 GB: ORT reads external data
+            path = os.path.join(tmp, "model.onnx")                        # from a file (read at load)
+            onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # what check_graph cannot see (an opset or operator this ORT lacks): its message
+        raise AnalysisError(f"ONNX Runtime cannot load the graph: {_ort_message(exc)}") from None
+
+
+def _ort_message(exc: Exception) -> str:
+    """ORT's error on one line, without its ``[ONNXRuntimeError] : 1 : FAIL :`` prefix and C++ source paths."""
+    import re
+
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/\S*onnxruntime\S*\.(?:h|cc):\d+ [^:]*\) ", "", text)  # "path.cc:46 void f(...) "
+    return text or type(exc).__name__
 
 
 def run_values(model: onnx.ModelProto, x: np.ndarray, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -188,9 +264,8 @@ def run_values(model: onnx.ModelProto, x: np.ndarray, names: Iterable[str] | Non
     try:
         out = sess.run(None, {image_input(model).name: x})
     except Exception as exc:
-        text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
         raise AnalysisError(f"ONNX Runtime cannot run the graph on an input of shape {list(x.shape)}: "
-                            f"{text or type(exc).__name__}") from None
+                            f"{_ort_message(exc)}") from None
     return {o.name: v for o, v in zip(sess.get_outputs(), out)}
 
 

@@ -197,6 +197,12 @@ def _attention_ops(g: OpGraph) -> list[tuple[str, str]]:
     return ops
 
 
+def attention_tokens(g: OpGraph) -> list[tuple[str, int]]:
+    """``(node, query tokens)`` of every attention op of ``g`` in graph order (the ops :func:`analyse_opgraph`
+    reads as blocks), for a graph the analysis cannot take whole: one vitprune already rewrote."""
+    return [(n, _attention_geometry(g, n, kind)[3]) for n, kind in _attention_ops(g)]
+
+
 def _attention_geometry(g: OpGraph, node: str, kind: str) -> tuple[int, int, int | None, int]:
     """(batch, heads, head_dim, query tokens) of an attention op."""
     if kind == "sdpa":

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from vitprune.errors import LoadError
+from vitprune.io.preprocess import checked_normalisation
+from vitprune.io.sizes import check_fits
 
 #: ``ModelOutput`` fields a ViT's served output is taken from, in order of preference.
 OUTPUT_FIELDS = ("logits", "pooler_output")
@@ -58,13 +60,27 @@ def wrap(model: nn.Module, image_size: tuple[int, int, int] | None = None,
     The output field is chosen by running the model once on a zero image of its configured size.
 
     Raises:
-        LoadError: the model returns none of :data:`OUTPUT_FIELDS`.
+        LoadError: the model does not read ``pixel_values`` (a text model), does not run on its configured
+            image size, returns none of :data:`OUTPUT_FIELDS`, or ``mean`` / ``std`` are not numbers.
     """
     config = getattr(model, "config", None)
-    size = image_size or (getattr(config, "num_channels", 3), *_pair(getattr(config, "image_size", 224)))
+    takes = getattr(model, "main_input_name", None)  # transformers' own word for what the model reads
+    if takes != "pixel_values":
+        raise LoadError(f"{type(model).__name__} reads {takes or 'no declared input'}, not images (pixel_values): "
+                        "vitprune rewrites vision models")
+    try:
+        size = image_size or (int(getattr(config, "num_channels", 3)), *_pair(getattr(config, "image_size", 224)))
+    except (TypeError, ValueError, IndexError):
+        given = {k: getattr(config, k, None) for k in ("image_size", "num_channels")}
+        raise LoadError(f"{type(model).__name__}'s config gives no image size ({given})") from None
+    check_fits([1, *size], f"{type(model).__name__}'s configured image")
     model.eval()
-    with torch.no_grad():
-        out = model(pixel_values=torch.zeros(1, *size))
+    try:
+        with torch.no_grad():
+            out = model(pixel_values=torch.zeros(1, *size))
+    except Exception as exc:  # a config the model's own code refuses at run time
+        raise LoadError(f"{type(model).__name__} does not run on a [1, {', '.join(map(str, size))}] image: "
+                        f"{_first_line(exc)}") from None
     field = next((f for f in OUTPUT_FIELDS if getattr(out, f, None) is not None), None)
     if field is None:
         raise LoadError(f"{type(model).__name__} returns none of {', '.join(OUTPUT_FIELDS)}: vitprune serves "
@@ -72,8 +88,8 @@ def wrap(model: nn.Module, image_size: tuple[int, int, int] | None = None,
     wrapped = HFImageModel(model, field).eval()
     cfg: dict[str, Any] = {"input_size": tuple(size)}
     if mean is not None and std is not None:
-        cfg.update(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-                   source="Hugging Face preprocessor_config.json")
+        mean, std = checked_normalisation(mean, std, "the Hugging Face preprocessor_config.json")
+        cfg.update(mean=mean, std=std, source="Hugging Face preprocessor_config.json")
     wrapped.pretrained_cfg = cfg  # the timm convention: vitprune.io.origin.default_input_size and preprocess read it
     return wrapped
 
@@ -82,8 +98,9 @@ def load_folder(path: str | os.PathLike) -> HFImageModel:
     """Build the model a ``save_pretrained`` folder holds (module docstring).
 
     Raises:
-        LoadError: transformers is not installed (names the extra), the config names no class
-            transformers has, or the weights do not load.
+        LoadError: transformers is not installed (names the extra), the config names architectures of
+            which none is a transformers model class, the weights do not load, or :func:`wrap` refuses
+            the model (not a vision model, bad ``image_mean`` / ``image_std``).
     """
     try:
         import transformers
@@ -95,9 +112,15 @@ def load_folder(path: str | os.PathLike) -> HFImageModel:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises OSError / ValueError / KeyError for bad configs
         raise LoadError(f"cannot read {path / 'config.json'}: {_first_line(exc)}") from exc
-    names = [n for n in getattr(config, "architectures", None) or [] if n.isidentifier() and not n.startswith("_")]
+    named = getattr(config, "architectures", None) or []
+    names = [n for n in (named if isinstance(named, list) else [named])
+             if isinstance(n, str) and n.isidentifier() and not n.startswith("_")]
     classes = [getattr(transformers, n, None) for n in names]  # transformers' own (lazily imported) classes
-    cls = next((c for c in classes if isinstance(c, type) and issubclass(c, nn.Module)), transformers.AutoModel)
+    cls = next((c for c in classes if isinstance(c, type) and issubclass(c, transformers.PreTrainedModel)), None)
+    if cls is None and named:  # a class this transformers lacks: AutoModel would build another model
+        raise LoadError(f"{path / 'config.json'} names the architectures {str(named)[:80]}: none is a model class "
+                        f"of transformers {transformers.__version__}")
+    cls = cls or transformers.AutoModel
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # no load report or progress bar: vitprune says what matters
     transformers.utils.logging.disable_progress_bar()
@@ -118,9 +141,12 @@ def load_folder(path: str | os.PathLike) -> HFImageModel:
     if processor.is_file():
         try:
             doc = json.loads(processor.read_text(encoding="utf-8"))
-            mean, std = doc.get("image_mean"), doc.get("image_std")
-        except (OSError, ValueError):
+            if isinstance(doc, dict):
+                mean, std = doc.get("image_mean"), doc.get("image_std")
+        except (OSError, ValueError, RecursionError):
             pass  # no usable processor config: the default normalisation applies (and is printed)
+        if mean is not None and std is not None:  # refused naming the file, not only "the processor config"
+            mean, std = checked_normalisation(mean, std, str(processor))
     return wrap(model, mean=mean, std=std)
 
 

@@ -72,3 +72,25 @@ def example_input(
     param = next(model.parameters(), None)
     x = torch.randn(batch, c, h, w, generator=gen)
     return x.to(param.device) if param is not None else x
+
+
+def check_runs_on(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` in eval mode without gradients (training mode and RNG state restored), or one line naming the
+    shape of ``x`` when the model refuses it (timm's patch embedding asserts on a size the patch does not divide).
+
+    Raises:
+        VitpruneError: the model fails on ``x`` (``--input-size`` other than the model's, most often).
+    """
+    was = model.training
+    cuda = [x.device] if x.device.type == "cuda" else []
+    try:  # random token selection draws from a forked generator: the caller's RNG state is left as it was
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            return model.eval()(x)
+    except VitpruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own code: any error is the input's
+        text = str(exc).strip().splitlines()
+        raise VitpruneError(f"the model fails on an input of shape {list(x.shape)} (check --input-size C,H,W): "
+                            f"{text[0] if text else type(exc).__name__}") from None
+    finally:
+        model.train(was)

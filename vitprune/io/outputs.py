@@ -123,17 +123,20 @@ def refuse_unless_replaceable(path: str | os.PathLike, error: type = VitpruneErr
                     "refusing to replace it")
 
 
-def clean_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
-    """Remove the hidden temporaries an interrupted save to ``dest`` left next to it; return what was removed.
+def clean_stale_temporaries(dest: str | os.PathLike, allowed: Iterable[str] | None = None) -> list[Path]:
+    """Remove the hidden temporaries an interrupted write to ``dest`` left next to it (a SIGKILL, a power cut:
+    nothing ran to remove them); return what was removed.
 
     Candidates are ``.NAME.tmp-PID-*`` and ``.NAME.old-PID`` (vitprune's names for ``dest`` = ``NAME``) whose
-    process is gone, and ``.NAME.tmp-*`` without a PID (older vitprune); each is removed only if it holds
-    nothing but the files a save writes.
+    process is gone, and ``.NAME.tmp-*`` folders without a PID (older vitprune). A folder is removed only if it
+    holds nothing but regular files named in ``allowed`` (default: the files a model save writes, and the
+    ``NAME`` / ``NAME.data`` an ONNX save stages), a file (:func:`atomic_file`'s) only if it is a regular file
+    with a PID.
     """
     from vitprune.io.save import GRAPH_FILE, MARKER, TENSOR_FILE
 
     dest = Path(dest)
-    ours = {GRAPH_FILE, TENSOR_FILE, MARKER}
+    ours = set(allowed) if allowed is not None else {GRAPH_FILE, TENSOR_FILE, MARKER, dest.name, dest.name + ".data"}
     removed = []
     try:
         entries = list(os.scandir(dest.parent))
@@ -143,16 +146,20 @@ def clean_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
         for tag in (f".{dest.name}.tmp-", f".{dest.name}.old-"):
             if not e.name.startswith(tag):
                 continue
-            rest = e.name[len(tag):]
-            pid = rest.split("-")[0]
+            pid = e.name[len(tag):].split("-")[0]
             if pid.isdigit() and _alive(int(pid)):
                 continue
             try:
-                if not e.is_dir(follow_symlinks=False) or any(
+                if e.is_file(follow_symlinks=False):
+                    if not pid.isdigit():
+                        continue  # not a name vitprune gives a file
+                    os.unlink(e.path)
+                elif not e.is_dir(follow_symlinks=False) or any(
                         f.name not in ours or f.is_symlink() or not f.is_file(follow_symlinks=False)
                         for f in os.scandir(e.path)):
                     continue  # not only the regular files a save writes: not ours to remove
-                shutil.rmtree(e.path)
+                else:
+                    shutil.rmtree(e.path)
                 removed.append(Path(e.path))
             except OSError:
                 continue
@@ -180,10 +187,12 @@ def umask() -> int:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block succeeds it becomes ``path`` in one rename
-    (with a new file's usual mode), otherwise it is removed: a reader never sees a half-written file."""
+    """Yield a temporary path beside ``path`` (``.NAME.tmp-PID-*``); when the block succeeds it becomes ``path``
+    in one rename (with a new file's usual mode), otherwise it is removed: a reader never sees a half-written
+    file. A temporary a killed earlier write left is removed first (:func:`clean_stale_temporaries`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    clean_stale_temporaries(path)  # what a killed earlier write to ``path`` left
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -16,11 +16,13 @@ timm config's ``crop_pct`` and interpolation are recorded with the rest but not 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from torch import nn
 
+from vitprune.errors import LoadError
 from vitprune.io.images import DEFAULT_MEAN, DEFAULT_STD
 
 
@@ -42,16 +44,42 @@ class Preprocessing:
         return f"mean {fmt(self.mean)} std {fmt(self.std)} from {self.source}"
 
 
+def checked_normalisation(mean: Any, std: Any, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` from a file as float tuples: each a number (every channel) or a list of 1 to 4 finite
+    numbers, every std > 0; anyone can write a config file, and a string or a zero std would fail (or divide
+    by zero) only once images are normalised.
+
+    Raises:
+        LoadError: a value that is not such a number or list (one line, naming ``where``).
+    """
+    out = []
+    for key, value in (("mean", mean), ("std", std)):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not (1 <= len(values) <= 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and math.isfinite(v) for v in values)
+                and (key == "mean" or all(v > 0 for v in values))):
+            raise LoadError(f"{where}: the normalisation {key} is {str(value)[:60]!r}; expected a number or a "
+                            f"list of 1 to 4 finite numbers{', each > 0' if key == 'std' else ''}")
+        out.append(tuple(float(v) for v in values))
+    return out[0], out[1]
+
+
 def recorded(model: nn.Module) -> dict[str, Any]:
-    """What ``model`` says of its own normalisation: ``{"mean", "std", "source"}``, possibly empty."""
+    """What ``model`` says of its own normalisation: ``{"mean", "std", "source"}``, possibly empty.
+
+    Raises:
+        LoadError: the recorded values are not numbers (:func:`checked_normalisation`).
+    """
     meta = getattr(model, "meta", None)
     saved = meta.get("vitprune", {}).get("preprocessing") if isinstance(meta, dict) else None
     if isinstance(saved, dict) and saved.get("mean") and saved.get("std"):
-        return {"mean": tuple(saved["mean"]), "std": tuple(saved["std"]), "source": "saved model"}
+        mean, std = checked_normalisation(saved["mean"], saved["std"], "the saved model's preprocessing metadata")
+        return {"mean": mean, "std": std, "source": "saved model"}
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
-        return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
-                "source": cfg.get("source", "timm pretrained_cfg")}
+        source = cfg.get("source", "timm pretrained_cfg")
+        mean, std = checked_normalisation(cfg["mean"], cfg["std"], str(source))
+        return {"mean": mean, "std": std, "source": source}
     return {}
 
 

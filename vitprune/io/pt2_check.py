@@ -128,18 +128,24 @@ def _check_pickle(name: str, data: bytes) -> None:
     except Exception:
         pass
     try:
-        from torch._weights_only_unpickler import Unpickler
-
-        Unpickler(io.BytesIO(data)).load()
+        _restricted_load(data)
     except Exception as exc:  # the restricted unpickler names the global it refused
         raise UnsafeArchive(f"{name} is a pickle that is not weights-only loadable ({_first_line(exc)})") from None
 
 
-def _first_pickle_value(data: bytes) -> object:
+def _restricted_load(data: bytes) -> object:
+    """The first pickle of ``data`` through torch's restricted unpickler; its warnings (a pickle protocol
+    other than torch's) are not shown: a refusal is one line."""
     from torch._weights_only_unpickler import Unpickler
 
-    try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return Unpickler(io.BytesIO(data)).load()
+
+
+def _first_pickle_value(data: bytes) -> object:
+    try:
+        return _restricted_load(data)
     except Exception:  # a plain-value pickle the unpickler cannot finish builds nothing either
         return None
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from vitprune.errors import VitpruneError
 from vitprune.io.outputs import atomic_file
+from vitprune.io.origin import check_runs_on
 from vitprune.io.origin import example_input as make_example_input
 from vitprune.ops.modules import TokenDrop, token_modules
 
@@ -92,6 +93,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example_input: tor
         raise VitpruneError(f"the folder {path.parent} does not exist")
     model = copy.deepcopy(model).eval()
     x = example_input if example_input is not None else make_example_input(model)
+    check_runs_on(model, x)  # a size the model refuses, said as such (not as an exporter failure)
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         with contextlib.redirect_stdout(io.StringIO()):

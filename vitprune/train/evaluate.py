@@ -99,12 +99,13 @@ def check_classes(model: nn.Module, dataset, device: torch.device, option: str =
     Runs one image in eval mode (random token selection consumes no global RNG state: forked).
 
     Raises:
-        VitpruneError: more classes than outputs, or an output that is not ``[B, K]`` logits.
+        VitpruneError: more classes than outputs, an output that is not ``[B, K]`` logits, or a model that fails
+            on the dataset's image size (``--input-size`` other than the model's).
     """
-    was = model.training
+    from vitprune.io.origin import check_runs_on
+
     with fork_rng(device):
-        outputs = logits_of(model.eval()(dataset[0][0][None].to(device))).shape[1]
-    model.train(was)
+        outputs = logits_of(check_runs_on(model, dataset[0][0][None].to(device))).shape[1]
     if len(dataset.classes) > outputs:
         raise VitpruneError(f"{option} has {len(dataset.classes)} classes but the model has {outputs} outputs")
     return outputs

@@ -55,6 +55,7 @@ from vitprune.device import autocast, dtype_name, grad_scaler, resolve_dtype
 from vitprune.errors import VitpruneError
 from vitprune.train.evaluate import (MODEL_SUBDIR, all_reduce_sum, check_classes, fork_rng, logits_of, pick_device,
                                      resolve_model_path, sharded_accuracy, token_drops)
+from vitprune.io.outputs import clean_stale_temporaries
 from vitprune.io.preprocess import metadata as preprocessing_metadata
 from vitprune.io.preprocess import resolve_preprocessing
 from vitprune.train.keep_rate_schedule import SCHEDULES, KeepSchedule, keep_count
@@ -268,6 +269,8 @@ def as_graph_module(model: nn.Module, input_size: Sequence[int] | None = None) -
     size = list(input_size or default_input_size(model))
     gm = capture(copy.deepcopy(model), example_input(model, tuple(size)))  # export when tracing fails
     meta = dict(getattr(model, "meta", {}).get("vitprune") or {"source": source_of(model), "recipe": []})
+    if input_size is not None:  # what the user asked for, over what the model recorded (checked on an image later)
+        meta["input_shape"] = [1, *size]
     meta.setdefault("input_shape", [1, *size])
     meta.setdefault("preprocessing", preprocessing_metadata(model))
     gm.meta["vitprune"] = meta
@@ -333,7 +336,8 @@ def _save_checkpoint(out: Path, epoch: int, model: nn.Module, opt, sched, state:
 
     ckdir, final = out / CHECKPOINTS, out / CHECKPOINTS / f"epoch-{epoch:04d}"
     ckdir.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckdir))
+    clean_stale_temporaries(final, allowed={"model.safetensors", "state.pt"})  # a killed run's half checkpoint
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=ckdir))
     try:
         save_model(model, str(tmp / "model.safetensors"))
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
