@@ -37,3 +37,10 @@ class SaveError(VitpruneError):
 class SearchError(VitpruneError):
     """A search that cannot run or cannot succeed: a bad target or budget, empty or malformed calibration
     data, a target no method reaches, an unreadable schedule file."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (a library's error is often many lines), else its type's name:
+    what a one-line ``vitprune: error: ...`` quotes of an error it turns into its own."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitprune.errors import LoadError
+from vitprune.errors import LoadError, first_line
 from vitprune.io.preprocess import checked_normalisation
 from vitprune.io.sizes import check_fits
 
@@ -80,7 +80,7 @@ def wrap(model: nn.Module, image_size: tuple[int, int, int] | None = None,
             out = model(pixel_values=torch.zeros(1, *size))
     except Exception as exc:  # a config the model's own code refuses at run time
         raise LoadError(f"{type(model).__name__} does not run on a [1, {', '.join(map(str, size))}] image: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     field = next((f for f in OUTPUT_FIELDS if getattr(out, f, None) is not None), None)
     if field is None:
         raise LoadError(f"{type(model).__name__} returns none of {', '.join(OUTPUT_FIELDS)}: vitprune serves "
@@ -111,7 +111,7 @@ def load_folder(path: str | os.PathLike) -> HFImageModel:
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises OSError / ValueError / KeyError for bad configs
-        raise LoadError(f"cannot read {path / 'config.json'}: {_first_line(exc)}") from exc
+        raise LoadError(f"cannot read {path / 'config.json'}: {first_line(exc)}") from exc
     named = getattr(config, "architectures", None) or []
     names = [n for n in (named if isinstance(named, list) else [named])
              if isinstance(n, str) and n.isidentifier() and not n.startswith("_")]
@@ -128,7 +128,7 @@ def load_folder(path: str | os.PathLike) -> HFImageModel:
         model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False,
                                           output_loading_info=True)
     except Exception as exc:
-        raise LoadError(f"cannot load the Hugging Face model in {path}: {_first_line(exc)}") from exc
+        raise LoadError(f"cannot load the Hugging Face model in {path}: {first_line(exc)}") from exc
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.utils.logging.enable_progress_bar()
@@ -153,7 +153,3 @@ def load_folder(path: str | os.PathLike) -> HFImageModel:
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

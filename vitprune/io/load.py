@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitprune.errors import LoadError, VitpruneError
+from vitprune.errors import LoadError, VitpruneError, first_line
 from vitprune.io.origin import remember_source
 from vitprune.io.hf import is_hf_folder
 from vitprune.io.hf import load_folder as load_hf_folder
@@ -71,7 +71,7 @@ def _create_timm(name: str, model_args: dict[str, Any]) -> nn.Module:
             return timm.create_model(name, pretrained=False, **model_args)
     except Exception as exc:  # bad --model-arg values: timm raises TypeError, ValueError, AssertionError, ...
         raise LoadError(f"timm could not build {name!r} with --model-arg {_args_text(model_args)}: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
 
 
 def _args_text(model_args: dict[str, Any]) -> str:
@@ -85,7 +85,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise LoadError(f"cannot read {path}: not a valid safetensors file ({_first_line(exc)})") from exc
+            raise LoadError(f"cannot read {path}: not a valid safetensors file ({first_line(exc)})") from exc
     obj = _torch_load(path, trust_pickle=False)
     if isinstance(obj, nn.Module):
         raise LoadError(f"{path} holds a whole module, not weights")
@@ -102,10 +102,6 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             return obj
     raise LoadError(f"{path} does not hold a state dict (a mapping of names to tensors)")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _pickled_globals(path: Path) -> list[str] | None:
@@ -146,10 +142,10 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     except Exception as exc:  # torch raises many types on a corrupt file
         refs = _pickled_globals(path)
         if refs is None:
-            raise LoadError(f"cannot read {path}: not a PyTorch file or corrupt ({_first_line(exc)})") from exc
+            raise LoadError(f"cannot read {path}: not a PyTorch file or corrupt ({first_line(exc)})") from exc
         objects = [r for r in refs if not r.startswith(("torch._utils.", "collections.OrderedDict", "torch."))]
         if not objects:
-            raise LoadError(f"cannot read {path}: corrupt PyTorch file ({_first_line(exc)})") from exc
+            raise LoadError(f"cannot read {path}: corrupt PyTorch file ({first_line(exc)})") from exc
         if not trust_pickle:
             raise LoadError(
                 f"{path} holds a pickled Python object ({objects[0]}), and unpickling runs code from the file: "
@@ -158,7 +154,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return _quiet_torch_load(path, weights_only=False)
     except Exception as exc:
-        raise LoadError(f"cannot unpickle {path}: {_first_line(exc)}") from exc
+        raise LoadError(f"cannot unpickle {path}: {first_line(exc)}") from exc
 
 
 def load_weights(model: nn.Module, weights: str | os.PathLike) -> None:
@@ -270,7 +266,7 @@ def _load_pt2(path: Path, trust_pickle: bool = False) -> nn.Module:
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
     except Exception as exc:  # corrupt archive, other torch version: several types
-        raise LoadError(f"cannot read the torch.export file {path}: {_first_line(exc)}") from exc
+        raise LoadError(f"cannot read the torch.export file {path}: {first_line(exc)}") from exc
     inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     if len(inputs) != 1:
         raise LoadError(f"{path} takes {len(inputs)} inputs; vitprune rewrites models that take one image")

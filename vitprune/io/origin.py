@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitprune.errors import VitpruneError, first_line
 from vitprune.io.sizes import check_fits
-
-from vitprune.errors import VitpruneError
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
@@ -89,8 +88,7 @@ def check_runs_on(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     except VitpruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own code: any error is the input's
-        text = str(exc).strip().splitlines()
         raise VitpruneError(f"the model fails on an input of shape {list(x.shape)} (check --input-size C,H,W): "
-                            f"{text[0] if text else type(exc).__name__}") from None
+                            f"{first_line(exc)}") from None
     finally:
         model.train(was)
