@@ -117,17 +117,17 @@ def describe_rewritten_onnx(model: Any, *, input_size: tuple[int, int, int] | No
         raise AnalysisError("this ONNX model holds no vitprune recipe: inspect analyses it as any ONNX file")
     x = onnx_frontend.example_input(proto, onnx_frontend.analysis_batch(proto), input_size)
     values = onnx_frontend.run_values(proto, x)
-    graph = onnx_frontend.to_opgraph(proto, x, values)
+    attention = attention_tokens(onnx_frontend.to_opgraph(proto, x, values))
     recorded = recipe[-1].get("decisions")
     per_block = recorded.get("tokens_per_block") if isinstance(recorded, dict) else None
     if isinstance(per_block, int) and not isinstance(per_block, bool):  # token-drop: one count for every block
-        per_block = [per_block] * len(attention_tokens(graph))
+        per_block = [per_block] * len(attention)
     if not (isinstance(per_block, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in per_block)):
         per_block = None  # anyone can write metadata: a count that is not one is not shown
     return {"recipe": [{"pass": step["pass"], "params": step.get("params") if isinstance(step.get("params"), dict)
                         else {}, "decisions": step.get("decisions")} for step in recipe],
             "tokens_per_block": per_block,
-            "attention_tokens": [{"node": n, "tokens": t} for n, t in attention_tokens(graph)],
+            "attention_tokens": [{"node": n, "tokens": t} for n, t in attention],
             "flops_per_image": _flops(proto, values, x) / x.shape[0]}
 
 
@@ -367,9 +367,10 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
         raise VitpruneError(f"the folder {path.parent} does not exist")
     external = model.ByteSize() >= 2 ** 31 - 2 ** 20 if external_data is None else external_data
     data = path.with_name(path.name + ".data")
+    data_exists = VitpruneError(f"{data} exists (the external data of {path.name} would replace it); remove it or "
+                                "choose another output")
     if external and (data.exists() or data.is_symlink()):
-        raise VitpruneError(f"{data} exists (the external data of {path.name} would replace it); remove it or "
-                            "choose another output")
+        raise data_exists
     linked = False
     try:
         with atomic_file(path) as tmp:
@@ -384,9 +385,8 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
                     try:
                         os.link(os.path.join(staging, data.name), data)
                         linked = True
-                    except FileExistsError:
-                        raise VitpruneError(f"{data} exists (the external data of {path.name} would replace it); "
-                                            "remove it or choose another output") from None
+                    except FileExistsError:  # it appeared after the check above
+                        raise data_exists from None
                     os.replace(os.path.join(staging, path.name), tmp)
             else:
                 onnx.save(model, str(tmp))

@@ -26,6 +26,7 @@ unpickler, JSON with :mod:`json`, expressions with :mod:`ast`.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import json
 import pickletools
@@ -83,8 +84,8 @@ def _check_member(name: str, data: bytes) -> None:
         raise UnsafeArchive(f"{name} is native code (an AOTInductor library torch would load)")
     if data.startswith(b"PK\x03\x04"):
         _check_torch_zip(name, data)
-    elif _is_pickle(data):
-        _check_pickle(name, data)
+    elif (ops := _opcodes(data)) is not None:  # a pickle: its opcodes, read once
+        _check_pickle(name, data, ops)
     else:
         doc = _json(data)
         if doc is not None:
@@ -113,12 +114,7 @@ def _opcodes(data: bytes) -> list[str] | None:
         return None
 
 
-def _is_pickle(data: bytes) -> bool:
-    return _opcodes(data) is not None
-
-
-def _check_pickle(name: str, data: bytes) -> None:
-    ops = _opcodes(data) or []
+def _check_pickle(name: str, data: bytes, ops: list[str]) -> None:
     if _OBJECT_OPCODES.isdisjoint(ops):  # plain values only; a legacy torch.save stream starts with its magic
         if _first_pickle_value(data) != _LEGACY_TORCH_MAGIC:
             return
@@ -208,37 +204,33 @@ def _allowed(node: ast.AST) -> bool:
     return False  # attributes, subscripts, lambdas, comprehensions, f-strings, ...
 
 
-_NAMESPACE: dict[str, object] = {}
-_GLOBALS: dict[str, object] = {}
-
-
+@functools.cache
 def _parse_globals() -> dict[str, object]:
     """The names ``sympy.parse_expr`` evaluates with (``from sympy import *`` and Python's builtin
     functions, ``__import__`` among them), so that its transformations see what sympify's would."""
-    if not _GLOBALS:
-        import builtins
-        import types
+    import builtins
+    import types
 
-        exec("from sympy import *", _GLOBALS)  # noqa: S102 - sympy's own namespace, as parse_expr builds it
-        _GLOBALS.update({k: v for k, v in vars(builtins).items() if isinstance(v, types.BuiltinFunctionType)})
-    return _GLOBALS
+    names: dict[str, object] = {}
+    exec("from sympy import *", names)  # noqa: S102 - sympy's own namespace, as parse_expr builds it
+    names.update({k: v for k, v in vars(builtins).items() if isinstance(v, types.BuiltinFunctionType)})
+    return names
 
 
+@functools.cache
 def _sympy_namespace() -> dict[str, object]:
     """sympy's classes and singletons (``Symbol``, ``Integer``, ``Mul``, ``Max``, ``oo``), nothing callable
     that is a plain function or a module."""
-    if not _NAMESPACE:
-        import inspect
+    import inspect
 
-        import sympy
+    import sympy
 
-        for key in dir(sympy):
-            value = getattr(sympy, key)
-            if (inspect.isclass(value) and issubclass(value, sympy.Basic)) or isinstance(value, sympy.Basic):
-                _NAMESPACE[key] = value
-    return _NAMESPACE
+    return {key: value for key in dir(sympy)
+            if ((inspect.isclass(value := getattr(sympy, key)) and issubclass(value, sympy.Basic))
+                or isinstance(value, sympy.Basic))}
 
 
+@functools.cache  # asked once per name in every expression checked
 def _torch_sympy_functions() -> set[str]:
     import inspect
 
