@@ -83,7 +83,11 @@ class LifespanGatherPass(VitPass):
         x = self.example_input
         total = count_flops(gm, x) / x.shape[0]
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
-        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
+        # the regressor's token MLP runs on every patch at k0: its FLOPs come out of the target (on a 64-wide
+        # model they are ~0.01 of the whole, which the tokens kept would otherwise overshoot by)
+        hidden = LifespanGather.default_hidden(vit.embed_dim)
+        target = p["flops"] - 2 * vit.num_patches * (vit.embed_dim * hidden + hidden) / total
+        counts = solve_for_flops(vit, target, int(total), first_block=k0, score=score, stages="first",
                                  min_keep=p["min_keep"], option="--after-block")
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
@@ -91,8 +95,8 @@ class LifespanGatherPass(VitPass):
         fixed = total - block_flops(vit, [n_all] * L)
         module = LifespanGather(
             vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale, score=score,
-            cls_index=cls_index, block_linear=block_lin,
-            block_attention=block_att, fixed_flops=fixed, target=p["flops"], budget_weight=p["budget_weight"],
+            cls_index=cls_index, hidden=hidden, block_linear=block_lin,
+            block_attention=block_att, fixed_flops=fixed, target=target, budget_weight=p["budget_weight"],
             tau_start=p["tau_start"], tau_end=p["tau_end"])
         self._calibrate_bias(gm, vit, module, total)
 
@@ -151,16 +155,19 @@ class LifespanGatherPass(VitPass):
         with torch.no_grad():
             rec.run(self.example_input)
         x, q, k = (rec.values[n] for n in (block.input_node, prev.query_node, prev.key_node))
-        self._fit_bias(vit, module, total, lambda: module.lives(x, q, k))
+        self._fit_bias(vit, module, total, lambda: module.lives(x, q, k), module.target)
 
-    def _fit_bias(self, vit: ViTGraph, module: LifespanGather, total: float, lives) -> None:
-        """Bisect the bias so the hard lives (``lives()``: ``[B, P]`` on the example batch) imply the target."""
+    def _fit_bias(self, vit: ViTGraph, module: LifespanGather, total: float, lives,
+                  target: float | None = None) -> None:
+        """Bisect the bias so the hard lives (``lives()``: ``[B, P]`` on the example batch) imply ``target``
+        (default: the pass's FLOPs target)."""
         k0 = self.params["after_block"]
+        target = self.params["flops"] if target is None else target
         with torch.no_grad():
             lo, hi = -20.0, 20.0
             for _ in range(40):
                 module.bias.fill_((lo + hi) / 2)
-                if _hard_ratio(vit, lives(), k0, total, module.score) > self.params["flops"]:
+                if _hard_ratio(vit, lives(), k0, total, module.score) > target:
                     hi = (lo + hi) / 2
                 else:
                     lo = (lo + hi) / 2
