@@ -70,7 +70,7 @@ ACCEPTED = {
 }
 REFUSED = {
     "hf_yolos": (lambda: _hf(transformers.YolosModel, transformers.YolosConfig, image_size=[32, 32],
-                             num_detection_tokens=5), "puts tokens after the patch tokens"),
+                             num_detection_tokens=5), r"puts 5 token\(s\) after the patch tokens \(suffix"),
     "hf_vitdet": (_vitdet, "windowed attention"),
     "timm_cait": (lambda: _timm("cait_xxs24_224", depth_token_only=1), "is class attention"),
 }

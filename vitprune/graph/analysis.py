@@ -346,7 +346,11 @@ def _walk_embedding(g: OpGraph, start: str) -> dict[str, Any]:
             patches = _patch_operand(g, n)
             pos = tensors.index(patches)
             if pos != len(tensors) - 1:
-                raise AnalysisError(f"concat {n!r} puts tokens after the patch tokens; vitprune needs prefix tokens first")
+                after = tensors[pos + 1:]
+                raise AnalysisError(
+                    f"concat {n!r} puts {sum(g.shape(t)[1] for t in after)} token(s) after the patch tokens (suffix "
+                    f"tokens, from {', '.join(repr(t) for t in after)}; detection tokens in YOLOS): vitprune keeps "
+                    "prefix tokens before the patches and cannot yet keep tokens at the other end")
             prefix = sum(g.shape(t)[1] for t in tensors[:pos])
             if resplice is not None and resplice == (n, prefix):
                 pass  # the earlier concat whose prefix tokens the later one took apart and put back
