@@ -135,3 +135,13 @@ def test_cli_rewrites_a_hugging_face_folder(tmp_path, cli_inprocess):
     again = vitprune.load(out).eval()
     with torch.no_grad():
         assert again(X).shape == (2, 64)  # pooler_output of the 64-wide model
+
+
+def test_a_width_equal_to_the_token_count_is_no_token_literal():
+    """HF SigLIP without CLS at width 64 over 64 patches: layer_norm's normalized_shape [64] and the MAP head's
+    unflatten(-1, [3, 64]) hold 64, and neither is on the token axis (data flow, not the size, says so)."""
+    model = _hf(transformers.SiglipVisionModel, transformers.SiglipVisionConfig)
+    rewritten, report = vitprune.rewrite(model, "token-drop", keep_rate=0.5, at_inference=True, example_input=X)
+    assert report.analysis["num_tokens"] == 64 and report.keep_all_max_abs_diff <= 1e-5
+    with torch.no_grad():
+        assert rewritten.eval()(torch.randn(3, 3, 32, 32)).shape == (3, 64)
