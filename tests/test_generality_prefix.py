@@ -17,6 +17,7 @@ from vitprune.errors import VitpruneError
 from vitprune.frontends.capture import capture
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (installed by the test extra)")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread does not wait on the other core
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 HF_SMALL = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -120,11 +121,11 @@ def test_refusals_name_the_reason(family):
         vitprune.inspect_model(build(), example_input=X)
 
 
-def test_cli_rewrites_a_hugging_face_folder(tmp_path, cli_inprocess):
+@pytest.mark.parametrize("family", ["Dinov2WithRegisters", "DINOv3ViT"])
+def test_cli_rewrites_a_hugging_face_folder(family, tmp_path, cli_inprocess):
     torch.manual_seed(0)
-    model = transformers.Dinov2WithRegistersModel(
-        transformers.Dinov2WithRegistersConfig(**HF_SMALL, num_register_tokens=4))
-    model.save_pretrained(tmp_path / "hf")
+    config = getattr(transformers, f"{family}Config")(**HF_SMALL, num_register_tokens=4)
+    getattr(transformers, f"{family}Model")(config).save_pretrained(tmp_path / "hf")
     out = tmp_path / "out"
     code, stdout, err = cli_inprocess("rewrite", tmp_path / "hf", "--method", "token-drop", "--keep-rate", "0.5",
                                       "--at-inference", "-o", out, "--json")
