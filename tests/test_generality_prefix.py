@@ -146,3 +146,13 @@ def test_a_width_equal_to_the_token_count_is_no_token_literal():
     assert report.analysis["num_tokens"] == 64 and report.keep_all_max_abs_diff <= 1e-5
     with torch.no_grad():
         assert rewritten.eval()(torch.randn(3, 3, 32, 32)).shape == (3, 64)
+
+
+def test_a_dense_readout_labels_the_re_spliced_cls_token():
+    """Dinov2WithRegisters serving every token (nothing reads a prefix token by index): the CLS token is the
+    first prefix operand, a token of its own (``x[:, :1]`` split off the first concat), the registers a block."""
+    torch.manual_seed(0)
+    model = _LastHidden(transformers.Dinov2WithRegistersModel(
+        transformers.Dinov2WithRegistersConfig(**HF_SMALL, num_register_tokens=4))).eval()
+    vit = vitprune.inspect_model(model, example_input=X)
+    assert vit.readout.kind == "tokens" and vit.prefix_tokens == ["cls"] + ["register"] * 4

@@ -436,8 +436,9 @@ def _prefix_kinds(g: OpGraph, cat: str | None, num_prefix: int, readout: Readout
       DINOv2 with registers: ``x[:, 0]`` read, 4 register tokens not).
     - When it reads none (a dense readout, a mean over patch tokens), which token a training head read is not in
       the graph; the prefix concat is: a CLS token is concatenated first as a learned token of its own
-      (``[1, 1, C]``, expanded over the batch: ViT, DeiT, DINOv2 in timm and Hugging Face), registers come as one
-      block of learned tokens (``[1, R, C]``). So the first prefix token is ``cls`` when it is an operand of its
+      (``[1, 1, C]``, expanded over the batch: ViT, DeiT, DINOv2 in timm and Hugging Face; or ``x[:, :1]`` split
+      off an earlier concat, Hugging Face DINOv2 with registers), registers come as one block of learned tokens
+      (``[1, R, C]``). So the first prefix token is ``cls`` when it is an operand of its
       own of the concat, every other unread token a register (a distillation token nothing reads cannot be told
       from a register, and holds none of the readout's information either).
     """
@@ -450,7 +451,8 @@ def _prefix_kinds(g: OpGraph, cat: str | None, num_prefix: int, readout: Readout
             kinds.append("register")
     if cat is not None and num_prefix and not any(i < num_prefix for i in read):
         first = g.inputs(cat)[0]
-        if first is not None and not g.is_data(first) and (g.shape(first) or (0, 0))[1] == 1:
+        own = first is not None and (not g.is_data(first) or _fixed_token_part(g, first))  # x[:, :1]: re-spliced
+        if own and (g.shape(first) or (0, 0))[1] == 1:
             kinds[0] = "cls"
     return kinds
 
