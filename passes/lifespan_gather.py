@@ -44,6 +44,14 @@ def _hard_ratio(vit: ViTGraph, lives: torch.Tensor, first_block: int, total: flo
     return ratio + score_flops(score, vit.num_patches, vit.blocks[first_block].dim) / total if score else ratio
 
 
+def _counts_target(vit: ViTGraph, flops: float, total: float) -> float:
+    """The FLOPs ratio the kept tokens may spend: ``flops`` less the regressor's token MLP, which runs on every
+    patch at k0 (``2·P·(C·h + h)``, as the flop counter counts its two linears; ~0.01 of a 64-wide model,
+    ~0.003 of ViT-S/16 at 224), so the rewritten model as counted lands on ``flops``."""
+    hidden = LifespanGather.default_hidden(vit.embed_dim)
+    return flops - 2 * vit.num_patches * (vit.embed_dim * hidden + hidden) / total
+
+
 @register_pass
 class LifespanGatherPass(VitPass):
     """Parameters: ``flops`` (target FLOPs ratio), ``after_block`` (k0), ``exact`` (batch-1 exact lives),
@@ -83,7 +91,9 @@ class LifespanGatherPass(VitPass):
         x = self.example_input
         total = count_flops(gm, x) / x.shape[0]
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
-        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
+        hidden = LifespanGather.default_hidden(vit.embed_dim)
+        target = _counts_target(vit, p["flops"], total)
+        counts = solve_for_flops(vit, target, int(total), first_block=k0, score=score, stages="first",
                                  min_keep=p["min_keep"], option="--after-block")
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
@@ -91,8 +101,8 @@ class LifespanGatherPass(VitPass):
         fixed = total - block_flops(vit, [n_all] * L)
         module = LifespanGather(
             vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale, score=score,
-            cls_index=cls_index, block_linear=block_lin,
-            block_attention=block_att, fixed_flops=fixed, target=p["flops"], budget_weight=p["budget_weight"],
+            cls_index=cls_index, hidden=hidden, block_linear=block_lin,
+            block_attention=block_att, fixed_flops=fixed, target=target, budget_weight=p["budget_weight"],
             tau_start=p["tau_start"], tau_end=p["tau_end"])
         self._calibrate_bias(gm, vit, module, total)
 
@@ -151,16 +161,19 @@ class LifespanGatherPass(VitPass):
         with torch.no_grad():
             rec.run(self.example_input)
         x, q, k = (rec.values[n] for n in (block.input_node, prev.query_node, prev.key_node))
-        self._fit_bias(vit, module, total, lambda: module.lives(x, q, k))
+        self._fit_bias(vit, module, total, lambda: module.lives(x, q, k), module.target)
 
-    def _fit_bias(self, vit: ViTGraph, module: LifespanGather, total: float, lives) -> None:
-        """Bisect the bias so the hard lives (``lives()``: ``[B, P]`` on the example batch) imply the target."""
+    def _fit_bias(self, vit: ViTGraph, module: LifespanGather, total: float, lives,
+                  target: float | None = None) -> None:
+        """Bisect the bias so the hard lives (``lives()``: ``[B, P]`` on the example batch) imply ``target``
+        (default: the pass's FLOPs target)."""
         k0 = self.params["after_block"]
+        target = self.params["flops"] if target is None else target
         with torch.no_grad():
             lo, hi = -20.0, 20.0
             for _ in range(40):
                 module.bias.fill_((lo + hi) / 2)
-                if _hard_ratio(vit, lives(), k0, total, module.score) > self.params["flops"]:
+                if _hard_ratio(vit, lives(), k0, total, module.score) > target:
                     hi = (lo + hi) / 2
                 else:
                     lo = (lo + hi) / 2
@@ -179,8 +192,10 @@ class LifespanGatherPass(VitPass):
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
         total = ctx.flops_per_image
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
-        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
-                                 min_keep=p["min_keep"], option="--after-block")
+        # the same counts as the PyTorch rewrite (the same model: this regressor's token MLP is its zero start),
+        # so this graph, without the MLP, lands its share below the target
+        counts = solve_for_flops(vit, _counts_target(vit, p["flops"], total), int(total), first_block=k0, score=score,
+                                 stages="first", min_keep=p["min_keep"], option="--after-block")
         module = LifespanGather(vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale or 1.0,
                                 score=score, cls_index=cls_index)
         x = torch.from_numpy(ctx.values[block.input_node])

@@ -24,9 +24,11 @@ HF = {
     "dinov2_classifier": lambda: transformers.Dinov2ForImageClassification(
         transformers.Dinov2Config(**SMALL, num_labels=10)),
     "clip_vision": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**SMALL)),
+    "dinov3": lambda: transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**SMALL, num_register_tokens=4)),
 }
 PREFIX = {"vit": ["cls"], "deit_with_teacher": ["cls", "distillation"], "dinov2": ["cls"],
-          "dinov2_classifier": ["cls"], "clip_vision": ["cls"]}
+          "dinov2_classifier": ["cls"], "clip_vision": ["cls"],
+          "dinov3": ["cls"] + ["register"] * 4}
 METHODS = {
     "token-drop": dict(keep_rate=0.5, at_inference=True),
     "importance-mask": dict(keep={2: 0.5}),

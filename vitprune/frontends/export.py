@@ -29,6 +29,8 @@ aten = torch.ops.aten
 _RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.expand}
 _SCALAR_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod}
 _INT64_MAX = 2 ** 63 - 1
+#: ops whose list argument is the shape of the input's trailing axes (``normalized_shape``)
+_TRAILING_SHAPE_OPS = {aten.layer_norm, aten.native_layer_norm, aten.rms_norm}
 
 
 def plain_graph_module(program: torch.export.ExportedProgram, class_name: str = "ExportedViT") -> fx.GraphModule:
@@ -178,12 +180,56 @@ def respecialise_token_literals(gm: fx.GraphModule, num_tokens: int) -> int:
             if isinstance(end, int) and end == num_tokens and in_shape[dim] == num_tokens:
                 node.args = (source, dim, start, _INT64_MAX, *node.args[4:])
                 rewritten += 1
+        elif packet in (aten.split_with_sizes, aten.split) and in_shape is not None:
+            rewritten += _respecialise_split(gm, node, in_shape, num_tokens)
+        elif packet in _TRAILING_SHAPE_OPS and out_shape is not None and len(node.args[1]) < len(out_shape) - 1:
+            continue  # normalized_shape covers the trailing (channel) axes only: a width equal to the count is no literal
+        elif packet is aten.unflatten and out_shape is not None and _unflattens_last_axis(node, out_shape):
+            continue  # splits the channels (an attention's packed q, k, v): its sizes are no token count
         elif packet is not None and any(isinstance(a, (list, tuple)) and num_tokens in a for a in node.args[1:]):
             raise PassError(f"node {node.name!r} ({packet.__name__}) holds the token count {num_tokens} in its "
                             "arguments and reads the pruned token stream: vitprune cannot re-specialise it")
     gm.graph.lint()
     gm.recompile()
     return rewritten
+
+
+def _unflattens_last_axis(node: fx.Node, out_shape: tuple[int, ...]) -> bool:
+    """Whether ``aten.unflatten(x, dim, sizes)`` splits ``x``'s last axis (the channels in every layout
+    vitprune reads), from its propagated output shape."""
+    dim, sizes = (list(node.args) + [None, None])[1:3]
+    if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
+        return False
+    rank = len(out_shape) - len(sizes) + 1
+    return dim % rank == rank - 1
+
+
+def _respecialise_split(gm: fx.GraphModule, node: fx.Node, in_shape: tuple[int, ...], num_tokens: int) -> int:
+    """A split of the token axis into literal sizes (``split_with_sizes(q, [1, 64], -2)``: the prefix tokens
+    off the patch tokens, as Hugging Face DINOv3 splits queries and keys for RoPE): the fixed leading sizes stay,
+    the last (the patch tokens, to the end) becomes the input's token count at run time minus them. Returns 1
+    when it rewrote the split, 0 when the split is not on a token-count axis.
+
+    Raises:
+        PassError: a split of the token axis into equal chunks (``aten.split(x, k)``: how many depends on the
+            count), named by node.
+    """
+    dim = (list(node.args) + [None, 0])[2]
+    dim = node.kwargs.get("dim", dim) % len(in_shape)
+    sizes = node.args[1]
+    if in_shape[dim] != num_tokens:
+        return 0
+    if not isinstance(sizes, (list, tuple)) or len(sizes) < 2 or not all(isinstance(v, int) for v in sizes[:-1]):
+        raise PassError(f"node {node.name!r} ({node.target}) splits the token axis ({num_tokens} tokens) into "
+                        f"chunks of {sizes}: vitprune cannot re-specialise it for the kept token count")
+    source = node.args[0]
+    with gm.graph.inserting_before(node):
+        count = gm.graph.call_function(aten.sym_size.int, (source, dim))
+        rest = gm.graph.call_function(operator.sub, (count, sum(sizes[:-1])))
+    node.args = (source, [*sizes[:-1], rest], *node.args[2:])
+    if node.target is not aten.split_with_sizes.default:
+        node.target = aten.split_with_sizes.default
+    return 1
 
 
 def is_exported(gm: fx.GraphModule) -> bool:

@@ -183,6 +183,25 @@ def _axis_change(node: fx.Node, rank: int, out_rank: int) -> dict[str, Any]:
     return {}
 
 
+def _split(node: fx.Node, rank: int) -> dict[str, Any]:
+    """``{"split": {"dim": d, "sizes": [...]}}`` of ``torch.split`` / ``Tensor.split`` / ``aten.split`` /
+    ``aten.split_with_sizes`` with literal sizes (an int size is expanded over the input's axis), ``{}``
+    otherwise: the items are then placed by their shapes."""
+    name = str(getattr(node.target, "__name__", node.target)).split(".")[0]
+    if name not in ("split", "split_with_sizes") or not rank:
+        return {}
+    sizes, dim = _arg(node, 1, "split_size_or_sections", _arg(node, 1, "split_size")), _arg(node, 2, "dim", 0)
+    shape = _shape(node.args[0])
+    if not isinstance(dim, int) or shape is None:
+        return {}
+    dim %= rank
+    if isinstance(sizes, int) and sizes > 0:
+        sizes = [min(sizes, shape[dim] - start) for start in range(0, shape[dim], sizes)]
+    if not isinstance(sizes, (list, tuple)) or not all(isinstance(v, int) for v in sizes) or sum(sizes) != shape[dim]:
+        return {}
+    return {"split": {"dim": dim, "sizes": list(sizes)}}
+
+
 def _attrs(gm: fx.GraphModule, node: fx.Node, kind: str) -> dict[str, Any]:
     """Kind-specific, frontend-independent attributes (see :mod:`vitprune.graph.opgraph`)."""
     mod = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -219,7 +238,7 @@ def _attrs(gm: fx.GraphModule, node: fx.Node, kind: str) -> dict[str, Any]:
     if kind == "index":
         return _normalise_index(node, rank or 1)
     if kind == "other":
-        return _axis_change(node, rank, len(_shape(node) or ()))
+        return _split(node, rank) or _axis_change(node, rank, len(_shape(node) or ()))
     if kind == "token_op":  # changes_tokens: a TokenModule (drops/gathers), not a training-only gate
         return {"module": type(mod).__name__, "config": mod.config(), "changes_tokens": isinstance(mod, TokenModule)}
     return {}

@@ -203,6 +203,59 @@ def attention_tokens(g: OpGraph) -> list[tuple[str, int]]:
     return [(n, _attention_geometry(g, n, kind)[3]) for n, kind in _attention_ops(g)]
 
 
+def _folded_attention_reason(g: OpGraph) -> str | None:
+    """Why a graph with softmax-over-``q·kᵀ`` attention in another layout is not a plain ViT, or None.
+
+    Attention vitprune reads has ``[B, H, N, M]`` scores on a ``[B, N, C]`` stream. Scores ``[B·k, N, M]``
+    (a rank-3 softmax over a matmul, the batch folded with the heads or with windows and heads) over a stream
+    that is a ``[B, h, w, C]`` token grid is windowed or grid attention (VitDet, arXiv 2203.16527): windows
+    partition the grid, so no token can be dropped from one without reshaping every window."""
+    for n in g.named("softmax"):
+        scores = g.shape(n)
+        src = g.inputs(n)[0] if g.inputs(n) else None
+        if not g.is_data(n) or scores is None or len(scores) != 3 or g.kind(src) != "matmul":
+            continue
+        if scores[0] % g.batch or scores[0] == g.batch:
+            continue
+        grids = [a for a in g.named("add") if g.is_data(a) and len(g.shape(a) or ()) == 4
+                 and g.shape(a)[0] == g.batch and all(g.is_data(i) for i in g.inputs(a)[:2] if i is not None)]
+        grid = g.shape(grids[0]) if grids else None
+        where = ""
+        if grid is not None:
+            tokens = grid[1] * grid[2]
+            what = (f"windows of {scores[2]} of the {tokens} tokens of the {grid[1]}x{grid[2]} token grid: windowed "
+                    "attention" if scores[2] < tokens else f"all {tokens} tokens of the {grid[1]}x{grid[2]} token grid")
+            where = (f", over {what}, and the residual stream ({grids[0]!r}) is a [B, h, w, C] grid, not [B, N, C] "
+                     "tokens")
+        return (f"softmax {n!r} runs over q·kᵀ scores {list(scores)} whose first axis folds the batch of {g.batch} "
+                f"with heads or windows{where}: windowed / grid attention, not a plain ViT (vitprune reads "
+                "attention as [B, H, N, M] scores on a [B, N, C] token stream)")
+    return None
+
+
+def _class_attention_reason(g: OpGraph, n: str, kind: str, stream_end: str) -> str | None:
+    """Why attention op ``n`` after the last block is class attention (CaiT, arXiv 2103.17239 §3.2), or None:
+    its queries are a few tokens (the class tokens) and its keys the stream's tokens concatenated with them, and
+    what it computes is a separate residual stream of those few tokens."""
+    if n not in g.descendants(stream_end):
+        return None
+    if kind == "sdpa":
+        q, k = (g.shape(i) for i in g.inputs(n)[:2])
+    else:
+        q = k = g.shape(n)
+        q, k = (q[:3], q[:2] + q[3:]) if q and len(q) == 4 else (None, None)
+    tokens = g.shape(stream_end)[1]
+    if not q or not k or len(q) != 4 or q[2] >= k[2] or k[2] <= tokens:
+        return None
+    joined = [c for c in g.ancestors(n) & g.descendants(stream_end) if g.kind(c) == "cat" and g.attrs(c)["dim"] == 1]
+    if not joined:
+        return None
+    return (f"attention {n!r} after the last block is class attention: its queries are {q[2]} token(s) that are not "
+            f"on the residual stream (a class token), its keys the {tokens} tokens concatenated with them at "
+            f"{sorted(joined, key=g.order)[0]!r} ({k[2]} in all): class-attention blocks (CaiT) are not a plain ViT "
+            "readout vitprune can follow")
+
+
 def _attention_geometry(g: OpGraph, node: str, kind: str) -> tuple[int, int, int | None, int]:
     """(batch, heads, head_dim, query tokens) of an attention op."""
     if kind == "sdpa":
@@ -289,28 +342,43 @@ def _walk_embedding(g: OpGraph, start: str) -> dict[str, Any]:
     """Back from the first block's input to the patch tokens, through pos-add and prefix concat."""
     n = start
     result: dict[str, Any] = {"cat": None, "pos": None, "insert_after": None, "num_prefix": 0, "pos_order": []}
+    resplice = None  # a concat that re-splices an earlier one's tokens: (its source, how many prefix tokens)
     while True:
         shape = g.shape(n)
         if g.kind(n) == "cat" and shape is not None and len(shape) == 3:
-            tensors = g.inputs(n)
             if g.attrs(n)["dim"] != 1:
                 raise AnalysisError(f"concat {n!r} before block 0 is not on the token axis")
-            data = [t for t in tensors if g.is_data(t)]
-            if len(data) != 1:
-                raise AnalysisError(
-                    f"concat {n!r} before block 0 joins {len(data)} image-dependent inputs; expected "
-                    "prefix tokens and one patch-token tensor"
-                )
-            pos = tensors.index(data[0])
+            tensors = g.inputs(n)
+            patches = _patch_operand(g, n)
+            pos = tensors.index(patches)
             if pos != len(tensors) - 1:
-                raise AnalysisError(f"concat {n!r} puts tokens after the patch tokens; vitprune needs prefix tokens first")
-            if result["cat"] is not None:
+                after = tensors[pos + 1:]
+                raise AnalysisError(
+                    f"concat {n!r} puts {sum(g.shape(t)[1] for t in after)} token(s) after the patch tokens (suffix "
+                    f"tokens, from {', '.join(repr(t) for t in after)}; detection tokens in YOLOS): vitprune keeps "
+                    "prefix tokens before the patches and cannot yet keep tokens at the other end")
+            prefix = sum(g.shape(t)[1] for t in tensors[:pos])
+            if resplice is not None and resplice == (n, prefix):
+                pass  # the earlier concat whose prefix tokens the later one took apart and put back
+            elif result["cat"] is not None:
                 raise AnalysisError(f"two token concats before block 0 ({result['cat']!r}, {n!r})")
-            result["cat"] = n
-            result["num_prefix"] = sum(g.shape(t)[1] for t in tensors[:pos])
-            result["pos_order"].append("cat")
-            result["insert_after"] = result["insert_after"] or n
-            n = data[0]
+            else:
+                result["cat"] = n
+                result["num_prefix"] = prefix
+                result["pos_order"].append("cat")
+                result["insert_after"] = result["insert_after"] or n
+            n = patches
+            # Hugging Face DINOv2 with registers: cat([x[:, :1], registers, x[:, 1:]]) splits the CLS token off
+            # an earlier cat([cls, patches]) (+ position embedding) and puts it back first: walk on through it
+            sel = _token_axis_index(g, n)
+            source = g.inputs(n)[0] if isinstance(sel, slice) else None
+            if (source is not None and sel.step in (None, 1) and sel.stop is None and (sel.start or 0) > 0
+                    and any(g.inputs(t) and g.inputs(t)[0] == source for t in tensors[:pos] if g.kind(t) == "index")):
+                upstream = source
+                while g.kind(upstream) != "cat" and (g.is_per_token(upstream) or g.kind(upstream) == "add"):
+                    upstream = g.data_inputs(upstream)[0]
+                resplice = (upstream, sel.start)
+                n = source
             continue
         if g.kind(n) == "add" and shape is not None and len(shape) == 3:
             a, b = (g.inputs(n) + [None, None])[:2]
@@ -335,6 +403,37 @@ def _walk_embedding(g: OpGraph, start: str) -> dict[str, Any]:
     return result
 
 
+def _fixed_token_part(g: OpGraph, n: str) -> bool:
+    """Whether ``n`` takes a fixed part of a token axis (``x[:, :1]``, ``x[:, 0:k]``, ``x[:, -k:]``, ``x[:, 3]``):
+    its size does not follow the token count, as :mod:`vitprune.graph.token_axes` reads a slice."""
+    sel = _token_axis_index(g, n)
+    source = g.inputs(n)[0] if sel is not None else None
+    if sel is None or g.shape(source) is None:
+        return False
+    if isinstance(sel, int):
+        return True
+    start, stop, step = sel.indices(g.shape(source)[1])
+    return step != 1 or (sel.start or 0) < 0 or stop < g.shape(source)[1]
+
+
+def _patch_operand(g: OpGraph, cat: str) -> str:
+    """The patch-token operand of the prefix concat, by data flow: the one image-dependent operand whose token
+    axis follows the patch count. Every other operand is a prefix token block: an image-independent tensor (a
+    learned CLS token, registers) or a fixed part of the image-dependent tokens (``x[:, :1]``, the CLS token
+    split off an earlier concat), in any number and order.
+
+    Raises:
+        AnalysisError: no such operand, or more than one (the message names the concat).
+    """
+    data = [t for t in g.inputs(cat) if g.is_data(t) and not _fixed_token_part(g, t)]
+    if len(data) != 1:
+        raise AnalysisError(
+            f"concat {cat!r} before block 0 joins {len(data)} image-dependent token inputs that follow the patch "
+            "count; expected prefix tokens (learned, or a fixed part x[:, :k] of the tokens) and one patch-token tensor"
+        )
+    return data[0]
+
+
 def _prefix_kinds(g: OpGraph, cat: str | None, num_prefix: int, readout: Readout) -> list[str]:
     """Per prefix token: ``"cls"``, ``"distillation"`` or ``"register"``, by data flow.
 
@@ -343,8 +442,9 @@ def _prefix_kinds(g: OpGraph, cat: str | None, num_prefix: int, readout: Readout
       DINOv2 with registers: ``x[:, 0]`` read, 4 register tokens not).
     - When it reads none (a dense readout, a mean over patch tokens), which token a training head read is not in
       the graph; the prefix concat is: a CLS token is concatenated first as a learned token of its own
-      (``[1, 1, C]``, expanded over the batch: ViT, DeiT, DINOv2 in timm and Hugging Face), registers come as one
-      block of learned tokens (``[1, R, C]``). So the first prefix token is ``cls`` when it is an operand of its
+      (``[1, 1, C]``, expanded over the batch: ViT, DeiT, DINOv2 in timm and Hugging Face; or ``x[:, :1]`` split
+      off an earlier concat, Hugging Face DINOv2 with registers), registers come as one block of learned tokens
+      (``[1, R, C]``). So the first prefix token is ``cls`` when it is an operand of its
       own of the concat, every other unread token a register (a distillation token nothing reads cannot be told
       from a register, and holds none of the readout's information either).
     """
@@ -357,7 +457,8 @@ def _prefix_kinds(g: OpGraph, cat: str | None, num_prefix: int, readout: Readout
             kinds.append("register")
     if cat is not None and num_prefix and not any(i < num_prefix for i in read):
         first = g.inputs(cat)[0]
-        if first is not None and not g.is_data(first) and (g.shape(first) or (0, 0))[1] == 1:
+        own = first is not None and (not g.is_data(first) or _fixed_token_part(g, first))  # x[:, :1]: re-spliced
+        if own and (g.shape(first) or (0, 0))[1] == 1:
             kinds[0] = "cls"
     return kinds
 
@@ -630,10 +731,9 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
     """:func:`analyse` on a frontend's op graph (``input_shape``: the example input's ``[B, C, H, W]``)."""
     attn = _attention_ops(g)
     if not attn:
-        raise AnalysisError(
-            "no attention op (scaled_dot_product_attention, softmax over q·kᵀ or nn.MultiheadAttention) "
-            "in the graph: not a ViT"
-        )
+        raise AnalysisError(_folded_attention_reason(g) or
+                            "no attention op (scaled_dot_product_attention, softmax over q·kᵀ or nn.MultiheadAttention) "
+                            "in the graph: not a ViT")
     for node, kind in attn:
         batch, _, _, tokens = _attention_geometry(g, node, kind)
         if batch != g.batch:
@@ -676,6 +776,10 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
             raise AnalysisError(f"residual add {add!r} comes before the first attention block")
     pools = _attention_pools(g, [(n, k) for n, k in attn if n not in placed], stream[-1][0])
     stray = [n for n, _ in attn if n not in placed and n not in pools]
+    for n in stray:
+        reason = _class_attention_reason(g, n, dict(attn)[n], stream[-1][0])
+        if reason:
+            raise AnalysisError(reason)
     if stray:
         raise AnalysisError(f"attention op(s) {stray} are not on the residual stream: not a plain ViT")
 

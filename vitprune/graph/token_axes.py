@@ -120,6 +120,14 @@ def _index(g: OpGraph, n: str, axes: Axes, in_shape: tuple[int, ...]) -> Axes | 
     return result
 
 
+def _split_item(axes: Axes, split: dict, item: int) -> Axes:
+    """Token axes of item ``item`` of a split on a token axis, read as the slice it is: the last item runs
+    to the end and keeps the token axis (``q.split([1, P])[1]``: the patch tokens, ``m = 1``), earlier items
+    are fixed parts (the prefix tokens) with no token axis left."""
+    last = item % len(split["sizes"]) == len(split["sizes"]) - 1
+    return {a: m for a, m in axes.items() if a != split["dim"] or last}
+
+
 def _rule(g: OpGraph, n: str, known: dict[str, Axes], ref: dict[str, tuple[int, ...]]) -> Axes | None:
     """Token axes of ``n``'s output from its operands' (``known``: operand -> axes, in its own frame)."""
     kind, out = g.kind(n), g.shape(n)
@@ -189,6 +197,10 @@ def _rule(g: OpGraph, n: str, known: dict[str, Axes], ref: dict[str, tuple[int, 
         if src not in known:
             return None
         if g.shape(src) is None:  # an item of a tuple: placed by its shapes against the tuple's source
+            split = g.attrs(src).get("split") if g.kind(src) == "other" else None
+            item = g.attrs(n).get("axes", {}).get(0)
+            if split is not None and isinstance(item, int) and split["dim"] in known[src]:
+                return _split_item(known[src], split, item)
             return by_shapes(known[src], ref[src], out)
         return _index(g, n, known[src], shape(src))
     if kind in ("mean", "max"):

@@ -263,7 +263,7 @@ class LifespanGather(TokenModule):
         self.num_prefix_tokens, self.num_patches, self.dim = int(num_prefix_tokens), int(num_patches), int(dim)
         self.first_block, self.num_blocks = int(first_block), int(num_blocks)
         self.scale, self.score, self.cls_index = float(scale), score, int(cls_index)
-        self.hidden = int(hidden) or max(16, dim // 4)
+        self.hidden = int(hidden) or self.default_hidden(dim)
         self.block_linear = [float(v) for v in (block_linear or [])]
         self.block_attention = [float(v) for v in (block_attention or [])]
         self.fixed_flops, self.target, self.budget_weight = float(fixed_flops), float(target), float(budget_weight)
@@ -276,6 +276,11 @@ class LifespanGather(TokenModule):
         self.progress = 0.0  # set by the fine-tuning loop (0 -> 1) to anneal tau
         self.last_lives: torch.Tensor | None = None
         self._force_keep_all = False
+
+    @staticmethod
+    def default_hidden(dim: int) -> int:
+        """Width of the regressor's token MLP for a ``dim``-wide stream."""
+        return max(16, dim // 4)
 
     def config(self) -> dict[str, Any]:
         keys = ("num_prefix_tokens", "num_patches", "dim", "first_block", "num_blocks", "scale", "score", "cls_index",
