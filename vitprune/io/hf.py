@@ -58,13 +58,22 @@ def wrap(model: nn.Module, image_size: tuple[int, int, int] | None = None,
     The output field is chosen by running the model once on a zero image of its configured size.
 
     Raises:
-        LoadError: the model returns none of :data:`OUTPUT_FIELDS`.
+        LoadError: the model returns none of :data:`OUTPUT_FIELDS`, or fails on that image.
+        CaptureError: its forward needs more than the image (:func:`~vitprune.frontends.capture.require_one_image_input`).
     """
+    from vitprune.frontends.capture import require_one_image_input
+
+    require_one_image_input(model)  # NaFlex (Siglip2VisionModel): patchified pixels, a patch mask, grid shapes
     config = getattr(model, "config", None)
     size = image_size or (getattr(config, "num_channels", 3), *_pair(getattr(config, "image_size", 224)))
     model.eval()
-    with torch.no_grad():
-        out = model(pixel_values=torch.zeros(1, *size))
+    try:
+        with torch.no_grad():
+            out = model(pixel_values=torch.zeros(1, *size))
+    except Exception as exc:  # the model's own error, in one line
+        text = str(exc).strip().splitlines()
+        raise LoadError(f"{type(model).__name__} fails on a zero image of shape {[1, *size]}: "
+                        f"{text[0] if text else type(exc).__name__}") from exc
     field = next((f for f in OUTPUT_FIELDS if getattr(out, f, None) is not None), None)
     if field is None:
         raise LoadError(f"{type(model).__name__} returns none of {', '.join(OUTPUT_FIELDS)}: vitprune serves "
