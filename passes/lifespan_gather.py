@@ -77,7 +77,7 @@ class LifespanGatherPass(VitPass):
         if not 1 <= k0 <= L - 1:
             raise PassError(f"--after-block must be in 1..{L - 1} for a model with {L} blocks, got {k0}")
         prev = vit.blocks[k0 - 1]
-        if prev.attention != "sdpa":
+        if prev.query_node is None:  # an opaque module, or a matmul attention whose q·kᵀ chain the analysis could not follow
             raise PassError(f"block {k0 - 1} uses {prev.attention}: its queries and keys are not in the graph")
         gm.eval()
         x = self.example_input
@@ -87,7 +87,7 @@ class LifespanGatherPass(VitPass):
                                  min_keep=p["min_keep"], option="--after-block")
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
-        block_att = [4 * b.heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
+        block_att = [4 * b.attention_heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
         fixed = total - block_flops(vit, [n_all] * L)
         module = LifespanGather(
             vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale, score=score,
@@ -122,14 +122,16 @@ class LifespanGatherPass(VitPass):
             gate.args = (gate.args[0], lives)
         anchor = lives
         for block in vit.blocks[k0:]:  # keys past their life fade out of attention in training too
-            sdpa = node_named(gm, block.attention_node)
-            if block.attention != "sdpa" or sdpa.kwargs.get("attn_mask") is not None or len(sdpa.args) > 3:
+            sdpas = [node_named(gm, a["attention_node"]) for a in block.attentions]  # every parallel attention
+            if block.attention != "sdpa" or any(s.kwargs.get("attn_mask") is not None or len(s.args) > 3
+                                                for s in sdpas):
                 continue
             mask_name = unique_attr_name(gm, "survival_key_mask")
             gm.add_submodule(mask_name, SurvivalKeyMask(vit.num_prefix_tokens, block.index, p["tau_start"], p["tau_end"]))
             with gm.graph.inserting_after(anchor):
                 anchor = gm.graph.call_module(mask_name, (lives,))
-            sdpa.update_kwarg("attn_mask", anchor)
+            for sdpa in sdpas:
+                sdpa.update_kwarg("attn_mask", anchor)
 
         alive = vit.num_patches
         for l, k in counts.items():
