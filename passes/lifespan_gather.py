@@ -83,8 +83,6 @@ class LifespanGatherPass(VitPass):
         x = self.example_input
         total = count_flops(gm, x) / x.shape[0]
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
-        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
-                                 min_keep=p["min_keep"], option="--after-block")
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
         block_att = [4 * b.attention_heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
@@ -94,7 +92,10 @@ class LifespanGatherPass(VitPass):
             cls_index=cls_index, block_linear=block_lin,
             block_attention=block_att, fixed_flops=fixed, target=p["flops"], budget_weight=p["budget_weight"],
             tau_start=p["tau_start"], tau_end=p["tau_end"])
-        self._calibrate_bias(gm, vit, module, total)
+        overhead = self._calibrate_bias(gm, vit, module, total)
+        # the regressor's own FLOPs (score, lives), measured, are part of the target
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
+                                 min_keep=p["min_keep"], option="--after-block", overhead=overhead)
 
         # soft survival on every residual update of blocks k0.. (training only)
         gates = []
@@ -141,12 +142,15 @@ class LifespanGatherPass(VitPass):
             alive = k
         gm.graph.lint()
         gm.recompile()
-        self.record = schedule_record(vit, counts, total, score, "first", after_block=k0,
+        self.record = schedule_record(vit, counts, total, score, "first", overhead, after_block=k0,
                                       initial_bias=float(module.bias.detach()))
         return True
 
-    def _calibrate_bias(self, gm: fx.GraphModule, vit: ViTGraph, module: LifespanGather, total: float) -> None:
-        """Set the regressor's bias so the example input's hard lives imply the FLOPs target."""
+    def _calibrate_bias(self, gm: fx.GraphModule, vit: ViTGraph, module: LifespanGather, total: float) -> float:
+        """Set the regressor's bias so the example input's hard lives imply the FLOPs target; returns the
+        module's FLOPs per image in eval mode (:func:`~vitprune.graph.flops.flop_counter` on the example)."""
+        from vitprune.graph.flops import flop_counter, frozen_parameters
+
         k0 = self.params["after_block"]
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
         rec = RecordValues(gm, {prev.query_node, prev.key_node, block.input_node})
@@ -154,6 +158,12 @@ class LifespanGatherPass(VitPass):
             rec.run(self.example_input)
         x, q, k = (rec.values[n] for n in (block.input_node, prev.query_node, prev.key_node))
         self._fit_bias(vit, module, total, lambda: module.lives(x, q, k))
+        counter, was = flop_counter(), module.training
+        module.eval()
+        with torch.no_grad(), frozen_parameters(module), counter:
+            module(x, q, k)
+        module.train(was)
+        return counter.get_total_flops() / x.shape[0]
 
     def _fit_bias(self, vit: ViTGraph, module: LifespanGather, total: float, lives) -> None:
         """Bisect the bias so the hard lives (``lives()``: ``[B, P]`` on the example batch) imply the target."""

@@ -83,8 +83,9 @@ def min_keep_for(vit: ViTGraph, min_keep: int | None) -> int:
 def prunable_share(vit: ViTGraph, total_flops: float, first_block: int) -> float:
     """The share of the model's FLOPs (``total_flops`` per image) in blocks ``first_block ..``: all a token
     method pruning from ``first_block`` on can cut (the patch embedding, the blocks before, the head and a dense
-    decoder stay as they are)."""
-    full = [vit.num_tokens] * vit.num_blocks
+    decoder stay as they are). Each block at the tokens it attends over now (a model vitprune rewrote runs its
+    later blocks on fewer: counting them at every token gave shares over 100%)."""
+    full = [b.tokens for b in vit.blocks]
     later = block_flops(vit, full) - block_flops(vit, full[:first_block] + [0] * (vit.num_blocks - first_block))
     return later / total_flops if total_flops else 0.0
 
@@ -149,20 +150,22 @@ def scoring_flops(vit: ViTGraph, counts: dict[int, int], score: str | None, stag
 
 
 def predicted_ratio(vit: ViTGraph, counts: dict[int, int], total_flops: int, score: str | None = None,
-                    stages: str = "each") -> float:
+                    stages: str = "each", overhead: float | None = None) -> float:
     """Predicted FLOPs ratio to the original for ``counts``; ``total_flops``: the original's, per image;
-    ``score``: the patch score the pruning points compute (its cost: :func:`scoring_flops`)."""
+    ``score``: the patch score the pruning points compute (its cost: :func:`scoring_flops`); ``overhead``: the
+    inserted modules' own FLOPs per image as the counter measured them, counted instead of that estimate."""
     full = block_flops(vit, [vit.num_tokens] * vit.num_blocks)
     fixed = total_flops - full
     tokens = block_flops(vit, tokens_per_block(vit, counts))
-    return (fixed + tokens + scoring_flops(vit, counts, score, stages)) / total_flops
+    extra = scoring_flops(vit, counts, score, stages) if overhead is None else overhead
+    return (fixed + tokens + extra) / total_flops
 
 
 def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block: int = 3, score: str | None = None,
-                    stages: str = "each", min_keep: int | None = None, option: str = "--first-block"
-                    ) -> dict[int, int]:
-    """Per-block keep counts whose predicted FLOPs ratio (with ``score``'s cost, :func:`predicted_ratio`) is
-    closest to ``target``.
+                    stages: str = "each", min_keep: int | None = None, option: str = "--first-block",
+                    overhead: float | None = None) -> dict[int, int]:
+    """Per-block keep counts whose predicted FLOPs ratio (with ``score``'s cost, or the measured ``overhead``
+    of the inserted modules: :func:`predicted_ratio`) is closest to ``target``.
 
     vitprune's schedule shape (the paper tunes counts per layer by an error tolerance): blocks before
     ``first_block`` keep every token; from ``first_block`` on, each block keeps the same fraction ``r`` of
@@ -187,7 +190,7 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
         return {b: max(k, least) for b, k in counts.items()}
 
     def ratio(counts: dict[int, int]) -> float:
-        return predicted_ratio(vit, counts, total_flops, score, stages)
+        return predicted_ratio(vit, counts, total_flops, score, stages, overhead)
 
     floor = ratio({b: least for b in range(first_block, vit.num_blocks)})
     if target < floor - 1e-9:
