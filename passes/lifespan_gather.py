@@ -92,8 +92,8 @@ class LifespanGatherPass(VitPass):
             cls_index=cls_index, block_linear=block_lin,
             block_attention=block_att, fixed_flops=fixed, target=p["flops"], budget_weight=p["budget_weight"],
             tau_start=p["tau_start"], tau_end=p["tau_end"])
-        overhead = self._calibrate_bias(gm, vit, module, total)
-        # the regressor's own FLOPs (score, lives), measured, are part of the target
+        self._calibrate_bias(gm, vit, module, total)
+        overhead = self._module_flops(vit, module, prev)  # the regressor's own FLOPs are part of the target
         counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
                                  min_keep=p["min_keep"], option="--after-block", overhead=overhead)
 
@@ -146,11 +146,8 @@ class LifespanGatherPass(VitPass):
                                       initial_bias=float(module.bias.detach()))
         return True
 
-    def _calibrate_bias(self, gm: fx.GraphModule, vit: ViTGraph, module: LifespanGather, total: float) -> float:
-        """Set the regressor's bias so the example input's hard lives imply the FLOPs target; returns the
-        module's FLOPs per image in eval mode (:func:`~vitprune.graph.flops.flop_counter` on the example)."""
-        from vitprune.graph.flops import flop_counter, frozen_parameters
-
+    def _calibrate_bias(self, gm: fx.GraphModule, vit: ViTGraph, module: LifespanGather, total: float) -> None:
+        """Set the regressor's bias so the example input's hard lives imply the FLOPs target."""
         k0 = self.params["after_block"]
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
         rec = RecordValues(gm, {prev.query_node, prev.key_node, block.input_node})
@@ -158,12 +155,22 @@ class LifespanGatherPass(VitPass):
             rec.run(self.example_input)
         x, q, k = (rec.values[n] for n in (block.input_node, prev.query_node, prev.key_node))
         self._fit_bias(vit, module, total, lambda: module.lives(x, q, k))
+
+    @staticmethod
+    def _module_flops(vit: ViTGraph, module: LifespanGather, prev) -> float:
+        """The regressor's FLOPs per image in eval mode, as the counter counts them (shapes alone decide them:
+        one image of zeros, ``x [1, N, C]`` and the previous block's ``q, k [1, H, N, d]``), the same for every
+        frontend."""
+        from vitprune.graph.flops import flop_counter, frozen_parameters
+
+        n, d = vit.num_tokens, prev.head_dim or prev.dim // prev.heads
+        x, qk = torch.zeros(1, n, vit.embed_dim), torch.zeros(1, prev.heads, n, d)
         counter, was = flop_counter(), module.training
         module.eval()
         with torch.no_grad(), frozen_parameters(module), counter:
-            module(x, q, k)
+            module(x, qk, qk)
         module.train(was)
-        return counter.get_total_flops() / x.shape[0]
+        return float(counter.get_total_flops())
 
     def _fit_bias(self, vit: ViTGraph, module: LifespanGather, total: float, lives) -> None:
         """Bisect the bias so the hard lives (``lives()``: ``[B, P]`` on the example batch) imply the target."""
@@ -191,10 +198,11 @@ class LifespanGatherPass(VitPass):
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
         total = ctx.flops_per_image
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
-        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
-                                 min_keep=p["min_keep"], option="--after-block")
         module = LifespanGather(vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale or 1.0,
                                 score=score, cls_index=cls_index)
+        overhead = self._module_flops(vit, module, prev)  # as the fx rewrite counts it: the same keep counts
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
+                                 min_keep=p["min_keep"], option="--after-block", overhead=overhead)
         x = torch.from_numpy(ctx.values[block.input_node])
         if prev.attention == "sdpa":
             q, k = (torch.from_numpy(ctx.values[n]) for n in (prev.query_node, prev.key_node))
@@ -222,5 +230,5 @@ class LifespanGatherPass(VitPass):
                                  lambda t, n=vit.num_prefix_tokens + keep: ctx.prefix_slice(ctx.builder("prefix_slice"), t, n),
                                  stream=sorted_stream if l == k0 else None)
             alive = keep
-        self.record = schedule_record(vit, counts, total, score, "first", after_block=k0,
+        self.record = schedule_record(vit, counts, total, score, "first", overhead, after_block=k0,
                                       initial_bias=float(module.bias.detach()))

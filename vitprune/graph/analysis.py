@@ -9,7 +9,10 @@ shapes propagated from one example input); no class or attribute name of the mod
 - **residual stream**: ``add(a, b)`` of two ``[B, N, C]`` image-dependent tensors where ``a`` is an
   ancestor of ``b`` (``b`` is the branch); consecutive residual adds form the stream;
 - **attention blocks**: a residual add whose branch holds an attention op opens a block, the
-  following branch-without-attention adds (the MLP) belong to it;
+  following branch-without-attention adds (the MLP) belong to it; a branch with several attentions none of
+  which reads another's output is a parallel block (their outputs summed, ViT-22B / timm's
+  ``ParallelThingsBlock``): one block, ``parallel`` listing the attentions after the first. A matmul
+  attention's q, k and scale are read back from its softmax through ``q @ kᵀ · scale`` (BLIP's fused qkv);
 - **embedding**: walking back from the first block's input through per-token ops: the position
   embedding add (an add of an image-independent tensor), the prefix-token concat (a ``cat`` on the
   token axis of image-independent tokens and the patch tokens), down to the patch tokens;
