@@ -164,13 +164,15 @@ def resolve_score(vit: ViTGraph, score: str) -> tuple[str, int]:
 
 
 def schedule_record(vit: ViTGraph, counts: dict[int, int], total_flops: float, score: str, stages: str = "each",
-                    **extra: Any) -> dict[str, Any]:
-    """What a keep-count pass decided, for the report and the saved recipe (the same for every frontend)."""
+                    overhead: float | None = None, **extra: Any) -> dict[str, Any]:
+    """What a keep-count pass decided, for the report and the saved recipe (the same for every frontend);
+    ``overhead``: the inserted modules' measured FLOPs per image (:func:`~vitprune.graph.keep_counts.predicted_ratio`)."""
     from vitprune.graph.keep_counts import predicted_ratio, tokens_per_block
 
     return {"num_patches": vit.num_patches, "num_prefix_tokens": vit.num_prefix_tokens, **extra,
             "keep_counts": {str(b): k for b, k in counts.items()}, "tokens_per_block": tokens_per_block(vit, counts),
-            "predicted_flops_ratio": predicted_ratio(vit, counts, int(total_flops), score, stages), "score": score}
+            "predicted_flops_ratio": predicted_ratio(vit, counts, int(total_flops), score, stages, overhead),
+            "score": score}
 
 
 def unique_attr_name(gm: fx.GraphModule, base: str) -> str:

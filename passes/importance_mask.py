@@ -49,18 +49,21 @@ def _attention_maps(vit: ViTGraph, batches: Iterable[torch.Tensor],
     Interpreter; ONNX: ONNX Runtime with the tensors exposed)."""
     names = set()
     for b in vit.blocks:
-        names |= {b.query_node, b.key_node} if b.attention == "sdpa" else {b.attention_node}
+        for a in b.attentions:
+            names |= {a["query_node"], a["key_node"]} if b.attention == "sdpa" else {a["attention_node"]}
     sums, count = [None] * vit.num_blocks, 0
     with torch.no_grad():
         for x in batches:
             values = record(names, x)
             for i, b in enumerate(vit.blocks):
-                if b.attention == "sdpa":
-                    q, k = values[b.query_node], values[b.key_node]
-                    attn = torch.softmax(q @ k.transpose(-2, -1) * b.attention_scale, dim=-1)
-                else:
-                    attn = values[b.attention_node]
-                m = attn.mean(dim=1).sum(dim=0)  # [N, N], summed over images
+                maps = []  # a parallel block's attentions are averaged: each moves tokens by its own map
+                for a in b.attentions:
+                    if b.attention == "sdpa":
+                        q, k = values[a["query_node"]], values[a["key_node"]]
+                        maps.append(torch.softmax(q @ k.transpose(-2, -1) * a["attention_scale"], dim=-1))
+                    else:
+                        maps.append(values[a["attention_node"]])
+                m = torch.stack([attn.mean(dim=1) for attn in maps]).mean(0).sum(dim=0)  # [N, N], summed over images
                 sums[i] = m if sums[i] is None else sums[i] + m
             count += x.shape[0]
     if count == 0:

@@ -44,14 +44,6 @@ def _hard_ratio(vit: ViTGraph, lives: torch.Tensor, first_block: int, total: flo
     return ratio + score_flops(score, vit.num_patches, vit.blocks[first_block].dim) / total if score else ratio
 
 
-def _counts_target(vit: ViTGraph, flops: float, total: float) -> float:
-    """The FLOPs ratio the kept tokens may spend: ``flops`` less the regressor's token MLP, which runs on every
-    patch at k0 (``2·P·(C·h + h)``, as the flop counter counts its two linears; ~0.01 of a 64-wide model,
-    ~0.003 of ViT-S/16 at 224), so the rewritten model as counted lands on ``flops``."""
-    hidden = LifespanGather.default_hidden(vit.embed_dim)
-    return flops - 2 * vit.num_patches * (vit.embed_dim * hidden + hidden) / total
-
-
 @register_pass
 class LifespanGatherPass(VitPass):
     """Parameters: ``flops`` (target FLOPs ratio), ``after_block`` (k0), ``exact`` (batch-1 exact lives),
@@ -85,26 +77,26 @@ class LifespanGatherPass(VitPass):
         if not 1 <= k0 <= L - 1:
             raise PassError(f"--after-block must be in 1..{L - 1} for a model with {L} blocks, got {k0}")
         prev = vit.blocks[k0 - 1]
-        if prev.attention != "sdpa":
+        if prev.query_node is None:  # an opaque module, or a matmul attention whose q·kᵀ chain the analysis could not follow
             raise PassError(f"block {k0 - 1} uses {prev.attention}: its queries and keys are not in the graph")
         gm.eval()
         x = self.example_input
         total = count_flops(gm, x) / x.shape[0]
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
-        hidden = LifespanGather.default_hidden(vit.embed_dim)
-        target = _counts_target(vit, p["flops"], total)
-        counts = solve_for_flops(vit, target, int(total), first_block=k0, score=score, stages="first",
-                                 min_keep=p["min_keep"], option="--after-block")
         n_all = vit.num_tokens
         block_lin = [b.linear_flops_per_token for b in vit.blocks]
-        block_att = [4 * b.heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
+        block_att = [4 * b.attention_heads * (b.head_dim or b.dim // b.heads) for b in vit.blocks]
         fixed = total - block_flops(vit, [n_all] * L)
         module = LifespanGather(
             vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale, score=score,
-            cls_index=cls_index, hidden=hidden, block_linear=block_lin,
-            block_attention=block_att, fixed_flops=fixed, target=target, budget_weight=p["budget_weight"],
+            cls_index=cls_index, block_linear=block_lin,
+            block_attention=block_att, fixed_flops=fixed, target=p["flops"], budget_weight=p["budget_weight"],
             tau_start=p["tau_start"], tau_end=p["tau_end"])
+        overhead = self._module_flops(vit, module, prev)  # the regressor's own FLOPs are part of the target
+        module.target = p["flops"] - overhead / total  # what the kept tokens may spend: the budget loss and bias aim here
         self._calibrate_bias(gm, vit, module, total)
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
+                                 min_keep=p["min_keep"], option="--after-block", overhead=overhead)
 
         # soft survival on every residual update of blocks k0.. (training only)
         gates = []
@@ -132,14 +124,16 @@ class LifespanGatherPass(VitPass):
             gate.args = (gate.args[0], lives)
         anchor = lives
         for block in vit.blocks[k0:]:  # keys past their life fade out of attention in training too
-            sdpa = node_named(gm, block.attention_node)
-            if block.attention != "sdpa" or sdpa.kwargs.get("attn_mask") is not None or len(sdpa.args) > 3:
+            sdpas = [node_named(gm, a["attention_node"]) for a in block.attentions]  # every parallel attention
+            if block.attention != "sdpa" or any(s.kwargs.get("attn_mask") is not None or len(s.args) > 3
+                                                for s in sdpas):
                 continue
             mask_name = unique_attr_name(gm, "survival_key_mask")
             gm.add_submodule(mask_name, SurvivalKeyMask(vit.num_prefix_tokens, block.index, p["tau_start"], p["tau_end"]))
             with gm.graph.inserting_after(anchor):
                 anchor = gm.graph.call_module(mask_name, (lives,))
-            sdpa.update_kwarg("attn_mask", anchor)
+            for sdpa in sdpas:
+                sdpa.update_kwarg("attn_mask", anchor)
 
         alive = vit.num_patches
         for l, k in counts.items():
@@ -149,7 +143,7 @@ class LifespanGatherPass(VitPass):
             alive = k
         gm.graph.lint()
         gm.recompile()
-        self.record = schedule_record(vit, counts, total, score, "first", after_block=k0,
+        self.record = schedule_record(vit, counts, total, score, "first", overhead, after_block=k0,
                                       initial_bias=float(module.bias.detach()))
         return True
 
@@ -163,12 +157,26 @@ class LifespanGatherPass(VitPass):
         x, q, k = (rec.values[n] for n in (block.input_node, prev.query_node, prev.key_node))
         self._fit_bias(vit, module, total, lambda: module.lives(x, q, k), module.target)
 
-    def _fit_bias(self, vit: ViTGraph, module: LifespanGather, total: float, lives,
-                  target: float | None = None) -> None:
+    @staticmethod
+    def _module_flops(vit: ViTGraph, module: LifespanGather, prev) -> float:
+        """The regressor's FLOPs per image in eval mode, as the counter counts them (shapes alone decide them:
+        one image of zeros, ``x [1, N, C]`` and the previous block's ``q, k [1, H, N, d]``), the same for every
+        frontend."""
+        from vitprune.graph.flops import flop_counter, frozen_parameters
+
+        n, d = vit.num_tokens, prev.head_dim or prev.dim // prev.heads
+        x, qk = torch.zeros(1, n, vit.embed_dim), torch.zeros(1, prev.heads, n, d)
+        counter, was = flop_counter(), module.training
+        module.eval()
+        with torch.no_grad(), frozen_parameters(module), counter:
+            module(x, qk, qk)
+        module.train(was)
+        return float(counter.get_total_flops())
+
+    def _fit_bias(self, vit: ViTGraph, module: LifespanGather, total: float, lives, target: float) -> None:
         """Bisect the bias so the hard lives (``lives()``: ``[B, P]`` on the example batch) imply ``target``
-        (default: the pass's FLOPs target)."""
+        (the FLOPs ratio the kept tokens may spend: the pass's target less the regressor's own FLOPs)."""
         k0 = self.params["after_block"]
-        target = self.params["flops"] if target is None else target
         with torch.no_grad():
             lo, hi = -20.0, 20.0
             for _ in range(40):
@@ -192,21 +200,21 @@ class LifespanGatherPass(VitPass):
         prev, block = vit.blocks[k0 - 1], vit.blocks[k0]
         total = ctx.flops_per_image
         score, cls_index = resolve_score(vit, p["score"])  # scored once, at block k0: counted in the target
-        # the same counts as the PyTorch rewrite (the same model: this regressor's token MLP is its zero start),
-        # so this graph, without the MLP, lands its share below the target
-        counts = solve_for_flops(vit, _counts_target(vit, p["flops"], total), int(total), first_block=k0, score=score,
-                                 stages="first", min_keep=p["min_keep"], option="--after-block")
         module = LifespanGather(vit.num_prefix_tokens, vit.num_patches, vit.embed_dim, k0, L, prev.attention_scale or 1.0,
                                 score=score, cls_index=cls_index)
+        overhead = self._module_flops(vit, module, prev)  # as the fx rewrite counts it: the same keep counts
+        counts = solve_for_flops(vit, p["flops"], int(total), first_block=k0, score=score, stages="first",
+                                 min_keep=p["min_keep"], option="--after-block", overhead=overhead)
+        target = p["flops"] - overhead / total  # the bias the fx rewrite starts from (its token MLP starts at zero)
         x = torch.from_numpy(ctx.values[block.input_node])
         if prev.attention == "sdpa":
             q, k = (torch.from_numpy(ctx.values[n]) for n in (prev.query_node, prev.key_node))
-            self._fit_bias(vit, module, total, lambda: module.lives(x, q, k))
+            self._fit_bias(vit, module, total, lambda: module.lives(x, q, k), target)
         else:  # scores from the attention map (the same softmax(q · Kᵀ · scale) rows)
             attn = torch.from_numpy(ctx.values[prev.attention_node] if prev.attention == "matmul-softmax"
                                     else ctx.fused_attention_map(prev, ctx.values))
             scores_value = token_ops.patch_scores(x, vit.num_prefix_tokens, score, attn=attn, cls_index=cls_index)
-            self._fit_bias(vit, module, total, lambda: module.lives_from_scores(x, scores_value))
+            self._fit_bias(vit, module, total, lambda: module.lives_from_scores(x, scores_value), target)
 
         def build(stream):
             o = ctx.builder("lifespan_gather")
@@ -225,5 +233,5 @@ class LifespanGatherPass(VitPass):
                                  lambda t, n=vit.num_prefix_tokens + keep: ctx.prefix_slice(ctx.builder("prefix_slice"), t, n),
                                  stream=sorted_stream if l == k0 else None)
             alive = keep
-        self.record = schedule_record(vit, counts, total, score, "first", after_block=k0,
+        self.record = schedule_record(vit, counts, total, score, "first", overhead, after_block=k0,
                                       initial_bias=float(module.bias.detach()))

@@ -40,7 +40,9 @@ Schedule: ``r`` an int is ToMe's constant ``r``: block ``b`` merges ``min(r, P_b
 patch tokens (merge.py caps ``r`` the same way); a list gives each block's ``r`` exactly; ``flops`` solves
 the constant ``r`` whose predicted FLOPs ratio is closest to the target
 (:func:`vitprune.graph.keep_counts.solve_merge_for_flops`: in a merging block the attention sees ``N``
-tokens, the MLP ``N - r``). Every count is a Python int fixed here.
+tokens, the MLP ``N - r``, whose FLOPs per token the FLOPs counter measures), then lets the first blocks merge
+``r + 1`` where that lands closer (:func:`~vitprune.graph.keep_counts.refine_merge_schedule`; the record's
+``merges`` holds each block's count). Every count is a Python int fixed here.
 
 Mean-pool readouts average the merged tokens unweighted, as ToMe does: a merged token counts once however
 many tokens it holds. A size-weighted mean would equal the original mean exactly when merged tokens are
@@ -49,8 +51,9 @@ its mean, which the analysis (``vitprune inspect``, ``vitprune show``, a rewrite
 would no longer recognise as a token mean. CLS readouts are unaffected.
 
 Needs: stream readers on the residual stream, token-indexed tensors whose token axes are known, no
-earlier token op; SDPA attention (the keys) in merging blocks, and SDPA in every later block (for
-proportional attention).
+earlier token op; the attention keys in merging blocks (an SDPA's key input, or ``k`` of a matmul attention's
+``q @ kᵀ``, found by the analysis), and SDPA or matmul attention in every later block (proportional attention:
+the SDPA's ``attn_mask``, or added to the scores before the softmax).
 """
 
 from __future__ import annotations
@@ -67,8 +70,8 @@ from vitprune.errors import PassError, VitpruneError
 from vitprune.frontends.fx import fx_digraph
 from vitprune.graph.analysis import ViTGraph
 from vitprune.graph.flops import flop_counter, frozen_parameters
-from vitprune.graph.keep_counts import (merge_predicted_ratio, merge_schedule, merge_tokens_per_block,
-                                        min_keep_for, solve_merge_for_flops)
+from vitprune.graph.keep_counts import (merge_predicted_ratio, merge_tokens_per_block, min_keep_for,
+                                        refine_merge_schedule, solve_merge_for_flops)
 from vitprune.ops.modules import ProportionalAttentionMask, TokenMerge
 from vitprune.passes.base import VitPass, node_named, register_pass, unique_attr_name
 
@@ -157,6 +160,17 @@ def _add_proportional_attention(gm: fx.GraphModule, sdpa: fx.Node, sizes: fx.Nod
     _set_mask(sdpa, mask)
 
 
+def _add_to_scores(gm: fx.GraphModule, softmax: fx.Node, sizes: fx.Node) -> None:
+    """Proportional attention in a matmul attention: ``log(size)`` added to the scores its ``softmax`` reads
+    (:class:`ProportionalAttentionMask` with the scores as its base)."""
+    name = unique_attr_name(gm, "proportional_attention")
+    gm.add_submodule(name, ProportionalAttentionMask())
+    scores = softmax.args[0]
+    with gm.graph.inserting_before(softmax):
+        biased = gm.graph.call_module(name, (sizes, scores))
+    softmax.replace_input_with(scores, biased)
+
+
 @register_pass
 class TokenMergePass(VitPass):
     """Parameters: ``r`` (tokens merged per block: an int, ToMe's constant ``r``, or a list with one count
@@ -207,7 +221,7 @@ class TokenMergePass(VitPass):
                 self.solved_r = solve_merge_for_flops(vit, p["flops"], total, mlp, p["first_block"], min_keep=least)
             except VitpruneError as exc:  # keep_counts' refusal, as the pass's
                 raise PassError(str(exc)) from exc
-            return merge_schedule(vit, self.solved_r, p["first_block"], min_keep=least)
+            return refine_merge_schedule(vit, self.solved_r, p["flops"], total, mlp, p["first_block"], min_keep=least)
         r = p["r"]
         if isinstance(r, int):
             wanted = {b: r for b in range(p["first_block"], L)}
@@ -235,20 +249,23 @@ class TokenMergePass(VitPass):
         merges = self.merges(vit, total, mlp)
         first = min(merges, default=vit.num_blocks)
         for b in merges:
-            if vit.blocks[b].attention != "sdpa":
+            if vit.blocks[b].key_node is None:
                 raise PassError(f"block {b} uses {vit.blocks[b].attention}: its attention keys, which token-merge "
                                 "matches tokens by, are not in the graph")
         if p["proportional_attention"]:
             for block in vit.blocks[first + 1:]:
-                if block.attention != "sdpa":
+                if block.attention not in ("sdpa", "matmul-softmax"):
                     raise PassError(f"block {block.index} uses {block.attention}: proportional attention adds "
-                                    "log(size) through an SDPA attn_mask (or pass proportional_attention=False)")
+                                    "log(size) to the attention scores, which this op hides "
+                                    "(or pass proportional_attention=False)")
 
         sizes = None
         alive = vit.num_patches
         for block in vit.blocks:
             if sizes is not None and p["proportional_attention"]:
-                _add_proportional_attention(gm, node_named(gm, block.attention_node), sizes)
+                for a in block.attentions:  # each of a parallel block's attentions sees the merged sizes
+                    add_log_size = _add_proportional_attention if block.attention == "sdpa" else _add_to_scores
+                    add_log_size(gm, node_named(gm, a["attention_node"]), sizes)
             r = merges.get(block.index, 0)
             if not r:
                 continue

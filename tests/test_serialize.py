@@ -355,6 +355,7 @@ ALLOWLIST_FAMILIES = {
     "beit": ("beit_base_patch16_224", TINY),
     "relpos": ("vit_relpos_small_patch16_224", TINY),
     "siglip": ("vit_base_patch16_siglip_224", TINY),
+    "parallel": ("vit_small_patch16_18x2_224", TINY),  # parallel blocks: the branches' outputs stacked and summed
 }
 ALLOWLIST_REWRITES = [
     ("token-drop", dict(keep_rate=0.5)),
@@ -385,6 +386,13 @@ def _allowlist_models():
         image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128), 32
     torch.manual_seed(0)
     yield "dense segmentation", _Segmentation(), 32
+    import transformers
+    from vitprune.io.hf import wrap
+
+    torch.manual_seed(0)  # Hugging Face BLIP vision: its wrapper traces (torch.matmul, F.softmax, gelu, x.size())
+    yield "hf blip", wrap(transformers.BlipVisionModel(transformers.BlipVisionConfig(
+        image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=96))), 32
 
 
 class _Segmentation(torch.nn.Module):

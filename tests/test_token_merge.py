@@ -118,9 +118,10 @@ def test_flops_target_at_224():
     torch.manual_seed(0)
     model = vitprune.load("timm:vit_small_patch16_224")
     _, report = vitprune.rewrite(model, "token-merge", flops=0.6)
-    assert abs(report.flops_ratio - 0.6) <= 0.02, report.flops_ratio
+    assert abs(report.flops_ratio - 0.6) <= 0.01, report.flops_ratio  # constant r = 13 alone lands at 0.617
     assert abs(report.flops_ratio - report.decisions["predicted_flops_ratio"]) < 0.005
-    assert report.decisions["r"] == 13 and set(report.decisions["merges"].values()) == {13}
+    # ToMe's r = 13, then one token fewer in the later blocks: the finest integer step per block
+    assert report.decisions["r"] == 13 and set(report.decisions["merges"].values()) <= {12, 13, 14}
 
 
 def test_prefix_tokens_are_never_merged():

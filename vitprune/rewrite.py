@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from vitprune.graph.analysis import analyse
-from vitprune.frontends.capture import capture
+from vitprune.frontends.capture import capture, require_one_image_input
 from vitprune.errors import VitpruneError
 from vitprune.frontends.export import is_exported
 from vitprune.io.origin import example_input as make_example_input
@@ -80,6 +80,7 @@ def rewrite(
         VerificationError: keep-all is not exact or outputs are not finite.
     """
     start = time.perf_counter()
+    require_one_image_input(model)  # before asking for an input size the model would not take
     if example_input is None:
         example_input = make_example_input(model, input_size, seed=seed)
     pass_ = make_pass(method, **params)
@@ -146,6 +147,7 @@ def inspect_model(
     Raises:
         CaptureError, AnalysisError: as :func:`rewrite`.
     """
+    require_one_image_input(model)
     if example_input is None:
         example_input = make_example_input(model, input_size)
     return analyse(capture(model, example_input, frontend), example_input)

@@ -26,17 +26,34 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def require_one_image_input(model: nn.Module) -> None:
+    """Refuse a model whose forward needs more than the image batch.
+
+    Raises:
+        CaptureError: a forward parameter after the first has no default (a NaFlex model, Hugging Face
+            ``Siglip2VisionModel``, takes patchified ``pixel_values [B, N, C·p·p]`` with ``pixel_attention_mask``
+            and ``spatial_shapes``); the message names them and the input vitprune expects.
+    """
+    params = list(inspect.signature(model.forward).parameters.values())
+    needed = [p.name for p in params[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+              and p.default is inspect.Parameter.empty]
+    if needed:
+        first = params[0].name if params else "x"
+        raise CaptureError(
+            f"forward needs {', '.join(repr(n) for n in needed)} besides {first!r}: vitprune rewrites models called "
+            "with one image batch [B, C, H, W] alone (a patchified input [B, N, C*p*p] with a patch mask and grid "
+            "shapes, as NaFlex models take, is not supported)"
+        )
+
+
 def _concrete_args(model: nn.Module) -> dict[str, object]:
     """Every forward parameter after the first, fixed to its default value."""
+    require_one_image_input(model)
     params = list(inspect.signature(model.forward).parameters.values())
     concrete = {}
     for p in params[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        if p.default is inspect.Parameter.empty:
-            raise CaptureError(
-                f"forward argument {p.name!r} has no default: vitprune captures models called with one image tensor"
-            )
         concrete[p.name] = p.default
     return concrete
 

@@ -224,6 +224,9 @@ def _attrs(gm: fx.GraphModule, node: fx.Node, kind: str) -> dict[str, Any]:
         return {"in_features": weight[1], "out_features": weight[0]} if weight else {}
     if kind == "permute":
         return _permutation(node, rank)
+    if kind == "mul" and len(node.args) == 2:  # a scale (q·kᵀ · d^-0.5): the analysis reads the softmax's scale
+        c = next((a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)), None)
+        return {} if c is None else {"scalar": float(c)}
     if kind == "conv":
         stride = list(mod.stride) if mod is not None else _arg(node, 3, "stride", 1)
         return {"stride": list(stride) if isinstance(stride, (tuple, list)) else [stride, stride]}

@@ -9,7 +9,10 @@ shapes propagated from one example input); no class or attribute name of the mod
 - **residual stream**: ``add(a, b)`` of two ``[B, N, C]`` image-dependent tensors where ``a`` is an
   ancestor of ``b`` (``b`` is the branch); consecutive residual adds form the stream;
 - **attention blocks**: a residual add whose branch holds an attention op opens a block, the
-  following branch-without-attention adds (the MLP) belong to it;
+  following branch-without-attention adds (the MLP) belong to it; a branch with several attentions none of
+  which reads another's output is a parallel block (their outputs summed, ViT-22B / timm's
+  ``ParallelThingsBlock``): one block, ``parallel`` listing the attentions after the first. A matmul
+  attention's q, k and scale are read back from its softmax through ``q @ kᵀ · scale`` (BLIP's fused qkv);
 - **embedding**: walking back from the first block's input through per-token ops: the position
   embedding add (an add of an image-independent tensor), the prefix-token concat (a ``cat`` on the
   token axis of image-independent tokens and the patch tokens), down to the patch tokens;
@@ -63,6 +66,23 @@ class AttentionBlock:
     input_node: str  # the residual stream entering the block, [B, tokens, dim]
     attention_scale: float | None  # softmax scale of q·kᵀ (sdpa: its `scale`, default head_dim ** -0.5)
     linear_flops_per_token: int  # FLOPs of the block's linear layers per token (2 · in · out summed)
+    # a parallel block (several attention ops summed into one residual branch, timm's ParallelThingsBlock,
+    # arXiv 2203.09795): the other attention ops, each {"attention_node", "query_node", "key_node", "heads",
+    # "head_dim", "attention_scale"}; `attention_node` & co. describe the first. Empty for an ordinary block
+    parallel: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def attentions(self) -> list[dict[str, Any]]:
+        """Every attention op of the block (the first, then the parallel ones), as ``parallel`` lists them."""
+        first = {"attention_node": self.attention_node, "query_node": self.query_node, "key_node": self.key_node,
+                 "heads": self.heads, "head_dim": self.head_dim, "attention_scale": self.attention_scale}
+        return [first, *self.parallel]
+
+    @property
+    def attention_heads(self) -> int:
+        """Heads summed over the block's attention ops (``heads`` for an ordinary block): what its
+        ``4 · heads · head_dim · N²`` attention FLOPs count."""
+        return sum(a["heads"] for a in self.attentions)
 
 
 @dataclass
@@ -75,6 +95,9 @@ class Readout:
     mean_stop: int | None = None
     nodes: list[str] = field(default_factory=list)
     pool: str = "mean"  # the reduction over the token range: "mean" | "max" | "mean+max" (timm's avgmax)
+    # FLOPs per token the readout spends on each token it reads (an attention pool's key/value projections
+    # and attention; 0 for an index or a mean): the readout's share of what pruning saves
+    flops_per_token: int = 0
 
     def describe(self, num_prefix_tokens: int) -> str:
         if self.kind == "tokens":
@@ -144,6 +167,11 @@ class ViTGraph:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description (``vitprune inspect --json``)."""
         d = asdict(self)
+        for b in d["blocks"]:
+            if not b["parallel"]:
+                del b["parallel"]  # ordinary blocks read as they always have
+        if not d["readout"]["flops_per_token"]:
+            del d["readout"]["flops_per_token"]  # so do readouts whose cost does not grow with the tokens
         d["num_blocks"] = self.num_blocks
         d["num_tokens"] = self.num_tokens
         d["readout"]["description"] = self.readout.describe(self.num_prefix_tokens)
@@ -167,6 +195,7 @@ class ViTGraph:
         for b in self.blocks:
             lines.append(
                 f"  block {b.index:>2}  {b.attention:<16} heads {b.heads:>2}  dim {b.dim:>4}  tokens {b.tokens}"
+                + (f"  ({len(b.attentions)} parallel attentions)" if b.parallel else "")
             )
         for op in self.token_ops:
             lines.append(f"token op         {op['module']} before block {op['before_block']}: {plain_params(op['config'])}")
@@ -492,13 +521,16 @@ def _attention_pools(g: OpGraph, ops: list[tuple[str, str]], stream_end: str) ->
     for n, kind in ops:
         if n not in after:
             continue
+        # the queries are not the tokens: fewer or more of them, or not computed from the stream at all (a learned
+        # latent query, whatever its length: a rewrite that keeps one token leaves one key for SigLIP's one query)
         if kind == "sdpa":
+            q_node = g.inputs(n)[0]
             q, k = (g.shape(i) for i in g.inputs(n)[:2])
-            if q and k and len(q) == len(k) == 4 and k[2] == tokens and q[2] != tokens:
+            if q and k and len(q) == len(k) == 4 and k[2] == tokens and (q[2] != tokens or not g.is_data(q_node)):
                 pools.add(n)
         elif kind == "matmul-softmax":
-            scores = g.shape(n)
-            if scores[3] == tokens and scores[2] != tokens:
+            scores, q_node = g.shape(n), _matmul_query_key(g, n)[0]
+            if scores[3] == tokens and (scores[2] != tokens or q_node is not None and not g.is_data(q_node)):
                 pools.add(n)
     return pools
 
@@ -587,8 +619,9 @@ def _token_indexed(g: OpGraph, seeds: list[str], stop: list[str], num_prefix: in
     Each entry: ``node`` (the tensor), ``shape``, ``used_by`` (the op where it meets image data), ``rank`` (that
     op's image-dependent operand's rank: the tensor broadcasts against it, aligned right) and ``token_axes``: per
     token axis of the tensor, aligned to ``rank``, whether it indexes every token (prefix tokens first) or the
-    patch tokens only. ``token_axes`` is empty when it cannot be gathered per image: a batch-sized or token-first
-    tensor, or one read where the token axes are unknown (an op :mod:`~vitprune.graph.token_axes` cannot
+    patch tokens only; a table whose axis 0 meets the operand's batch axis with size ``B`` (per-image RoPE
+    ``[B, N, 1, d]``, a bias plus a batch mask ``[B, H, N, N]``) is gathered per image like one of size 1.
+    ``token_axes`` is empty when it cannot be gathered per image: a token-first tensor, or one read where the token axes are unknown (an op :mod:`~vitprune.graph.token_axes` cannot
     follow, then the tensor is reported when one of its axes has a token count: a pass refuses it by name).
     """
     from vitprune.graph.token_axes import LAYERS, constant_token_axes, propagate
@@ -616,8 +649,8 @@ def _token_indexed(g: OpGraph, seeds: list[str], stop: list[str], num_prefix: in
             if not hit:
                 continue
             token_axes = [{"axis": pad + a, "with_prefix": shape[a] != num_patches} for a in hit]
-            if pad == 0 and shape[0] != 1 or any(t["axis"] == 0 for t in token_axes):
-                token_axes = []  # a batch-sized or token-first tensor: not a table to gather per image
+            if pad == 0 and shape[0] not in (1, g.batch) or any(t["axis"] == 0 for t in token_axes):
+                token_axes = []  # a token-first tensor, or one whose first axis is not the batch: not gatherable
             found.append({"node": c, "shape": list(shape), "used_by": n, "rank": rank, "token_axes": token_axes})
     return found
 
@@ -709,6 +742,75 @@ def _stream_readers(g: OpGraph, start: str, stream_end: str, readout_nodes: list
     return found
 
 
+def _pool_flops_per_token(g: OpGraph, stream_end: str, pools: set[str]) -> int:
+    """FLOPs an attention-pool readout spends per token it reads: the linear layers between the stream and the
+    pool (its key and value projections, ``2 · in · out``) and the pool's attention (``4 · heads · d · Nq`` for
+    ``Nq`` queries: ``q·kᵀ`` and ``attn·v``, as the FLOPs counter counts SDPA). Whatever does not read the
+    tokens (the queries, the pool's output MLP) is a fixed cost."""
+    total, after = 0, g.descendants(stream_end)
+    for pool in pools:
+        per_token = {n for n in g.ancestors(pool) & after  # linear layers computed from the tokens (not the queries)
+                     if g.kind(n) == "linear" and g.is_data(n)}
+        total += _linear_flops_per_token(g, per_token)
+        if g.kind(pool) == "sdpa":
+            q = g.shape(g.inputs(pool)[0])
+            total += 4 * q[1] * q[3] * q[2]
+    return total
+
+
+def _attention_fields(g: OpGraph, node: str, kind: str) -> dict[str, Any]:
+    """An attention op's ``attention_node``, ``query_node``, ``key_node`` (sdpa: its q and k inputs), ``heads``,
+    ``head_dim``, ``attention_scale`` and ``tokens`` (the queries' token count)."""
+    _, heads, head_dim, tokens = _attention_geometry(g, node, kind)
+    if kind == "sdpa":
+        q, k, scale = g.inputs(node)[0], g.inputs(node)[1], g.attrs(node)["scale"] or head_dim ** -0.5
+    elif kind == "matmul-softmax":
+        q, k, scale = _matmul_query_key(g, node)
+        head_dim = g.shape(q)[-1] if q is not None else None
+    else:
+        q = k = scale = None
+    return {"attention_node": node, "query_node": q, "key_node": k, "heads": heads, "head_dim": head_dim,
+            "attention_scale": scale, "tokens": tokens}
+
+
+def _matmul_query_key(g: OpGraph, softmax: str) -> tuple[str | None, str | None, float | None]:
+    """``(q, k, scale)`` of a matmul attention, by data flow back from its softmax: scores ``q @ kᵀ`` (``q
+    [B, H, N, d]``, ``kᵀ`` a transpose of the last two axes of ``k [B, H, M, d]``), multiplied by Python
+    numbers on the way (the scale; 1 when q was scaled before the matmul); BLIP's fused qkv, timm's
+    ``fused_attn=False``. ``(None, None, None)`` when the chain has anything else (an additive mask, a scale
+    computed from a tensor): the map itself is still there for the passes that read it."""
+    n, scale = g.inputs(softmax)[0], 1.0
+    while n is not None and g.kind(n) == "mul" and "scalar" in g.attrs(n) and len(g.data_inputs(n)) == 1:
+        scale *= g.attrs(n)["scalar"]
+        n = g.data_inputs(n)[0]
+    if n is None or g.kind(n) != "matmul":
+        return None, None, None
+    q, kt = (g.inputs(n) + [None, None])[:2]
+    if kt is None or g.kind(kt) != "permute" or g.shape(q) is None or len(g.shape(q)) != 4:
+        return None, None, None
+    perm = g.attrs(kt).get("perm")
+    if perm != [0, 1, 3, 2] or len(g.data_inputs(kt)) != 1:
+        return None, None, None
+    return q, g.data_inputs(kt)[0], scale
+
+
+def _check_parallel(g: OpGraph, add: str, stream_in: str, ops: list[str]) -> None:
+    """Several attention ops in one residual branch are a parallel block (timm's ParallelThingsBlock: the
+    branches' outputs summed, ``x + attn_1(x) + attn_2(x)``) when none of them reads another's output: each
+    attends over the stream's tokens on its own, so a token op before the block serves them all. An attention
+    that reads another's output (two attentions in sequence inside one branch) is refused."""
+    for i, a in enumerate(ops):
+        for b in ops[i + 1:]:
+            if b in g.descendants(a):
+                raise AnalysisError(f"residual branch ending at {add!r} holds attention {b!r} computed from attention "
+                                    f"{a!r}: two attentions in sequence in one branch, not a ViT block")
+    tokens = g.shape(stream_in)[1]
+    for n in ops:
+        if g.shape(n) is not None and len(g.shape(n)) == 4 and g.shape(n)[2] != tokens:
+            raise AnalysisError(f"attention {n!r} in the residual branch ending at {add!r} attends over "
+                                f"{g.shape(n)[2]} queries, not the stream's {tokens} tokens")
+
+
 def analyse(gm: fx.GraphModule, example_input: torch.Tensor) -> ViTGraph:
     """Describe the ViT that ``gm`` computes.
 
@@ -752,21 +854,18 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
         branch = _branch_nodes(g, stream_in, branch_out)
         ops = sorted((n for n in branch if n in attn_by_node), key=g.order)
         if len(ops) > 1:
-            raise AnalysisError(f"residual branch ending at {add!r} holds {len(ops)} attention ops")
+            _check_parallel(g, add, stream_in, ops)
         if ops:
-            node, kind = ops[0], attn_by_node[ops[0]]
-            placed.add(node)
-            _, heads, head_dim, tokens = _attention_geometry(g, node, kind)
-            q = g.inputs(node)[0] if kind == "sdpa" else None
-            k = g.inputs(node)[1] if kind == "sdpa" else None
-            scale = None
-            if kind == "sdpa":
-                scale = g.attrs(node)["scale"] or head_dim ** -0.5
+            found = [_attention_fields(g, node, attn_by_node[node]) for node in ops]
+            placed.update(ops)
+            first = found[0]
             blocks.append(AttentionBlock(
-                index=len(blocks), attention=kind, heads=heads, head_dim=head_dim, dim=g.shape(add)[2],
-                tokens=tokens, attention_node=node, query_node=q, key_node=k, residual_adds=[add],
-                residual_branches=[branch_out], input_node=stream_in,
-                attention_scale=scale, linear_flops_per_token=_linear_flops_per_token(g, branch),
+                index=len(blocks), attention=attn_by_node[ops[0]], heads=first["heads"], head_dim=first["head_dim"],
+                dim=g.shape(add)[2], tokens=first.pop("tokens"), attention_node=first["attention_node"],
+                query_node=first["query_node"], key_node=first["key_node"], residual_adds=[add],
+                residual_branches=[branch_out], input_node=stream_in, attention_scale=first["attention_scale"],
+                linear_flops_per_token=_linear_flops_per_token(g, branch),
+                parallel=[{k: v for k, v in f.items() if k != "tokens"} for f in found[1:]],
             ))
         elif blocks:
             blocks[-1].residual_adds.append(add)
@@ -800,6 +899,7 @@ def analyse_opgraph(g: OpGraph, input_shape: list[int]) -> ViTGraph:
         pos_embed = "after_prefix_concat" if emb["pos_order"][0] == "pos" else "before_prefix_concat"
 
     final_ops, readout = _walk_readout(g, stream[-1][0], pools)
+    readout.flops_per_token = _pool_flops_per_token(g, stream[-1][0], pools)
     kinds = _prefix_kinds(g, emb["cat"], num_prefix, readout)
 
     token_ops = []

@@ -83,8 +83,9 @@ def min_keep_for(vit: ViTGraph, min_keep: int | None) -> int:
 def prunable_share(vit: ViTGraph, total_flops: float, first_block: int) -> float:
     """The share of the model's FLOPs (``total_flops`` per image) in blocks ``first_block ..``: all a token
     method pruning from ``first_block`` on can cut (the patch embedding, the blocks before, the head and a dense
-    decoder stay as they are)."""
-    full = [vit.num_tokens] * vit.num_blocks
+    decoder stay as they are). Each block at the tokens it attends over now (a model vitprune rewrote runs its
+    later blocks on fewer: counting them at every token gave shares over 100%)."""
+    full = [b.tokens for b in vit.blocks]
     later = block_flops(vit, full) - block_flops(vit, full[:first_block] + [0] * (vit.num_blocks - first_block))
     return later / total_flops if total_flops else 0.0
 
@@ -123,9 +124,11 @@ def tokens_per_block(vit: ViTGraph, counts: dict[int, int]) -> list[int]:
 
 
 def block_flops(vit: ViTGraph, tokens: list[int]) -> int:
-    """Predicted FLOPs of all blocks when block ``i`` sees ``tokens[i]`` tokens."""
-    return sum(b.linear_flops_per_token * n + 4 * b.heads * (b.head_dim or b.dim // b.heads) * n * n
-               for b, n in zip(vit.blocks, tokens))
+    """Predicted FLOPs of all blocks when block ``i`` sees ``tokens[i]`` tokens, and of the readout's part that
+    grows with the tokens the last block hands it (``vit.readout.flops_per_token``: an attention pool's key and
+    value projections and its attention)."""
+    return sum(b.linear_flops_per_token * n + 4 * b.attention_heads * (b.head_dim or b.dim // b.heads) * n * n
+               for b, n in zip(vit.blocks, tokens)) + vit.readout.flops_per_token * (tokens[-1] if tokens else 0)
 
 
 def scoring_flops(vit: ViTGraph, counts: dict[int, int], score: str | None, stages: str = "each") -> int:
@@ -147,20 +150,22 @@ def scoring_flops(vit: ViTGraph, counts: dict[int, int], score: str | None, stag
 
 
 def predicted_ratio(vit: ViTGraph, counts: dict[int, int], total_flops: int, score: str | None = None,
-                    stages: str = "each") -> float:
+                    stages: str = "each", overhead: float | None = None) -> float:
     """Predicted FLOPs ratio to the original for ``counts``; ``total_flops``: the original's, per image;
-    ``score``: the patch score the pruning points compute (its cost: :func:`scoring_flops`)."""
+    ``score``: the patch score the pruning points compute (its cost: :func:`scoring_flops`); ``overhead``: the
+    inserted modules' own FLOPs per image as the counter measured them, counted instead of that estimate."""
     full = block_flops(vit, [vit.num_tokens] * vit.num_blocks)
     fixed = total_flops - full
     tokens = block_flops(vit, tokens_per_block(vit, counts))
-    return (fixed + tokens + scoring_flops(vit, counts, score, stages)) / total_flops
+    extra = scoring_flops(vit, counts, score, stages) if overhead is None else overhead
+    return (fixed + tokens + extra) / total_flops
 
 
 def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block: int = 3, score: str | None = None,
-                    stages: str = "each", min_keep: int | None = None, option: str = "--first-block"
-                    ) -> dict[int, int]:
-    """Per-block keep counts whose predicted FLOPs ratio (with ``score``'s cost, :func:`predicted_ratio`) is
-    closest to ``target``.
+                    stages: str = "each", min_keep: int | None = None, option: str = "--first-block",
+                    overhead: float | None = None) -> dict[int, int]:
+    """Per-block keep counts whose predicted FLOPs ratio (with ``score``'s cost, or the measured ``overhead``
+    of the inserted modules: :func:`predicted_ratio`) is closest to ``target``.
 
     vitprune's schedule shape (the paper tunes counts per layer by an error tolerance): blocks before
     ``first_block`` keep every token; from ``first_block`` on, each block keeps the same fraction ``r`` of
@@ -185,7 +190,7 @@ def solve_for_flops(vit: ViTGraph, target: float, total_flops: int, first_block:
         return {b: max(k, least) for b, k in counts.items()}
 
     def ratio(counts: dict[int, int]) -> float:
-        return predicted_ratio(vit, counts, total_flops, score, stages)
+        return predicted_ratio(vit, counts, total_flops, score, stages, overhead)
 
     floor = ratio({b: least for b in range(first_block, vit.num_blocks)})
     if target < floor - 1e-9:
@@ -219,10 +224,15 @@ def merge_schedule(vit: ViTGraph, r: int, first_block: int = 0, last_block: int 
     Returns:
         ``{block: tokens merged in that block}``, every value ``>= 1``.
     """
+    return _capped_schedule(vit, lambda block: r, first_block, last_block, min_keep)
+
+
+def _capped_schedule(vit: ViTGraph, wanted, first_block: int, last_block: int | None, min_keep: int) -> dict[int, int]:
+    """:func:`merge_schedule` with ``wanted(block)`` tokens asked of each block (then capped the same way)."""
     merges, alive = {}, vit.num_patches
     end = vit.num_blocks if last_block is None else min(vit.num_blocks, last_block + 1)
     for block in range(first_block, end):
-        merged = max(0, min(r, alive // 2, alive - min_keep))
+        merged = max(0, min(wanted(block), alive // 2, alive - min_keep))
         if merged > 0:
             merges[block] = merged
             alive -= merged
@@ -249,15 +259,15 @@ def merge_flops(vit: ViTGraph, merges: dict[int, int], mlp_flops_per_token: list
     ``2 · |A| · |B| · head_dim``, :func:`~vitprune.ops.token_ops.merge_tokens`'s assignment
     ``2 · (N - r) · r · (C + 1)``).
     """
-    total = 0
+    total, n, r = 0, vit.num_tokens, 0
     for b, n, mlp in zip(vit.blocks, merge_tokens_per_block(vit, merges), mlp_flops_per_token):
         r = merges.get(b.index, 0)
         head_dim = b.head_dim or b.dim // b.heads
-        total += (b.linear_flops_per_token - mlp) * n + 4 * b.heads * head_dim * n * n + mlp * (n - r)
+        total += (b.linear_flops_per_token - mlp) * n + 4 * b.attention_heads * head_dim * n * n + mlp * (n - r)
         if r:
             patches = n - vit.num_prefix_tokens
             total += 2 * (patches - patches // 2) * (patches // 2) * head_dim + 2 * (n - r) * r * (b.dim + 1)
-    return total
+    return total + vit.readout.flops_per_token * (n - r)  # the readout reads what the last block leaves
 
 
 def merge_predicted_ratio(vit: ViTGraph, merges: dict[int, int], total_flops: int,
@@ -302,3 +312,27 @@ def solve_merge_for_flops(vit: ViTGraph, target: float, total_flops: int, mlp_fl
         else:
             hi = mid
     return min((lo, hi), key=lambda r: abs(ratio(r) - target))
+
+
+def refine_merge_schedule(vit: ViTGraph, r: int, target: float, total_flops: int, mlp_flops_per_token: list[int],
+                          first_block: int = 0, last_block: int | None = None, min_keep: int = 1) -> dict[int, int]:
+    """The schedule closest to ``target`` among those that merge ``s`` or ``s + 1`` tokens per block, for ``s``
+    in ``r - 1`` and ``r`` (the solved constant and the one below it; each count capped as in
+    :func:`merge_schedule`): the first ``j`` or the last ``j`` merging blocks merge ``s + 1``, the others
+    ``s``, ``j`` from 0 to every block. One more token merged in one block is the finest step an integer per
+    block allows (merging late saves less than merging early, so the two orders interleave their steps);
+    ToMe's constant ``r`` alone can miss a FLOPs target by a whole ``r`` step (0.57 for 0.6 on a small SigLIP).
+    Every count is a Python int. Returns ``{block: tokens merged}``, as :func:`merge_schedule`.
+    """
+    end = vit.num_blocks if last_block is None else min(vit.num_blocks, last_block + 1)
+    blocks = list(range(first_block, end))
+    best, best_gap = merge_schedule(vit, r, first_block, last_block, min_keep), None
+    for base in (max(0, r - 1), r):
+        for j in range(len(blocks) + 1):
+            for more in (set(blocks[:j]), set(blocks[len(blocks) - j:])):
+                merges = _capped_schedule(vit, lambda b, more=more, base=base: base + (b in more), first_block,
+                                          last_block, min_keep)
+                gap = abs(merge_predicted_ratio(vit, merges, total_flops, mlp_flops_per_token) - target)
+                if best_gap is None or gap < best_gap - 1e-12:
+                    best, best_gap = merges, gap
+    return best

@@ -14,7 +14,9 @@ and eval mode, with timm's fused attention on and off, for timm vit_small_patch1
 deit_tiny_distilled_patch16_224, deit3_small_patch16_224 (LayerScale), vit_small_patch14_dinov2,
 vit_small_patch14_reg4_dinov2, vit_xsmall_patch16_clip_224 (pre-norm), flexivit_small, the token-indexed
 families (eva02_small_patch14_224 and vit_base_patch16_rope_224 with RoPE, beit_base_patch16_224 and
-vit_relpos_small_patch16_224 with relative-position bias), vit_base_patch16_siglip_224 (attention pool)
+vit_relpos_small_patch16_224 with relative-position bias), vit_base_patch16_siglip_224 (attention pool),
+vit_small_patch16_18x2_224 (parallel blocks: ``torch.stack(...).sum(dim=0)``), Hugging Face BLIP vision
+(symbolic trace of vitprune's wrapper: ``torch.matmul``, ``F.softmax``, ``gelu``, ``x.size()``)
 and torchvision's VisionTransformer. ``tests/test_serialize.py::test_allowlist_covers_what_vitprune_produces``
 re-derives the sets (every family captured; the passes, which add only vitprune leaves and getitem, on six
 of them: a class token, a mean pool, a dense head, RoPE, relative bias, an attention pool) and asserts they
@@ -51,6 +53,9 @@ FUNCTIONS = frozenset({
     "torch._assert",  # torchvision's input-shape check
     "torch._C._nn.linear",  # = torch.nn.functional.linear (EVA-02's fused qkv with its own bias)
     "torch.cat",
+    "torch.matmul",  # Hugging Face BLIP's attention (torch.matmul(q, kᵀ)), traced through its wrapper
+    "torch.nn.functional.softmax",  # ... its softmax
+    "torch._C._nn.gelu",  # = torch.nn.functional.gelu (BLIP's MLP)
     "torch.stack",  # RoPE: interleaves the rotated halves
     "torch.nn.functional.layer_norm",
     "torch.nn.functional.interpolate",  # dense heads upsample their grid of patch logits to the pixels
@@ -79,7 +84,7 @@ ATEN_OPS = frozenset({
 #: bernoulli_, div_, new_empty: timm's drop path in training; they write only the fresh tensor.
 METHODS = frozenset({
     "bernoulli_", "chunk", "contiguous", "dim", "div_", "expand", "flatten", "mean", "new_empty", "permute",
-    "reshape", "softmax", "to", "transpose", "type_as", "unbind", "unsqueeze", "view",
+    "reshape", "size", "softmax", "sum", "to", "transpose", "type_as", "unbind", "unsqueeze", "view",
 })
 
 #: attributes ``builtins.getattr`` may read (always a literal name).

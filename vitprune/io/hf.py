@@ -62,12 +62,16 @@ def wrap(model: nn.Module, image_size: tuple[int, int, int] | None = None,
     Raises:
         LoadError: the model does not read ``pixel_values`` (a text model), does not run on its configured
             image size, returns none of :data:`OUTPUT_FIELDS`, or ``mean`` / ``std`` are not numbers.
+        CaptureError: its forward needs more than the image (:func:`~vitprune.frontends.capture.require_one_image_input`).
     """
+    from vitprune.frontends.capture import require_one_image_input
+
     config = getattr(model, "config", None)
     takes = getattr(model, "main_input_name", None)  # transformers' own word for what the model reads
     if takes != "pixel_values":
         raise LoadError(f"{type(model).__name__} reads {takes or 'no declared input'}, not images (pixel_values): "
                         "vitprune rewrites vision models")
+    require_one_image_input(model)  # NaFlex (Siglip2VisionModel): patchified pixels, a patch mask, grid shapes
     try:
         size = image_size or (int(getattr(config, "num_channels", 3)), *_pair(getattr(config, "image_size", 224)))
     except (TypeError, ValueError, IndexError):

@@ -412,15 +412,13 @@ def gather_token_axes(table: torch.Tensor, positions: torch.Tensor, num_prefix_t
         other axes as in ``table``. A per-image bias ``[B, H, K', K']`` costs ``B·H·K'²`` floats of memory.
     """
     batch = positions.shape[0]
-    t = table.reshape((1,) * (rank - table.dim()) + tuple(table.shape))[0]  # drop the (size-1) batch axis
+    full = table.reshape((1,) * (rank - table.dim()) + tuple(table.shape))
+    if full.shape[0] != 1:  # a per-image table [B, ...] (RoPE from per-image positions, a bias plus a batch mask)
+        return _gather_per_image(full, positions, num_prefix_tokens, token_axes)
+    t = full[0]  # drop the (size-1) batch axis
     tokens = [a - 1 for a, _ in token_axes]
     rest = [a for a in range(t.dim()) if a not in tokens]
-    prefix = torch.arange(num_prefix_tokens, device=positions.device).expand(batch, -1)
-    flat = None
-    for (axis, with_prefix), a in zip(token_axes, tokens):
-        index = torch.cat([prefix, positions + num_prefix_tokens], dim=1) if with_prefix else positions
-        flat = index if flat is None else flat.unsqueeze(-1) * t.shape[a] + index.reshape(
-            batch, *([1] * (flat.dim() - 1)), -1)
+    flat = _flat_token_index(positions, num_prefix_tokens, token_axes, [t.shape[a] for a in tokens])
     lengths, sizes = list(flat.shape[1:]), [t.shape[a] for a in rest]
     if tokens == list(range(t.dim() - len(tokens), t.dim())):  # token axes last (a bias [H, N, N]): gather columns
         picked = t.reshape(*sizes, -1).index_select(-1, flat.reshape(-1)).reshape(*sizes, batch, *lengths)
@@ -433,3 +431,36 @@ def gather_token_axes(table: torch.Tensor, positions: torch.Tensor, num_prefix_t
         batch_axis = 0
     # [B, axes of the table in their order], the token axes now K long
     return picked.permute(batch_axis, *[where[a] for a in range(t.dim())])
+
+
+def _flat_token_index(positions: torch.Tensor, num_prefix_tokens: int, token_axes: list[tuple[int, bool]],
+                      sizes: list[int]) -> torch.Tensor:
+    """``[B, K_1, ..., K_t]``: per image, the flat index over the token axes taken together (row-major over
+    their ``sizes``) of the live tokens (prefix tokens first on ``with_prefix`` axes)."""
+    batch = positions.shape[0]
+    prefix = torch.arange(num_prefix_tokens, device=positions.device).expand(batch, -1)
+    flat = None
+    for (_, with_prefix), size in zip(token_axes, sizes):
+        index = torch.cat([prefix, positions + num_prefix_tokens], dim=1) if with_prefix else positions
+        flat = index if flat is None else flat.unsqueeze(-1) * size + index.reshape(batch, *([1] * (flat.dim() - 1)), -1)
+    return flat
+
+
+def _gather_per_image(table: torch.Tensor, positions: torch.Tensor, num_prefix_tokens: int,
+                      token_axes: list[tuple[int, bool]]) -> torch.Tensor:
+    """:func:`gather_token_axes` of a table with a batch axis of size ``B`` (``table [B, ...]``, its rank the
+    operand's): image ``b``'s entries at image ``b``'s live tokens, one flat ``index_select`` over batch and
+    token axes together (gemma4's RoPE ``[B, N, 1, d]``, Hugging Face BEiT's bias ``[B, H, N, N]``)."""
+    batch = positions.shape[0]
+    tokens = [a for a, _ in token_axes]
+    rest = [a for a in range(1, table.dim()) if a not in tokens]
+    flat = _flat_token_index(positions, num_prefix_tokens, token_axes, [table.shape[a] for a in tokens])
+    per_image = 1  # entries one image's token axes hold
+    for a in tokens:
+        per_image *= table.shape[a]
+    offsets = torch.arange(batch, device=positions.device).reshape(batch, *([1] * (flat.dim() - 1))) * per_image
+    sizes = [table.shape[a] for a in rest]
+    picked = table.expand(batch, *table.shape[1:]).permute(0, *tokens, *rest).reshape(-1, *sizes)
+    picked = picked.index_select(0, (flat + offsets).reshape(-1)).reshape(batch, *flat.shape[1:], *sizes)
+    where = {a: 1 + i for i, a in enumerate(tokens)} | {a: 1 + len(tokens) + i for i, a in enumerate(rest)}
+    return picked.permute(0, *[where[a] for a in range(1, table.dim())])
