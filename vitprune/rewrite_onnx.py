@@ -133,8 +133,8 @@ def describe_rewritten_onnx(model: Any, *, input_size: tuple[int, int, int] | No
 
 def _refuse_rewritten(proto: "onnx.ModelProto") -> None:
     recipe = recipe_of(proto)
-    if recipe:
-        done = ", ".join(step["pass"] for step in recipe)
+    if recipe is not None:  # the key alone says vitprune wrote the file, even with its recipe emptied
+        done = ", ".join(step["pass"] for step in recipe) or "no passes recorded"
         raise AnalysisError(f"this ONNX model was already rewritten by vitprune ({done}); its token ops are "
                             "plain ONNX nodes the analysis does not read back: rewrite the original file")
 
