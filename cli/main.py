@@ -223,9 +223,9 @@ def _check_output(output: Path, inputs: list[str], overwrite: bool = False, kind
 
 
 _METHOD_OPTIONS = {
-    "token-drop": ("keep_rate", "selection", "at_inference"),
-    "importance-mask": ("keep", "flops", "mode", "calibration", "first_block", "score", "min_keep"),
-    "lifespan-gather": ("flops", "after_block", "exact", "score", "min_keep"),
+    "token-drop": ("keep_rate", "selection", "at_inference", "restore"),
+    "importance-mask": ("keep", "flops", "mode", "calibration", "first_block", "score", "min_keep", "restore"),
+    "lifespan-gather": ("flops", "after_block", "exact", "score", "min_keep", "restore"),
     "token-merge": ("r", "flops", "first_block", "proportional_attention", "min_keep"),
 }
 
@@ -253,6 +253,9 @@ _METHOD_OPTIONS = {
                                             "distinct"]),
               help="importance-mask dynamic and lifespan-gather: how patches are scored [default: auto, distinct: "
               "near-duplicate patches go first].")
+@click.option("--restore", type=click.Choice(["last", "nearest"]), help="token-drop, importance-mask, lifespan-gather "
+              "on a dense model: a dropped token comes back with its features when dropped (last) or with its most "
+              "similar kept token's final features (nearest) [default: last; token-merge always unmerges].")
 @click.option("--first-block", type=int, help="importance-mask with --flops: first pruned block [default: 3]; "
               "token-merge: first merging block [default: 0].")
 @click.option("--r", "r", metavar="R|R0,R1,...", help="token-merge: tokens merged per block (ToMe's r), or one "

@@ -29,6 +29,7 @@ from vitprune.errors import PassError, VitpruneError
 from vitprune.graph.flops import count_flops
 from vitprune.ops.modules import AttentionTopK, StaticTokenSelect
 from vitprune.frontends.fx import RecordValues
+from vitprune.passes.token_restore import check_restore_rule
 from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass, resolve_score, schedule_record
 from vitprune.graph.keep_counts import counts_from_rates, parse_keep, solve_for_flops
 from vitprune.ops.token_ops import STREAM_SCORES
@@ -138,7 +139,7 @@ class ImportanceMaskPass(VitPass):
 
     def __init__(self, keep: Any = None, flops: float | None = None, mode: str = "dynamic", first_block: int = 3,
                  calibration: Any = None, calibration_limit: int = 256, score: str = "auto",
-                 min_keep: int | None = None) -> None:
+                 min_keep: int | None = None, restore: str = "last") -> None:
         if (keep is None) == (flops is None):
             raise PassError("give exactly one of a keep schedule (--keep BLOCK:RATE,...) or a FLOPs target (--flops F)")
         if mode not in MODES:
@@ -155,7 +156,8 @@ class ImportanceMaskPass(VitPass):
                          calibration=None if calibration is None else
                          str(calibration) if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__")
                          else "<tensors>", calibration_limit=int(calibration_limit), score=str(score),
-                         min_keep=None if min_keep is None else int(min_keep))
+                         min_keep=None if min_keep is None else int(min_keep),
+                         restore=check_restore_rule(restore))
 
     @property
     def needs_visible_attention(self) -> bool:

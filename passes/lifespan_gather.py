@@ -30,6 +30,7 @@ from vitprune.graph.flops import count_flops
 from vitprune.ops import token_ops
 from vitprune.ops.modules import LifespanGather, PrefixSlice, SurvivalGate, SurvivalKeyMask
 from vitprune.frontends.fx import RecordValues
+from vitprune.passes.token_restore import check_restore_rule
 from vitprune.passes.base import (VitPass, insert_on_stream, node_named, register_pass, resolve_score, schedule_record,
                                    unique_attr_name)
 from vitprune.graph.keep_counts import block_flops, predicted_ratio, solve_for_flops
@@ -54,12 +55,14 @@ class LifespanGatherPass(VitPass):
     restores_tokens = True
 
     def __init__(self, flops: float = 0.5, after_block: int = 3, exact: bool = False, budget_weight: float = 2.0,
-                 tau_start: float = 1.0, tau_end: float = 0.1, score: str = "auto", min_keep: int | None = None) -> None:
+                 tau_start: float = 1.0, tau_end: float = 0.1, score: str = "auto", min_keep: int | None = None,
+                 restore: str = "last") -> None:
         if not 0.0 < float(flops) <= 1.0:
             raise PassError(f"FLOPs target must be in (0, 1], got {flops}")
         super().__init__(flops=float(flops), after_block=int(after_block), exact=bool(exact),
                          budget_weight=float(budget_weight), tau_start=float(tau_start), tau_end=float(tau_end),
-                         score=str(score), min_keep=None if min_keep is None else int(min_keep))
+                         score=str(score), min_keep=None if min_keep is None else int(min_keep),
+                         restore=check_restore_rule(restore))
 
     @property
     def single_image(self) -> bool:

@@ -57,7 +57,7 @@ def run_passes(
             gm = result.graph_module
         if p.restores_tokens:  # dense readers get every token back, token-indexed tensors follow the kept ones
             try:
-                followed = follow_kept_tokens(gm, p.analysis)
+                followed = follow_kept_tokens(gm, p.analysis, p.params.get("restore", "last"))
             except VitpruneError as exc:
                 raise PassError(f"pass {p.name!r} (after {' -> '.join(done)}) refused: {exc}") from exc
             p.record.update(followed or {})

@@ -19,24 +19,29 @@ from torch.fx.passes.infra.pass_base import PassResult
 from vitprune.graph.analysis import ViTGraph
 from vitprune.errors import PassError
 from vitprune.ops.modules import TokenDrop
+from vitprune.passes.token_restore import check_restore_rule
 from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass
 from vitprune.ops.token_ops import SELECTIONS, keep_count_for_rate
 
 
 @register_pass
 class TokenDropPass(VitPass):
-    """Parameters: ``keep_rate`` in (0, 1], ``selection`` (``random`` | ``magnitude`` | ``distinct``), ``at_inference``."""
+    """Parameters: ``keep_rate`` in (0, 1], ``selection`` (``random`` | ``magnitude`` | ``distinct``), ``at_inference``,
+    ``restore`` (how a dense reader gets a dropped token back: ``last`` | ``nearest``,
+    :func:`~vitprune.ops.token_ops.restore_tokens`)."""
 
     name = "token-drop"
     needs = ("readers_restorable", "token_indexed_gatherable", "no_token_ops")
     restores_tokens = True
 
-    def __init__(self, keep_rate: float = 0.5, selection: str = "random", at_inference: bool = False) -> None:
+    def __init__(self, keep_rate: float = 0.5, selection: str = "random", at_inference: bool = False,
+                 restore: str = "last") -> None:
         if not 0.0 < float(keep_rate) <= 1.0:
             raise PassError(f"keep rate must be in (0, 1], got {keep_rate}")
         if selection not in SELECTIONS:
             raise PassError(f"unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
-        super().__init__(keep_rate=float(keep_rate), selection=selection, at_inference=bool(at_inference))
+        super().__init__(keep_rate=float(keep_rate), selection=selection, at_inference=bool(at_inference),
+                         restore=check_restore_rule(restore))
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         return PassResult(graph_module, self.rewrite(graph_module, self.analysis))

@@ -127,9 +127,10 @@ def track_positions(gm: fx.GraphModule, vit: ViTGraph, canvas: bool) -> Position
     return PositionChain(order, points, unmerge=all(merges))
 
 
-def follow_kept_tokens(gm: fx.GraphModule, vit: ViTGraph) -> dict | None:
-    """After a pass dropped tokens: restore them before dense readers and gather the token-indexed tensors
-    (``vit``: the analysis of the graph before the pass). Returns what was inserted (for the report), or None."""
+def follow_kept_tokens(gm: fx.GraphModule, vit: ViTGraph, restore: str = "last") -> dict | None:
+    """After a pass dropped tokens: restore them before dense readers (by the ``restore`` rule,
+    :func:`~vitprune.passes.token_restore.insert_token_restore`) and gather the token-indexed tensors (``vit``: the
+    analysis of the graph before the pass). Returns what was inserted (for the report), or None."""
     from vitprune.passes.token_indexed import gather_token_indexed, gathered_uses
     from vitprune.passes.token_restore import insert_token_restore, restore_points
 
@@ -142,7 +143,7 @@ def follow_kept_tokens(gm: fx.GraphModule, vit: ViTGraph) -> dict | None:
         return None
     done = {}
     if end is not None or readers:
-        done["token_restore"] = insert_token_restore(gm, vit, chain)
+        done["token_restore"] = insert_token_restore(gm, vit, chain, restore)
     if uses:
         done["token_indexed"] = gather_token_indexed(gm, vit, chain)
     gm.graph.lint()

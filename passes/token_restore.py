@@ -10,10 +10,12 @@ otherwise change:
 - **other readers outside the blocks** (an intermediate block's tokens read by a DPT-style head, a second
   output): each reads its own restored copy of the stream it read.
 
-Dropped tokens come back with the features they had when they were dropped (they stopped being updated:
-DynamicViT's and "Expediting Large-Scale ViTs for Dense Prediction"'s choice, arXiv 2210.01035 §3.2):
-a :class:`~vitprune.ops.modules.TokenRestore` before the reader scatters the live tokens into the canvas of
-last features. After token merging, each grid position takes instead the features of the merged token
+Dropped tokens come back by the pass's ``restore`` rule (:data:`~vitprune.ops.token_ops.RESTORE_RULES`):
+``"last"``, the features they had when they were dropped (they stopped being updated: DynamicViT's and
+"Expediting Large-Scale ViTs for Dense Prediction"'s choice, arXiv 2210.01035 §3.2), or ``"nearest"``, the
+current features of the kept token most similar to them at the first pruning point (cosine; the most
+similar token propagated through the later blocks). A :class:`~vitprune.ops.modules.TokenRestore` before the
+reader scatters the live tokens into the canvas of last features (or of nearest kept tokens). After token merging, each grid position takes instead the features of the merged token
 that holds it (:class:`~vitprune.ops.modules.TokenUnmerge`: ToMe's unmerge). Every shape is static (``P``
 is fixed); with every token kept, a reader sees exactly what it saw before.
 """
@@ -25,6 +27,7 @@ from torch import fx
 from vitprune.errors import PassError
 from vitprune.graph.analysis import ViTGraph
 from vitprune.ops.modules import TokenRestore, TokenUnmerge
+from vitprune.ops.token_ops import RESTORE_RULES
 from vitprune.passes.base import node_named, readout_is_position_free
 from vitprune.passes.token_positions import PositionChain, call_leaf
 
@@ -37,20 +40,37 @@ def restore_points(vit: ViTGraph) -> tuple[str | None, list[dict]]:
     return end, [r for r in vit.stream_readers if r["restorable"]]
 
 
-def insert_token_restore(gm: fx.GraphModule, vit: ViTGraph, chain: PositionChain) -> dict:
-    """Restore every token before the readers :func:`restore_points` finds (node names of ``vit``); ``chain``
-    from :func:`~vitprune.passes.token_positions.track_positions` with a canvas. Returns what was inserted.
+def check_restore_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`~vitprune.ops.token_ops.RESTORE_RULES`.
 
     Raises:
-        PassError: no pruning point before the readout (nothing to restore from).
+        PassError: any other rule.
+    """
+    if rule not in RESTORE_RULES:
+        raise PassError(f"unknown restore rule {rule!r}; expected one of {', '.join(RESTORE_RULES)}")
+    return rule
+
+
+def insert_token_restore(gm: fx.GraphModule, vit: ViTGraph, chain: PositionChain, rule: str = "last") -> dict:
+    """Restore every token before the readers :func:`restore_points` finds (node names of ``vit``); ``chain``
+    from :func:`~vitprune.passes.token_positions.track_positions` with a canvas; ``rule``: how a dropped token
+    comes back (:func:`~vitprune.ops.token_ops.restore_tokens`; token merging always unmerges). Returns what
+    was inserted.
+
+    Raises:
+        PassError: no pruning point before the readout (nothing to restore from), or an unknown ``rule``.
     """
     end, readers = restore_points(vit)
+    check_restore_rule(rule)
+    # "nearest" compares every patch at the first pruning point, where all of them are alive: the first canvas
+    reference = (chain.points[0][1],) if rule == "nearest" and not chain.unmerge else ()
 
     def restore(value: fx.Node, state, where) -> fx.Node:
         with where:
             if chain.unmerge:  # state: (holders, positions)
                 return call_leaf(gm, "token_unmerge", TokenUnmerge(vit.num_prefix_tokens), (value, state[0]))
-            return call_leaf(gm, "token_restore", TokenRestore(vit.num_prefix_tokens, vit.num_patches), (value, *state))
+            module = TokenRestore(vit.num_prefix_tokens, vit.num_patches, rule)
+            return call_leaf(gm, "token_restore", module, (value, *state, *reference))
 
     restored = []
     outputs = chain.token_outputs()
@@ -71,4 +91,5 @@ def insert_token_restore(gm: fx.GraphModule, vit: ViTGraph, chain: PositionChain
         new = restore(stream, state, gm.graph.inserting_after(stream))
         stream.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
         restored.append("readout")
-    return {"restored_before": restored, "pruning_points": len(chain.points)}
+    return {"restored_before": restored, "pruning_points": len(chain.points),
+            "restore": "unmerge" if chain.unmerge else rule}

@@ -276,3 +276,67 @@ def test_a_head_reading_a_blocks_own_norm_is_refused_in_onnx(tmp_path):
                                         r"residual stream\).*put back only on the residual stream") as info:
         rewrite_onnx(path, "importance-mask", keep={1: 0.6, 3: 0.5})
     assert "\n" not in str(info.value)
+
+
+# --- restore rules: "nearest" (a dropped token takes its most similar kept token's final features) -----------
+
+@pytest.mark.parametrize("method", ["token-drop", "importance-mask", "lifespan-gather"])
+def test_the_nearest_restore_is_exact_with_every_token_kept(method):
+    x = torch.randn(2, 3, 32, 32)
+    model = Segmenter().eval()
+    rewritten, report = vitprune.rewrite(model, method, example_input=x, restore="nearest", **METHODS[method])
+    assert report.keep_all_nodes_compared > 50 and report.keep_all_worst_node_diff <= 1e-6
+    assert report.keep_all_max_abs_diff <= 1e-6
+    assert report.decisions["token_restore"]["restore"] == "nearest"
+    assert [m.rule for m in rewritten.modules() if isinstance(m, TokenRestore)] == ["nearest"]
+
+
+def test_nearest_gives_a_dropped_token_the_final_features_of_its_most_similar_kept_token():
+    """token-drop before block 0: each dropped patch comes out as the final features (before the final norm) of
+    the kept patch with the highest cosine similarity to it at the drop point, found here image by image."""
+    x = torch.randn(2, 3, 32, 32)
+    model = Features().eval()
+    params = METHODS["token-drop"]
+    rewritten, _ = vitprune.rewrite(model, "token-drop", example_input=x, restore="nearest", **params)
+    stream, _ = _by_hand(model, rewritten, x)  # kept patches: their final features (and the record of which)
+    (drop,) = [m for m in rewritten.modules() if isinstance(m, TokenModule)]
+    v = model.vit
+    with torch.no_grad():
+        at_drop = v.norm_pre(v._pos_embed(v.patch_embed(x)))[:, 1:]  # [B, 64, C]
+        expected = stream.clone()
+        for b in range(x.shape[0]):
+            kept = drop.last_kept[b].tolist()
+            for p in sorted(set(range(64)) - set(kept)):
+                cos = [float(F.cosine_similarity(at_drop[b, p], at_drop[b, q], dim=0)) for q in kept]
+                expected[b, 1 + p] = stream[b, 1 + kept[cos.index(max(cos))]]
+        out = rewritten(x)
+        last, _ = vitprune.rewrite(model, "token-drop", example_input=x, **params)
+        assert torch.allclose(out, v.norm(expected), atol=1e-5)
+        assert not torch.allclose(out, last(x), atol=1e-3)  # not the "last features" rule
+
+
+def test_a_nearest_rewrite_exports_to_onnx_and_the_onnx_frontend_lowers_it_the_same(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from vitprune.rewrite_onnx import rewrite_onnx
+
+    x, x5 = torch.randn(2, 3, 32, 32), torch.randn(5, 3, 32, 32)
+    model = _distinct_norms(Segmenter().eval())
+    params = dict(keep={1: 0.5, 3: 0.5}, restore="nearest")
+    rewritten, _ = vitprune.rewrite(model, "importance-mask", example_input=x, **params)
+    exported, original = tmp_path / "rewritten.onnx", tmp_path / "seg.onnx"
+    vitprune.export_onnx(rewritten, exported, example_input=x)
+    vitprune.export_onnx(model, original, example_input=x)
+    lowered, report = rewrite_onnx(original, "importance-mask", **params)
+    assert report.keep_all_worst_node_diff <= 1e-5
+    with torch.no_grad():
+        want = rewritten(x5).numpy()
+    for proto in (str(exported), lowered.SerializeToString()):
+        session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x5.numpy()})[0]
+        assert abs(got - want).max() <= 1e-4
+
+
+def test_an_unknown_restore_rule_is_refused():
+    with pytest.raises(PassError, match="unknown restore rule 'mean'; expected one of last, nearest"):
+        vitprune.rewrite(Segmenter().eval(), "token-drop", example_input=torch.randn(2, 3, 32, 32), keep_rate=0.5,
+                         restore="mean")

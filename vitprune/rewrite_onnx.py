@@ -274,7 +274,7 @@ def rewrite_onnx(
         try:
             pass_.lower_onnx(ctx)
             if end is not None or readers:
-                ctx.restore_tokens(end, readers)
+                ctx.restore_tokens(end, readers, pass_.params.get("restore", "last"))
         except VitpruneError as exc:
             raise PassError(f"pass {method!r} refused: {exc}") from exc
         built[keep_all] = (_checked(ctx.finish()), ctx)

@@ -148,13 +148,14 @@ class OnnxLowering:
         self.kept.append((self._site, x, count - self.vit.num_prefix_tokens))
         return prefix_slice(b, x, count)
 
-    def restore_tokens(self, end: str | None, readers: list[dict[str, Any]]) -> None:
+    def restore_tokens(self, end: str | None, readers: list[dict[str, Any]], rule: str = "last") -> None:
         """Every token back in place for the readers that need them: the ONNX form of
         :mod:`vitprune.passes.token_restore`. ``end``: the last residual add, restored for a dense readout;
         ``readers``: the analysis's restorable stream readers (an intermediate layer read by a DPT-style head),
         each given its own restored copy of the stream it reads. A canvas of every patch's last features is
         written at each token op before the reader (``ScatterElements`` without reduction) and the live patches
-        are scattered into it.
+        are scattered into it (``rule`` ``"nearest"``: the canvas holds instead each patch's most similar kept
+        patch, by the patches at the first token op, :func:`~vitprune.ops.onnx_ops.nearest_fill`).
 
         Raises:
             PassError: no token op before the readout.
@@ -170,26 +171,28 @@ class OnnxLowering:
                 continue  # nothing dropped before it: it reads every token already
             node = self.tensor(r["node"]).inputs[0]
             current = self.moved.get(source, self.tensor(source))
-            restored = self._restored(self.builder("token_restore"), before, current)
+            restored = self._restored(self.builder("token_restore"), before, current, rule)
             for i, t in enumerate(node.inputs):
                 if t is current:
                     node.inputs[i] = restored
             self.restored.append(r["node"])
         if end is not None:
             b = self.builder("token_restore")
-            self.insert_on_stream(end, self.vit.num_tokens, lambda x: self._restored(b, self.kept, x))
+            self.insert_on_stream(end, self.vit.num_tokens, lambda x: self._restored(b, self.kept, x, rule))
 
-    def _restored(self, b: Builder, points: list[tuple[str, gs.Tensor, Any]], x: gs.Tensor) -> gs.Variable:
+    def _restored(self, b: Builder, points: list[tuple[str, gs.Tensor, Any]], x: gs.Tensor, rule: str = "last"
+                  ) -> gs.Variable:
         """``x`` ``[B, prefix + K, C]`` after the token ops ``points`` with every patch back in grid order."""
         from vitprune.ops import onnx_ops
 
         prefix = self.vit.num_prefix_tokens
-        canvas = positions = None
+        canvas = positions = reference = None
         for _, stream, kept in points:
             patches = b.slice(stream, prefix, None, axis=1) if prefix else stream
             canvas = patches if canvas is None else onnx_ops.scatter_patches(b, canvas, positions, patches)
+            reference = patches if reference is None else reference  # every patch, at the first token op
             positions = onnx_ops.compose_positions(b, stream, positions, kept)
-        return onnx_ops.restore_tokens(b, x, prefix, canvas, positions)
+        return onnx_ops.restore_tokens(b, x, prefix, canvas, positions, rule, reference)
 
     def _unfuse_skip_layer_norm(self, stream: gs.Tensor) -> None:
         """A cut at ONNX Runtime's ``SkipLayerNormalization`` residual sum (output 3): the fused op also

@@ -632,15 +632,23 @@ class TokenRestore(nn.Module):
     (a dense head's grid reshape, a token-sequence output, an intermediate layer read by a DPT-style head):
     :func:`token_ops.restore_tokens`. Static shapes: ``P`` is the model's patch count.
 
-    Shapes: ``x [B, prefix + K, C]``, ``canvas [B, P, C]``, ``positions [B, K]`` -> ``[B, prefix + P, C]``.
+    ``rule`` (:data:`token_ops.RESTORE_RULES`): what a dropped token comes back with, its last features
+    (``"last"``) or its most similar kept token's current ones (``"nearest"``, which reads ``reference``: every
+    patch at the first pruning point, the first canvas).
+
+    Shapes: ``x [B, prefix + K, C]``, ``canvas [B, P, C]``, ``positions [B, K]``, ``reference [B, P, C]`` or
+    ``None`` -> ``[B, prefix + P, C]``.
     """
 
-    def __init__(self, num_prefix_tokens: int, num_patches: int) -> None:
+    def __init__(self, num_prefix_tokens: int, num_patches: int, rule: str = "last") -> None:
         super().__init__()
-        self.num_prefix_tokens, self.num_patches = int(num_prefix_tokens), int(num_patches)
+        if rule not in token_ops.RESTORE_RULES:
+            raise ValueError(f"unknown restore rule {rule!r}; expected one of {', '.join(token_ops.RESTORE_RULES)}")
+        self.num_prefix_tokens, self.num_patches, self.rule = int(num_prefix_tokens), int(num_patches), rule
 
     def config(self) -> dict[str, Any]:
-        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches}
+        return {"num_prefix_tokens": self.num_prefix_tokens, "num_patches": self.num_patches, "rule": self.rule}
 
-    def forward(self, x: torch.Tensor, canvas: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return token_ops.restore_tokens(x, self.num_prefix_tokens, canvas, positions)
+    def forward(self, x: torch.Tensor, canvas: torch.Tensor, positions: torch.Tensor,
+                reference: torch.Tensor | None = None) -> torch.Tensor:
+        return token_ops.restore_tokens(x, self.num_prefix_tokens, canvas, positions, self.rule, reference)

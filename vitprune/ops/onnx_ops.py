@@ -221,11 +221,28 @@ def scatter_patches(b: Builder, canvas: gs.Tensor, positions: gs.Tensor, patches
     return b.op("ScatterElements", [canvas, index, patches], {"axis": 1})
 
 
-def restore_tokens(b: Builder, x: gs.Tensor, num_prefix_tokens: int, canvas: gs.Tensor, positions: gs.Tensor
-                   ) -> gs.Variable:
+def nearest_fill(b: Builder, reference: gs.Tensor, positions: gs.Tensor, patches: gs.Tensor) -> gs.Variable:
+    """``[B, P, C]``: every grid position takes the kept patch (of ``patches [B, K, C]``, at ``positions [B, K]``)
+    most similar (cosine) to it in ``reference [B, P, C]`` (:func:`vitprune.ops.token_ops.nearest_kept`:
+    ``F.normalize``'s eps, ``ArgMax`` taking the first maximum as ``torch.argmax`` does)."""
+    norm = b.op("Max", [b.reduce("ReduceL2", reference, [2], keepdims=True), b.scalar(1e-12)])
+    unit = b.op("Div", [reference, norm])
+    index = b.op("Expand", [b.unsqueeze(positions, -1), b.op("Shape", [patches])])
+    kept = b.op("GatherElements", [unit, index], {"axis": 1})  # [B, K, C]
+    sim = b.op("MatMul", [unit, b.op("Transpose", [kept], {"perm": [0, 2, 1]})])  # [B, P, K]
+    nearest = b.op("ArgMax", [sim], {"axis": 2, "keepdims": 0, "select_last_index": 0})  # [B, P]
+    return b.op("GatherElements", [patches, b.op("Expand", [b.unsqueeze(nearest, -1), b.op("Shape", [reference])])],
+                {"axis": 1})
+
+
+def restore_tokens(b: Builder, x: gs.Tensor, num_prefix_tokens: int, canvas: gs.Tensor, positions: gs.Tensor,
+                   rule: str = "last", reference: gs.Tensor | None = None) -> gs.Variable:
     """Every token back in its grid position ``[B, prefix + P, C]``: ``x``'s live patches at ``positions``, the
-    dropped ones' last features from ``canvas`` (:func:`vitprune.ops.token_ops.restore_tokens`)."""
+    dropped ones by ``rule`` (:func:`vitprune.ops.token_ops.restore_tokens`): their last features from ``canvas``
+    (``"last"``) or their nearest kept patch in ``reference`` (``"nearest"``, :func:`nearest_fill`)."""
     patches = b.slice(x, num_prefix_tokens, None, axis=1) if num_prefix_tokens else x
+    if rule == "nearest":
+        canvas = nearest_fill(b, reference, positions, patches)
     restored = scatter_patches(b, canvas, positions, patches)
     if not num_prefix_tokens:
         return restored

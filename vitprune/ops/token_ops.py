@@ -373,20 +373,63 @@ def update_canvas(x: torch.Tensor, num_prefix_tokens: int, positions: torch.Tens
     return canvas.scatter(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]), patches), positions
 
 
-def restore_tokens(x: torch.Tensor, num_prefix_tokens: int, canvas: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Every token back in its grid position: the kept tokens' current features, the dropped ones' last.
+#: How a dropped token comes back for a dense reader (:func:`restore_tokens`).
+RESTORE_RULES = ("last", "nearest")
+
+
+def nearest_kept(reference: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """For every grid position, the kept token most similar to it: ``[B, P]`` indices into the ``K`` kept tokens.
+
+    Args:
+        reference: ``[B, P, C]`` every patch's features at the first pruning point (all of them alive there).
+        positions: ``[B, K]`` grid positions of the kept patch tokens.
+
+    Returns:
+        ``[B, P]``: ``argmax_k cos(reference[p], reference[positions[k]])``, the first such ``k`` on a tie
+        (``torch.argmax`` and ONNX ``ArgMax`` agree). Static shapes: one ``[B, P, K]`` similarity matrix
+        (``2·P·K·C`` FLOPs, counted by the FLOP counter as any matmul), no host sync.
+    """
+    unit = torch.nn.functional.normalize(reference, dim=-1)
+    kept = unit.gather(1, positions.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))  # [B, K, C]
+    return (unit @ kept.transpose(1, 2)).argmax(dim=-1)
+
+
+def restore_tokens(x: torch.Tensor, num_prefix_tokens: int, canvas: torch.Tensor, positions: torch.Tensor,
+                   rule: str = "last", reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Every token back in its grid position: the kept tokens' current features, the dropped ones' by ``rule``.
+
+    Rules (:data:`RESTORE_RULES`):
+
+    - ``"last"``: a dropped token's features when it was dropped (``canvas``; DynamicViT's and arXiv 2210.01035
+      §3.2's "stops being updated");
+    - ``"nearest"``: the *current* features of the kept token most similar to it at the first pruning point
+      (:func:`nearest_kept`), i.e. the most similar token's features propagated through the later blocks, so a
+      dropped token looks like the tokens the head was trained on (issue 27).
 
     Args:
         x: ``[B, prefix + K, C]`` stream after pruning (its patch tokens at grid ``positions``).
         canvas: ``[B, P, C]`` from :func:`update_canvas` (the last pruning point before ``x``).
         positions: ``[B, K]`` grid positions of ``x``'s patch tokens.
+        rule: ``"last"`` or ``"nearest"``.
+        reference: ``[B, P, C]`` every patch at the first pruning point (the first canvas); needed by ``"nearest"``.
 
     Returns:
         ``[B, prefix + P, C]``: prefix tokens, then the ``P`` patch tokens in grid order. With every token kept
-        (``positions`` a permutation of ``arange(P)``), the stream itself in grid order.
+        (``positions`` a permutation of ``arange(P)``), the stream itself in grid order, whatever the rule: the
+        kept tokens are written last, over every position.
+
+    Raises:
+        ValueError: an unknown ``rule``, or ``"nearest"`` without ``reference``.
     """
+    if rule not in RESTORE_RULES:
+        raise ValueError(f"unknown restore rule {rule!r}; expected one of {', '.join(RESTORE_RULES)}")
+    kept = x[:, num_prefix_tokens:]
+    if rule == "nearest":
+        if reference is None:
+            raise ValueError("restore rule 'nearest' needs the reference features of every patch")
+        canvas = gather_tokens(kept, nearest_kept(reference, positions))
     index = positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    patches = canvas.scatter(1, index, x[:, num_prefix_tokens:])
+    patches = canvas.scatter(1, index, kept)
     return torch.cat([x[:, :num_prefix_tokens], patches], dim=1)
 
 
