@@ -42,17 +42,17 @@ def write_results(out: Path, result: dict, markdown: str) -> None:
 
 
 def token_drop_keep_count(model: torch.nn.Module, target: float, example_input: torch.Tensor,
-                          ratios: dict[int, float] | None = None, selection: str = "random") -> int:
+                          ratios: dict[int, float] | None = None, selection: str = "random", **restore: Any) -> int:
     """Keep count ``k`` whose token-drop-at-inference FLOPs ratio (the rewrite report's, with ``selection``'s
-    own cost) is closest to ``target``: bisection over ``k`` in ``1..P``. ``ratios`` caches measured ratios by
-    ``k`` across calls (for one selection)."""
+    own cost and the ``restore`` rule's, e.g. ``restore="nearest"``) is closest to ``target``: bisection over
+    ``k`` in ``1..P``. ``ratios`` caches measured ratios by ``k`` across calls (for one selection and rule)."""
     ratios = {} if ratios is None else ratios
     num_patches = vitprune.inspect_model(model, example_input=example_input).num_patches
 
     def ratio(k: int) -> float:
         if k not in ratios:
             _, rep = vitprune.rewrite(model, "token-drop", example_input=example_input, keep_rate=k / num_patches,
-                                      at_inference=True, selection=selection)
+                                      at_inference=True, selection=selection, **restore)
             ratios[k] = rep.flops_ratio
         return ratios[k]
 

@@ -46,14 +46,15 @@ METHODS = ("token-drop-distinct", "token-drop-magnitude", "token-drop-random", "
            "lifespan-gather-mean-query", "token-merge")
 
 
-def rewrite(model, method: str, target: float, x: torch.Tensor, calibration: torch.Tensor):
-    """``(rewritten, report)`` of ``method`` at FLOPs ``target``."""
+def rewrite(model, method: str, target: float, x: torch.Tensor, calibration: torch.Tensor, **restore):
+    """``(rewritten, report)`` of ``method`` at FLOPs ``target``; ``restore`` (``restore="nearest"``): the restore
+    rule of the methods that drop tokens (token-merge always unmerges)."""
     if method.startswith("token-drop"):
         selection = method.rsplit("-", 1)[1]
-        k = token_drop_keep_count(model, target, x, selection=selection)
+        k = token_drop_keep_count(model, target, x, selection=selection, **restore)  # the rule's FLOPs counted
         num_patches = vitprune.inspect_model(model, example_input=x).num_patches
         return vitprune.rewrite(model, "token-drop", example_input=x, keep_rate=k / num_patches, at_inference=True,
-                                selection=selection)
+                                selection=selection, **restore)
     if method == "token-merge":
         return vitprune.rewrite(model, "token-merge", example_input=x, flops=target)
     score = {"score": "mean-query"} if method.endswith("-mean-query") else {}  # the pre-distinct default
@@ -61,8 +62,8 @@ def rewrite(model, method: str, target: float, x: torch.Tensor, calibration: tor
         mode = method.split("-")[2]
         extra = {"calibration": [calibration]} if mode == "static" else score
         return vitprune.rewrite(model, "importance-mask", example_input=x, flops=target, mode=mode, first_block=1,
-                                **extra)
-    return vitprune.rewrite(model, "lifespan-gather", example_input=x, flops=target, after_block=1, **score)
+                                **extra, **restore)
+    return vitprune.rewrite(model, "lifespan-gather", example_input=x, flops=target, after_block=1, **score, **restore)
 
 
 @torch.no_grad()
