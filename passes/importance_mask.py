@@ -130,7 +130,9 @@ class ImportanceMaskPass(VitPass):
     ``calibration_limit`` (images read from a folder, default 256), ``score`` (dynamic: ``auto`` or one of
     :data:`~vitprune.ops.token_ops.SCORES`, see :func:`~vitprune.ops.token_ops.patch_scores`), ``min_keep``
     (``flops``: the fewest patches a block may keep, default
-    :func:`~vitprune.graph.keep_counts.default_min_keep`)."""
+    :func:`~vitprune.graph.keep_counts.default_min_keep`), ``mean`` / ``std`` (per-channel normalisation of a
+    calibration folder's images, ``(pixel / 255 - mean) / std``; :func:`vitprune.rewrite` passes the model's
+    own, :mod:`vitprune.io.preprocess`; default 0.5 / 0.5)."""
 
     name = "importance-mask"
     needs = ("readers_restorable", "token_indexed_gatherable", "no_token_ops")
@@ -138,7 +140,7 @@ class ImportanceMaskPass(VitPass):
 
     def __init__(self, keep: Any = None, flops: float | None = None, mode: str = "dynamic", first_block: int = 3,
                  calibration: Any = None, calibration_limit: int = 256, score: str = "auto",
-                 min_keep: int | None = None) -> None:
+                 min_keep: int | None = None, mean: Any = None, std: Any = None) -> None:
         if (keep is None) == (flops is None):
             raise PassError("give exactly one of a keep schedule (--keep BLOCK:RATE,...) or a FLOPs target (--flops F)")
         if mode not in MODES:
@@ -155,7 +157,10 @@ class ImportanceMaskPass(VitPass):
                          calibration=None if calibration is None else
                          str(calibration) if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__")
                          else "<tensors>", calibration_limit=int(calibration_limit), score=str(score),
-                         min_keep=None if min_keep is None else int(min_keep))
+                         min_keep=None if min_keep is None else int(min_keep),
+                         # a calibration folder's normalisation (vitprune.rewrite resolves the model's own)
+                         **({"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+                            if mean is not None and std is not None else {}))
 
     @property
     def needs_visible_attention(self) -> bool:
@@ -271,7 +276,9 @@ class ImportanceMaskPass(VitPass):
         if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
             from vitprune.io.images import image_batches
 
-            return list(image_batches(data, tuple(vit.input_shape[1:]), limit=self.params["calibration_limit"]))
+            normalisation = {k: self.params[k] for k in ("mean", "std") if k in self.params}
+            return list(image_batches(data, tuple(vit.input_shape[1:]), limit=self.params["calibration_limit"],
+                                      **normalisation))
         try:
             return [x for x in data]
         except TypeError:
