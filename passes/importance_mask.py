@@ -29,6 +29,7 @@ from vitprune.errors import PassError, VitpruneError
 from vitprune.graph.flops import count_flops
 from vitprune.ops.modules import AttentionTopK, StaticTokenSelect
 from vitprune.frontends.fx import RecordValues
+from vitprune.io.images import is_path
 from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass, resolve_score, schedule_record
 from vitprune.graph.keep_counts import counts_from_rates, parse_keep, solve_for_flops
 from vitprune.ops.token_ops import STREAM_SCORES
@@ -155,7 +156,7 @@ class ImportanceMaskPass(VitPass):
         super().__init__(keep=parse_keep(keep) if keep is not None else None,
                          flops=float(flops) if flops is not None else None, mode=mode, first_block=int(first_block),
                          calibration=None if calibration is None else
-                         str(calibration) if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__")
+                         str(calibration) if is_path(calibration)
                          else "<tensors>", calibration_limit=int(calibration_limit), score=str(score),
                          min_keep=None if min_keep is None else int(min_keep),
                          # a calibration folder's normalisation (vitprune.rewrite resolves the model's own)
@@ -273,7 +274,7 @@ class ImportanceMaskPass(VitPass):
         data = self._calibration
         if isinstance(data, torch.Tensor):
             return [data]
-        if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        if is_path(data):
             from vitprune.io.images import image_batches
 
             normalisation = {k: self.params[k] for k in ("mean", "std") if k in self.params}

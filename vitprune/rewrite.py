@@ -17,7 +17,7 @@ from vitprune.frontends.export import is_exported
 from vitprune.io.origin import example_input as make_example_input
 from vitprune.io.origin import source_of
 from vitprune.passes import make_pass, run_passes
-from vitprune.io.images import DEFAULT_MEAN, DEFAULT_STD
+from vitprune.io.images import DEFAULT_MEAN, DEFAULT_STD, is_path
 from vitprune.io.preprocess import checked_normalisation, resolve_preprocessing
 from vitprune.io.preprocess import metadata as preprocessing_metadata
 from vitprune.verify import FlopsRatios, verify
@@ -95,7 +95,7 @@ def rewrite(
         checked_normalisation(DEFAULT_MEAN if mean is None else mean, DEFAULT_STD if std is None else std,
                               "rewrite's mean / std")
     preprocessing = resolve_preprocessing(model, mean, std, channels=example_input.shape[1])
-    if _is_folder(params.get("calibration")) and "mean" not in params:  # images normalised as the model expects
+    if is_path(params.get("calibration")) and "mean" not in params:  # images normalised as the model expects
         params = dict(params, mean=preprocessing.mean, std=preprocessing.std)
     pass_ = make_pass(method, **params)
     reference = capture(model, example_input, frontend)  # shares the model's weights: never modified
@@ -141,11 +141,6 @@ def rewrite(
         analysis=analyses[0].to_dict(),
     )
     return gm, report
-
-
-def _is_folder(value: Any) -> bool:
-    """Whether a calibration argument names a folder of images (a path), not tensors."""
-    return isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
 
 
 def _opaque_attention(gm: fx.GraphModule, example_input: torch.Tensor) -> bool:
