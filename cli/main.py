@@ -274,8 +274,9 @@ _METHOD_OPTIONS = {
               help="Capture with torch.fx symbolic trace, torch.export, or trace and export when tracing fails "
               "(or when the method needs the queries and keys an nn.MultiheadAttention module hides).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@normalisation_options
 def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, frontend, as_json, schedule,
-            **options) -> None:
+            mean, std, **options) -> None:
     """Rewrite MODEL with METHOD, verify it and save it to OUTPUT.
 
     MODEL is one of: timm:NAME (random init, sized with --model-arg KEY=VALUE), a weights file
@@ -314,6 +315,8 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
         raise click.BadParameter(f"must be in (0, 1], got {given['flops']}", param_hint="--flops")
     if output.exists() and not overwrite:
         raise VitpruneError(f"{output} exists; pass --overwrite to replace it")
+    mean, std = _floats3(mean, "--mean"), _floats3(std, "--std")
+    calibrated = given.get("calibration") is not None  # a folder of images the rewrite reads
     if is_onnx:
         from vitprune.rewrite_onnx import rewrite_onnx, save_onnx
 
@@ -321,9 +324,17 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
             raise click.BadParameter("per-image token counts need dynamic shapes; an ONNX rewrite keeps static counts",
                                      param_hint="--exact")
         given.pop("at_inference", None)  # an ONNX graph runs inference: token-drop is always active there
+        if (mean is not None or std is not None) and not calibrated:
+            raise click.UsageError("--mean/--std normalise calibration images (--calibration); an ONNX file "
+                                   "records no normalisation for them to change")
+        if calibrated:  # an ONNX file records no normalisation: the user's, else 0.5
+            from vitprune.io.images import DEFAULT_MEAN, DEFAULT_STD
+
+            given.update(mean=mean or DEFAULT_MEAN, std=std or DEFAULT_STD)
         rewritten, report = rewrite_onnx(model.proto, method, input_size=input_size, seed=seed, **given)
     else:
-        rewritten, report = do_rewrite(model, method, input_size=input_size, seed=seed, frontend=frontend, **given)
+        rewritten, report = do_rewrite(model, method, input_size=input_size, seed=seed, frontend=frontend,
+                                       mean=mean, std=std, **given)
     report.output = str(output)
     summary = report.to_dict()
     summary.pop("analysis")
@@ -335,6 +346,14 @@ def rewrite(model, source, inputs, input_size, method, output, overwrite, seed, 
         summary["model"] = source
         _emit_json(summary)
         return
+    if calibrated or mean is not None or std is not None:  # which normalisation the images got, from where
+        if is_onnx:
+            from vitprune.io.preprocess import Preprocessing
+
+            source = "--mean/--std" if mean is not None or std is not None else "default (an ONNX file records none)"
+            click.echo(f"preprocessing    {Preprocessing(given['mean'], given['std'], source).describe()}", err=True)
+        else:
+            say_preprocessing(model, mean, std, input_size)
     d = report.decisions
     if method == "token-drop":
         when = "in training and inference" if given.get("at_inference") or is_onnx else "in training"

@@ -29,6 +29,7 @@ from vitprune.errors import PassError, VitpruneError
 from vitprune.graph.flops import count_flops
 from vitprune.ops.modules import AttentionTopK, StaticTokenSelect
 from vitprune.frontends.fx import RecordValues
+from vitprune.io.images import is_path
 from vitprune.passes.token_restore import check_restore_rule
 from vitprune.passes.base import VitPass, insert_on_stream, node_named, register_pass, resolve_score, schedule_record
 from vitprune.graph.keep_counts import counts_from_rates, parse_keep, solve_for_flops
@@ -131,7 +132,9 @@ class ImportanceMaskPass(VitPass):
     ``calibration_limit`` (images read from a folder, default 256), ``score`` (dynamic: ``auto`` or one of
     :data:`~vitprune.ops.token_ops.SCORES`, see :func:`~vitprune.ops.token_ops.patch_scores`), ``min_keep``
     (``flops``: the fewest patches a block may keep, default
-    :func:`~vitprune.graph.keep_counts.default_min_keep`)."""
+    :func:`~vitprune.graph.keep_counts.default_min_keep`), ``mean`` / ``std`` (per-channel normalisation of a
+    calibration folder's images, ``(pixel / 255 - mean) / std``; :func:`vitprune.rewrite` passes the model's
+    own, :mod:`vitprune.io.preprocess`; default 0.5 / 0.5)."""
 
     name = "importance-mask"
     needs = ("readers_restorable", "token_indexed_gatherable", "no_token_ops")
@@ -139,7 +142,7 @@ class ImportanceMaskPass(VitPass):
 
     def __init__(self, keep: Any = None, flops: float | None = None, mode: str = "dynamic", first_block: int = 3,
                  calibration: Any = None, calibration_limit: int = 256, score: str = "auto",
-                 min_keep: int | None = None, restore: str = "last") -> None:
+                 min_keep: int | None = None, mean: Any = None, std: Any = None, restore: str = "last") -> None:
         if (keep is None) == (flops is None):
             raise PassError("give exactly one of a keep schedule (--keep BLOCK:RATE,...) or a FLOPs target (--flops F)")
         if mode not in MODES:
@@ -154,10 +157,13 @@ class ImportanceMaskPass(VitPass):
         super().__init__(keep=parse_keep(keep) if keep is not None else None,
                          flops=float(flops) if flops is not None else None, mode=mode, first_block=int(first_block),
                          calibration=None if calibration is None else
-                         str(calibration) if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__")
+                         str(calibration) if is_path(calibration)
                          else "<tensors>", calibration_limit=int(calibration_limit), score=str(score),
                          min_keep=None if min_keep is None else int(min_keep),
-                         restore=check_restore_rule(restore))
+                         restore=check_restore_rule(restore),
+                         # a calibration folder's normalisation (vitprune.rewrite resolves the model's own)
+                         **({"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+                            if mean is not None and std is not None else {}))
 
     @property
     def needs_visible_attention(self) -> bool:
@@ -270,10 +276,12 @@ class ImportanceMaskPass(VitPass):
         data = self._calibration
         if isinstance(data, torch.Tensor):
             return [data]
-        if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        if is_path(data):
             from vitprune.io.images import image_batches
 
-            return list(image_batches(data, tuple(vit.input_shape[1:]), limit=self.params["calibration_limit"]))
+            normalisation = {k: self.params[k] for k in ("mean", "std") if k in self.params}
+            return list(image_batches(data, tuple(vit.input_shape[1:]), limit=self.params["calibration_limit"],
+                                      **normalisation))
         try:
             return [x for x in data]
         except TypeError:

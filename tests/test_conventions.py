@@ -96,3 +96,54 @@ def test_every_json_output_names_its_schema_and_versions(cli_inprocess, tmp_path
                                    "-o", tmp_path / "td", "--json")
     assert code == 0, err
     assert json.loads(out)["schema"] == "vitprune.rewrite/1"
+
+
+def _deit_with_weights(root: Path) -> torch.nn.Module:
+    from vitprune.io.load import load_weights
+
+    model = vitprune.load(DEIT, model_args=DEIT_ARGS)
+    load_weights(model, root / "w.safetensors")
+    return model
+
+
+def test_static_calibration_reads_images_as_the_model_expects(imagenet_normalised_digits_model):
+    """importance-mask static scores calibration images normalised with the model's own mean / std (its timm
+    pretrained_cfg here), not 0.5: the index sets are those of the same images normalised by hand that way."""
+    from vitprune.io.images import image_batches
+
+    root = imagenet_normalised_digits_model
+    model = _deit_with_weights(root)
+    options = dict(keep={1: 0.25}, mode="static", calibration_limit=64)
+
+    def kept(calibration, **extra):
+        from vitprune.ops.modules import StaticTokenSelect
+
+        gm, report = vitprune.rewrite(model, "importance-mask", calibration=calibration, **options, **extra)
+        return report, [m.kept for m in gm.modules() if isinstance(m, StaticTokenSelect)]
+
+    report, from_folder = kept(root / "val")
+    batches = lambda **norm: list(image_batches(root / "val", (3, 32, 32), limit=64, **norm))  # noqa: E731
+    _, by_hand = kept(batches(mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    _, at_half = kept(batches())
+    assert report.params["mean"] == list(IMAGENET_MEAN) and report.params["std"] == list(IMAGENET_STD)
+    assert from_folder == by_hand and from_folder != at_half
+    _, given = kept(root / "val", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # --mean/--std override the model's
+    assert given == at_half
+
+
+def test_rewrite_records_the_normalisation_it_was_given(imagenet_normalised_digits_model, cli_inprocess, tmp_path):
+    root = imagenet_normalised_digits_model
+    flags = [DEIT, *DEIT_FLAGS, "--weights", root / "w.safetensors", "--method", "importance-mask", "--mode",
+             "static", "--keep", "1:0.5", "--calibration", root / "val"]
+    code, _, err = cli_inprocess("rewrite", *flags, "-o", tmp_path / "own")
+    assert code == 0, err
+    assert "preprocessing    mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225) from timm pretrained_cfg" in err
+    code, _, err = cli_inprocess("rewrite", *flags, "--mean", "0.4,0.4,0.4", "--std", "0.2,0.2,0.2",
+                                 "-o", tmp_path / "given")
+    assert code == 0, err
+    saved = vitprune.load(tmp_path / "given").meta["vitprune"]["preprocessing"]
+    assert saved == {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2], "source": "--mean/--std"}
+    assert vitprune.load(tmp_path / "own").meta["vitprune"]["preprocessing"]["mean"] == list(IMAGENET_MEAN)
+    code, out, err = cli_inprocess("rewrite", *flags, "--std", "0,1,1", "-o", tmp_path / "bad")
+    assert code != 0 and out == "" and err.startswith("vitprune: error:") and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
@@ -17,6 +17,8 @@ from vitprune.frontends.export import is_exported
 from vitprune.io.origin import example_input as make_example_input
 from vitprune.io.origin import source_of
 from vitprune.passes import make_pass, run_passes
+from vitprune.io.images import DEFAULT_MEAN, DEFAULT_STD, is_path
+from vitprune.io.preprocess import checked_normalisation, resolve_preprocessing
 from vitprune.io.preprocess import metadata as preprocessing_metadata
 from vitprune.verify import FlopsRatios, verify
 
@@ -51,6 +53,8 @@ def rewrite(
     tolerance: float = 1e-5,
     seed: int = 0,
     frontend: str = "auto",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     **params: Any,
 ) -> tuple[fx.GraphModule, RewriteReport]:
     """Rewrite a ViT so it spends compute on fewer tokens, and verify the result.
@@ -68,6 +72,10 @@ def rewrite(
         seed: seed for the random token selection during verification.
         frontend: ``"auto"`` (symbolic trace, ``torch.export`` when tracing fails), ``"fx"`` or ``"export"``
             (:func:`vitprune.frontends.capture.capture`).
+        mean, std: per-channel input normalisation ``(pixel / 255 - mean) / std``, overriding what the model
+            records (:func:`vitprune.io.preprocess.resolve_preprocessing`: a vitprune model's metadata, timm's
+            ``pretrained_cfg``, else 0.5); it normalises a calibration folder's images (importance-mask
+            static) and is recorded in the rewritten model's metadata, where eval and finetune read it.
         **params: the method's parameters (token-drop: ``keep_rate``, ``selection``, ``at_inference``).
 
     Returns:
@@ -83,6 +91,12 @@ def rewrite(
     require_one_image_input(model)  # before asking for an input size the model would not take
     if example_input is None:
         example_input = make_example_input(model, input_size, seed=seed)
+    if mean is not None or std is not None:  # a user's numbers: checked before any work
+        checked_normalisation(DEFAULT_MEAN if mean is None else mean, DEFAULT_STD if std is None else std,
+                              "rewrite's mean / std")
+    preprocessing = resolve_preprocessing(model, mean, std, channels=example_input.shape[1])
+    if is_path(params.get("calibration")) and "mean" not in params:  # images normalised as the model expects
+        params = dict(params, mean=preprocessing.mean, std=preprocessing.std)
     pass_ = make_pass(method, **params)
     reference = capture(model, example_input, frontend)  # shares the model's weights: never modified
     if frontend == "auto" and pass_.needs_visible_attention and _opaque_attention(reference, example_input):
@@ -101,7 +115,8 @@ def rewrite(
         "source": previous.get("source") or source_of(model),
         "input_shape": [1 if pass_.single_image else example_input.shape[0], *example_input.shape[1:]],
         "recipe": recipe,
-        "preprocessing": previous.get("preprocessing") or preprocessing_metadata(model),
+        "preprocessing": (preprocessing.to_dict() if mean is not None or std is not None
+                          else previous.get("preprocessing") or preprocessing_metadata(model)),
     }
     from vitprune.graph.keep_counts import prunable_share_of
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,12 @@ def open_image(path: str | os.PathLike, mode: str = "RGB"):
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VitpruneError(f"cannot read image {path}: {reason}") from exc
+
+
+def is_path(value: Any) -> bool:
+    """Whether ``value`` names a file or folder (``str``, ``bytes`` or ``os.PathLike``), not tensors: how a
+    calibration argument that is a folder of images is told from an iterable of ``[B, C, H, W]`` batches."""
+    return isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:

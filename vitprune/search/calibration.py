@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from vitprune.errors import SearchError, VitpruneError
+from vitprune.io.images import is_path
 
 _CALIBRATION_BATCH = 32  # images per scoring forward
 
@@ -23,7 +24,7 @@ def calibration_batches(calibration: Any, input_size: tuple[int, int, int], mean
     are more (the same ones for the same seed), as ``[<=32, C, H, W]`` batches."""
     from vitprune.io.images import image_files, load_image
 
-    if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__"):
+    if is_path(calibration):
         folder = os.fsdecode(calibration)
         try:
             files = image_files(folder)

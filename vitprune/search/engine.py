@@ -18,6 +18,7 @@ from vitprune.frontends.capture import capture
 from vitprune.graph.analysis import analyse
 from vitprune.graph.flops import count_flops
 from vitprune.passes import make_pass, run_passes
+from vitprune.io.images import is_path
 from vitprune.search import latency as lat
 from vitprune.search.calibration import calibration_batches, flat_outputs
 from vitprune.search.schedule import SearchResult, jsonable
@@ -102,7 +103,7 @@ class _Searcher:
         # ``device`` in ``dtype`` (:mod:`vitprune.device`), each on a moved copy
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.preprocessing = None
-        if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__"):
+        if is_path(calibration):
             prep = resolve_preprocessing(model, mean, std, channels=size[0])
             mean, std, self.preprocessing = prep.mean, prep.std, prep.to_dict()
         self.batches, self.calibration, self.images = calibration_batches(
