@@ -52,3 +52,15 @@ def test_the_standin_is_a_dense_cls_model_and_a_nearest_restore_rewrite_is_exact
                                  selection="distinct", restore="nearest")
     assert report.keep_all_worst_node_diff <= 1e-6 and report.keep_all_max_abs_diff <= 1e-6
     assert report.decisions["token_restore"]["restore"] == "nearest"
+
+
+def test_a_rewrite_of_the_standin_saves_without_pickle_and_loads_back_computing_the_same(standin, tmp_path):
+    """The fine-tune and every consumer reload a saved rewrite: the stand-in's bicubic position resample and
+    ConvTranspose decoder must be on the allowlist of the pickle-free format."""
+    x = torch.randn(3, 3, 64, 64)
+    rewritten, _ = vitprune.rewrite(standin, "token-drop", example_input=x[:2], keep_rate=0.5, at_inference=True,
+                                    selection="distinct")
+    path = vitprune.save(rewritten, tmp_path / "standin")
+    loaded = vitprune.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), rewritten(x), atol=0.0, rtol=0.0)

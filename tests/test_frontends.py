@@ -3,6 +3,9 @@ literals re-specialised, every method node-for-node exact on the aten graph."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -154,11 +157,15 @@ def test_aten_allowlist_is_what_export_produces():
     from vitprune.io import allowlist
     from vitprune.passes import make_pass, run_passes
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import dinov2_dense  # a dense HF DINOv2: bicubic position-embedding resample, ConvTranspose decoder
+
     found = set()
-    for make in [*(lambda n=n: _hf(n) for n in HF), _torchvision, _timm]:
-        gm = vitprune.capture(make(), X, "export")
+    for make, x in [*((lambda n=n: _hf(n), X) for n in HF), (_torchvision, X), (_timm, X),
+                    (dinov2_dense.build_model, torch.randn(2, 3, 64, 64))]:
+        gm = vitprune.capture(make(), x, "export")
         found |= {f"{n.target._overloadpacket.__name__}.{n.target._overloadname}" for n in gm.graph.nodes
                   if isinstance(n.target, torch._ops.OpOverload)}
-        rewritten, _ = run_passes(gm, [make_pass("importance-mask", keep={2: 0.5})], X)
+        rewritten, _ = run_passes(gm, [make_pass("importance-mask", keep={2: 0.5})], x)
         assert all(allowlist.function_names().get(n.target) for n in rewritten.graph.nodes if n.op == "call_function")
     assert found == set(allowlist.ATEN_OPS)

@@ -68,16 +68,19 @@ FUNCTIONS = frozenset({
 #: stored as ``torch.ops.aten.PACKET.OVERLOAD``. Enumerated over the export families the tests rewrite
 #: (Hugging Face ViT, DeiT with teacher, DINOv2 with and without head, CLIP vision, DINOv3 (its RoPE tables are
 #: computed in the graph: arange, meshgrid, cos/sin; queries split off the prefix tokens); torchvision's
-#: VisionTransformer; timm vit_small_patch16_224; every method); ``tests/test_frontends.py`` re-derives it.
+#: VisionTransformer; timm vit_small_patch16_224; the DINOv2 dense stand-in of ``examples/dinov2_dense.py``
+#: (its stored position embedding resampled by bicubic upsampling, a ConvTranspose decoder); every method);
+#: ``tests/test_frontends.py`` re-derives it.
 #: _assert_tensor_metadata only checks; dropout is random, not effectful; embedding is a lookup.
 ATEN_OPS = frozenset({
     "_assert_tensor_metadata.default", "add.Tensor", "arange.default", "arange.start", "cat.default",
-    "contiguous.default", "conv2d.default", "cos.default", "div.Tensor", "dropout.default", "embedding.default",
+    "contiguous.default", "conv2d.default", "conv_transpose2d.input", "cos.default", "div.Tensor", "dropout.default", "embedding.default",
     "expand.default", "flatten.using_ints", "ge.Scalar", "gelu.default", "layer_norm.default", "linear.default",
     "mean.dim", "meshgrid.indexing", "mul.Tensor", "neg.default", "permute.default", "reshape.default",
     "scaled_dot_product_attention.default", "select.int", "sigmoid.default", "sin.default", "slice.Tensor",
     "split_with_sizes.default", "squeeze.dim", "stack.default", "sub.Tensor", "sym_size.int", "tile.default",
-    "to.dtype", "transpose.int", "unbind.int", "unflatten.int", "unsqueeze.default", "view.default",
+    "to.dtype", "transpose.int", "unbind.int", "unflatten.int", "unsqueeze.default", "upsample_bicubic2d.vec",
+    "view.default",
 })
 
 #: torch.Tensor methods a ``call_method`` node may name (the receiver must be a node's value).
