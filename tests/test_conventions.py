@@ -106,29 +106,37 @@ def _deit_with_weights(root: Path) -> torch.nn.Module:
     return model
 
 
-def test_static_calibration_reads_images_as_the_model_expects(imagenet_normalised_digits_model):
+def test_static_calibration_reads_images_as_the_model_expects(imagenet_normalised_digits_model, monkeypatch):
     """importance-mask static scores calibration images normalised with the model's own mean / std (its timm
-    pretrained_cfg here), not 0.5: the index sets are those of the same images normalised by hand that way."""
+    pretrained_cfg here), not 0.5: its top-down significance scores (Patch Slimming §3.2) and index sets are
+    those of the same images normalised by hand that way, and the scores differ from 0.5's. (The index sets of
+    4 kept of 16 patches alone may coincide for both normalisations: they did on timm 1.0.20's fixture.)"""
     from vitprune.io.images import image_batches
+    from vitprune.ops.modules import StaticTokenSelect
+    from vitprune.passes import importance_mask
 
     root = imagenet_normalised_digits_model
     model = _deit_with_weights(root)
     options = dict(keep={1: 0.25}, mode="static", calibration_limit=64)
+    scores = []
+    original = importance_mask.significance
+    monkeypatch.setattr(importance_mask, "significance",
+                        lambda *a: scores.append(original(*a)) or scores[-1])  # the [N] score at every block
 
     def kept(calibration, **extra):
-        from vitprune.ops.modules import StaticTokenSelect
-
         gm, report = vitprune.rewrite(model, "importance-mask", calibration=calibration, **options, **extra)
-        return report, [m.kept for m in gm.modules() if isinstance(m, StaticTokenSelect)]
+        return report, [m.kept for m in gm.modules() if isinstance(m, StaticTokenSelect)], torch.stack(scores.pop())
 
-    report, from_folder = kept(root / "val")
+    report, from_folder, s_folder = kept(root / "val")
     batches = lambda **norm: list(image_batches(root / "val", (3, 32, 32), limit=64, **norm))  # noqa: E731
-    _, by_hand = kept(batches(mean=IMAGENET_MEAN, std=IMAGENET_STD))
-    _, at_half = kept(batches())
+    _, by_hand, s_hand = kept(batches(mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    _, _, s_half = kept(batches())
     assert report.params["mean"] == list(IMAGENET_MEAN) and report.params["std"] == list(IMAGENET_STD)
-    assert from_folder == by_hand and from_folder != at_half
-    _, given = kept(root / "val", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # --mean/--std override the model's
-    assert given == at_half
+    assert from_folder == by_hand
+    torch.testing.assert_close(s_folder, s_hand, atol=1e-6, rtol=1e-5)
+    assert (s_folder - s_half).abs().max() > 1e-3  # 0.5's normalisation scores the patches otherwise
+    _, _, s_given = kept(root / "val", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # --mean/--std override
+    torch.testing.assert_close(s_given, s_half, atol=1e-6, rtol=1e-5)
 
 
 def test_rewrite_records_the_normalisation_it_was_given(imagenet_normalised_digits_model, cli_inprocess, tmp_path):
