@@ -38,7 +38,8 @@ def imagenet_normalised_digits_model(tmp_path_factory):
     torch.manual_seed(0)
     model = vitprune.load(DEIT, model_args=DEIT_ARGS)
     assert tuple(model.pretrained_cfg["mean"]) == IMAGENET_MEAN
-    example.train(model, x, y_train, epochs=8, lr=2e-3)  # ~10 s idle; top-1 0.3-0.5: trained, not converged
+    # ~15 s idle; top-1 0.38 with timm 1.0.20 (8 epochs at 2e-3 gave 0.18 there): trained, not converged
+    example.train(model, x, y_train, epochs=12, lr=1e-3)
     save_file(model.state_dict(), root / "w.safetensors")
     return root
 

@@ -102,6 +102,9 @@ TORCH_MODULES = (
 
 # The only modules names are looked up in; timm's is imported here by this fixed name, never a name from a file.
 _HOMES = ("builtins", "operator", "torch", "torch._C._nn", "torch.nn.functional", "timm.layers.attention")
+# Homes whose names differ between admitted releases (timm 1.0.20 has no timm.layers.attention.maybe_add_mask):
+# a name the installed release lacks is left out, since no graph captured with that release can call it.
+_OPTIONAL_HOMES = ("timm.layers.attention",)
 
 
 @functools.cache
@@ -111,7 +114,15 @@ def functions() -> dict[str, Callable[..., Any]]:
     for name in sorted(FUNCTIONS):
         home, _, attr = name.rpartition(".")
         assert home in _HOMES, name  # a typo in FUNCTIONS, not user input
-        module = builtins if home == "builtins" else operator if home == "operator" else importlib.import_module(home)
+        if home in _OPTIONAL_HOMES:
+            try:
+                module = importlib.import_module(home)
+            except ImportError:  # an admitted timm release without this module: its graphs cannot call it
+                continue
+            if attr not in vars(module):
+                continue
+        else:
+            module = builtins if home == "builtins" else operator if home == "operator" else importlib.import_module(home)
         table[name] = vars(module)[attr]  # vars(): never a module __getattr__
     for name in sorted(ATEN_OPS):  # fixed strings from this file, never from a saved graph
         packet, _, overload = name.partition(".")

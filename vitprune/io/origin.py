@@ -52,6 +52,9 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
         if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(img_size):
             h, w = img_size
+            if not all(isinstance(v, int) and v > 0 for v in img_size):  # timm < 1.0.31 builds img_size=-5
+                shown = h if h == w else tuple(img_size)
+                raise VitpruneError(f"the model was built with img_size={shown}: every size must be a positive integer")
         proj = getattr(getattr(model, "patch_embed", None), "proj", None)
         if isinstance(proj, nn.Conv2d):
             c = proj.in_channels
