@@ -196,8 +196,18 @@ def export(model: torch.nn.Module, example: torch.Tensor, kind: str, path) -> Pa
             # constant folding, before the Python fusions), what a user running the optimizer gets.
             optimized = optimize_model(str(unfused), model_type="vit", num_heads=HEADS, hidden_size=WIDTH,
                                        opt_level=None)
-            optimized.save_model_to_file(str(path))
         unfused.unlink()
+        fused = sum(n.op_type == "Attention" and n.domain == "com.microsoft" for n in optimized.model.graph.node)
+        if isinstance(model, _LogitsOnly) and not fused:
+            import onnxruntime
+            import pytest
+
+            # measured: onnxruntime 1.30's fusion_attention.py matches Softmax <- Div <- MatMul only behind a mask
+            # Add (or Where); 1.32 also fuses the unmasked pattern a ViT has. A user of 1.30 gets no such file.
+            pytest.skip(f"onnxruntime {onnxruntime.__version__}'s optimizer fuses no attention in an unmasked "
+                        "Hugging Face ViT: there is no com.microsoft.Attention file to rewrite")
+        with _quiet():
+            optimized.save_model_to_file(str(path))
     else:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
     return path

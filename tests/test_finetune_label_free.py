@@ -151,12 +151,15 @@ def test_label_free_run_distils_a_token_drop_classifier(images, tmp_path):
 
     result = vitprune.finetune(model, images / "flat", tmp_path / "run", val=images / "val", labels=False,
                                epochs=2, batch_size=32, lr=1e-4, warmup_epochs=0.2)
-    first, last = result.history
+    first, last = result.history[0], result.history[-1]
     assert last["train_distill"] < first["train_distill"] and last["train_loss"] == last["train_distill"]
     assert first["train_ce"] is None and first["train_top1"] is None and first["train_images"] == 200
     after = sharded_agreement(result.model, teacher, keep_all, val, 32, 1.0)
     assert after["val_distill"] < before["val_distill"]
-    assert after["val_agreement"] >= before["val_agreement"] and after["val_cosine"] > before["val_cosine"]
+    # the KL falls on both stacks (torch 2.14: 0.061 -> 0.027; torch 2.11 / timm 1.0.20: 0.049 -> 0.031); top-1
+    # agreement with a random teacher is its argmax noise (0.87 -> 0.98; 0.67 -> 0.57): far above chance only
+    assert after["val_distill"] < 0.75 * before["val_distill"] and after["val_cosine"] > before["val_cosine"]
+    assert after["val_agreement"] > 0.5  # 10 classes: chance is 0.1
     assert last["val_images"] == 100 and last["val_agreement"] == after["val_agreement"]
     assert last["val_distill"] == pytest.approx(after["val_distill"], rel=1e-5)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -179,10 +182,11 @@ def test_label_free_run_distils_a_dense_model_and_resumes(images, tmp_path):
         out = result.model(x)
         after = distillation_loss_for(out, teacher(x), 1.0).item()
         agree = (out.argmax(1) == teacher(x).argmax(1)).float().mean().item()  # per pixel
-    assert list(out.shape) == [50, 5, 8, 8] and after < 0.1 * before and agree > agreed + 0.5
+    # two random models agree on ~0.4 (torch 2.14) to ~0.6 (torch 2.11, timm 1.0.20 init) of the pixels
+    assert list(out.shape) == [50, 5, 8, 8] and after < 0.1 * before and agree > max(agreed, 0.8)
     first, last = result.history
     assert last["train_distill"] < first["train_distill"] and last["val_distill"] < first["val_distill"]
-    assert last["val_agreement"] > agreed + 0.5 and 0 < last["val_cosine"] <= 1
+    assert last["val_agreement"] > max(agreed, 0.8) and 0 < last["val_cosine"] <= 1
     assert torch.equal(vitprune.load(tmp_path / "run" / "model")(x), out)  # saved and reloaded: the same model
 
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "epoch-0002")  # as if killed during epoch 2

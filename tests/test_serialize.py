@@ -279,6 +279,8 @@ def test_parameters_buffers_and_constants_keep_their_kind(tmp_path):
     root.sub.deep.frozen = nn.Parameter(torch.full((3,), 2.0), requires_grad=False)
     root.lin = nn.Linear(3, 4, bias=False)
     gm = fx.GraphModule(root, g)
+    # torch 2.11's GraphModule copies get_attr targets as persistent buffers (2.14 keeps the kind): state it
+    gm.sub.register_buffer("nb", gm.sub.nb, persistent=False)
     del gm.const
     gm.const = torch.arange(3.0)  # a plain attribute, not a buffer
     gm.sub.register_buffer("unused", torch.zeros(2, dtype=torch.int64))
@@ -329,6 +331,8 @@ def test_torch_nn_modules_rebuild_from_attributes(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(allowlist.FUNCTIONS))
 def test_function_names_resolve_to_the_same_object(name):
+    if name.startswith("timm.") and name not in allowlist.functions():  # an admitted timm release without it
+        pytest.skip(f"the installed timm {timm.__version__} has no {name}: no graph it captures can call it")
     fn = allowlist.functions()[name]
     assert callable(fn) and _function_name(fn) == name
     assert name.split(".")[0] in {"operator", "builtins", "torch", "timm"}
@@ -461,7 +465,7 @@ def _produced_targets() -> tuple[dict[str, set], set[str]]:
 
 def test_allowlist_covers_what_vitprune_produces():
     found, refused = _produced_targets()
-    listed = {"function": set(allowlist.FUNCTIONS), "method": set(allowlist.METHODS),
+    listed = {"function": {n for n in allowlist.FUNCTIONS if n in allowlist.functions()}, "method": set(allowlist.METHODS),
               "attribute": set(allowlist.ATTRIBUTES), "class": set(allowlist.module_classes())}
     for kind in found:
         assert found[kind] <= listed[kind], f"produced but not on the allowlist: {sorted(found[kind] - listed[kind])}"

@@ -102,7 +102,7 @@ TORCH_MODULES = (
 
 # The only modules names are looked up in; timm's is imported here by this fixed name, never a name from a file.
 _HOMES = ("builtins", "operator", "torch", "torch._C._nn", "torch.nn.functional", "timm.layers.attention")
-# Homes whose names differ between admitted releases (timm 1.0.20 has no timm.layers.attention.maybe_add_mask):
+# Homes whose names differ between admitted releases (timm 1.0.20 has no timm.layers.attention.resolve_self_attn_mask):
 # a name the installed release lacks is left out, since no graph captured with that release can call it.
 _OPTIONAL_HOMES = ("timm.layers.attention",)
 
