@@ -25,6 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _timm(name, **args):
     import timm
 
+    if not timm.is_model(name):  # an admitted older timm (1.0.20 has no gemma4)
+        pytest.skip(f"timm {timm.__version__} has no {name}")
     return timm.create_model(name, **args)
 
 

@@ -137,7 +137,9 @@ def hf_ws(tmp_path_factory) -> Path:
 
 HF_CASES = {
     "bert": "BertModel reads input_ids, not images",
-    "arch": "names the architectures ['__class__', 'os', 5]: none is a model class",
+    # transformers >= 5.25 loads the config and vitprune refuses the names; 5.17's config validation refuses
+    # the field itself ("Validation error for field 'architectures': ...")
+    "arch": "architectures",
     "mean_evil": "preprocessor_config.json: the normalisation mean is 'evil'",
     "std_zero": "the normalisation std is '[0.5, 0.0, 0.5]'",
     "mean_nested": "the normalisation mean is",

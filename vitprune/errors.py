@@ -42,5 +42,9 @@ class SearchError(VitpruneError):
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message (a library's error is often many lines), else its type's name:
     what a one-line ``vitprune: error: ...`` quotes of an error it turns into its own."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    # a heading ending in ':' (transformers 5.17: "Validation error for field 'architectures':") says nothing
+    # on its own: the line after it is the reason
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
