@@ -26,3 +26,13 @@ def test_bad_combination_writes_nothing(tmp_path):
     with pytest.raises(VitpruneError, match="do not combine"):
         vitprune.export_onnx(small_model("vit_cls"), tmp_path / "m.onnx", dtype="float16", quantize="dynamic")
     assert not list(tmp_path.iterdir())
+
+
+def test_int8_weights_and_a_failed_check_writes_nothing(tmp_path):
+    model = small_model("vit_cls")
+    report = vitprune.export_onnx(model, tmp_path / "q.onnx", quantize="dynamic")
+    assert any(i.data_type == TensorProto.INT8 for i in onnx.load(tmp_path / "q.onnx").graph.initializer)
+    assert report.agreement_inputs == "random" and report.relative_diff <= report.tolerance
+    with pytest.raises(VitpruneError, match="int8 export differs from PyTorch float32 by"):
+        vitprune.export_onnx(model, tmp_path / "r.onnx", quantize="dynamic", int8_tolerance=1e-6)
+    assert not (tmp_path / "r.onnx").exists()
