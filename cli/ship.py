@@ -16,24 +16,50 @@ from vitprune.cli.main import _check_output, _emit_json, _input_size, model_opti
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="ONNX opset (23 exports attention as one Attention op).")
-@click.option("--no-optimize", is_flag=True, help="Skip onnx-graphsurgeon constant folding and cleanup.")
+@click.option("--optimize", type=click.Choice(["none", "basic", "ort"]), default=None,
+              help="Graph optimisation: none; basic = onnx-graphsurgeon constant folding; ort = ONNX Runtime's "
+                   "transformer optimizer (SkipLayerNormalization, BiasGelu, ...) after folding.  [default: basic]")
+@click.option("--no-optimize", is_flag=True, hidden=True, help="The same as --optimize none.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Weights and compute; float16 keeps float32 inputs/outputs, checked to 1e-2 of the output's scale.")
+@click.option("--quantize", type=click.Choice(["none", "dynamic"]), default="none", show_default=True,
+              help="dynamic: int8 weights (ONNX Runtime's quantize_dynamic), checked by top-1 agreement.")
+@click.option("--check-images", type=click.Path(file_okay=False), metavar="FOLDER",
+              help="Real images on which an int8 export must agree with PyTorch's top-1 (>= 95%).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
-def export(model, source, inputs, input_size, output, opset, no_optimize, overwrite, as_json) -> None:
-    """Export MODEL to optimised ONNX (dynamic batch, static token counts), checked against ONNX Runtime."""
+def export(model, source, inputs, input_size, output, opset, optimize, no_optimize, dtype, quantize, check_images,
+           overwrite, as_json) -> None:
+    """Export MODEL to optimised ONNX (dynamic batch, static token counts), checked against PyTorch in ONNX Runtime."""
+    from vitprune.errors import VitpruneError
     from vitprune.ship.export_onnx import export_onnx
+    from vitprune.ship.onnx_optimize import check_options
     from vitprune.io.origin import example_input
 
+    if no_optimize and optimize not in (None, "none"):
+        raise VitpruneError(f"--no-optimize and --optimize {optimize} contradict each other; give one")
+    optimize = "none" if no_optimize else optimize or "basic"
+    check_options(optimize, dtype, quantize)  # before any work
     output = Path(output)
-    _check_output(output, inputs, overwrite)
+    _check_output(output, [*inputs, *([check_images] if check_images else [])], overwrite)
     report = export_onnx(model, output, example_input=example_input(model, input_size), opset=opset,
-                         optimize_graph=not no_optimize)
+                         optimize=optimize, dtype=dtype, quantize=quantize, check_images=check_images)
     if as_json:
         _emit_json({"model": source, **report.to_dict()})
         return
     parity = ", ".join(f"batch {b}: {'n/a (random selection)' if d is None else f'{d:.1e}'}" for b, d in report.parity.items())
-    click.echo(f"wrote {output} ({report.bytes / 2**20:.1f} MiB, opset {opset}, "
+    click.echo(f"wrote {output} ({report.bytes / 2**20:.1f} MiB, opset {opset}, optimize {optimize}, {dtype}"
+               f"{', int8 weights' if quantize == 'dynamic' else ''}, "
                f"{report.nodes_before_optimize} -> {report.nodes_after_optimize} nodes); ORT vs PyTorch max abs diff {parity}")
+    if report.relative_diff is not None:
+        click.echo(f"max abs diff / output scale {report.relative_diff:.2e} (tolerance {report.tolerance:g})")
+    if report.top1_agreement is not None:
+        on = "the check images" if report.agreement_inputs == "images" else "random inputs (give --check-images)"
+        click.echo(f"top-1 agreement with PyTorch float32 {report.top1_agreement:.1%} on {on}")
+    if report.fused_after is not None:
+        changed = [f"{op} {report.fused_before[op]} -> {n}" for op, n in report.fused_after.items()
+                   if n or report.fused_before[op]]
+        click.echo("ORT optimizer: " + ", ".join(changed))
 
 
 def _ints(value: str, name: str) -> tuple[int, ...]:
