@@ -11,9 +11,22 @@ from conftest import small_model
 from vitprune.errors import VitpruneError
 
 
+def _ort_version() -> tuple[int, int]:
+    import onnxruntime
+
+    return tuple(int(v) for v in onnxruntime.__version__.split(".")[:2])
+
+
 def test_float16_initializers_and_ort_fusion(tmp_path):
     model = small_model("vit_cls")
     rewritten, _ = vitprune.rewrite(model, "token-drop", keep_rate=0.5, at_inference=True, selection="magnitude")
+    if _ort_version() < (1, 32):
+        # measured on ORT 1.30 (torch 2.11): its symbolic shape inference asserts in _infer_Range on the batch
+        # arange (limit = Squeeze of a Shape slice), so --optimize ort is refused, nothing written
+        with pytest.raises(VitpruneError, match="symbolic shape inference fails.*--optimize basic"):
+            vitprune.export_onnx(rewritten, tmp_path / "m.onnx", optimize="ort", dtype="float16")
+        assert not list(tmp_path.iterdir())
+        pytest.skip("ONNX Runtime < 1.32 cannot infer the shapes of a token-drop export: --optimize ort refused")
     report = vitprune.export_onnx(rewritten, tmp_path / "m.onnx", optimize="ort", dtype="float16")
     assert report.relative_diff <= 1e-2 and report.fused_after["SkipLayerNormalization"] > 0
     assert report.fused_before["SkipLayerNormalization"] == 0
