@@ -211,7 +211,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example_input: tor
     except Exception as exc:
         raise VitpruneError(f"the exported ONNX graph fails onnx's checker: {str(exc).splitlines()[0]}") from exc
     # ORT's fused ops (com.microsoft) are outside onnx's checker: it has seen the standard graph above
-    proto, info = finish(proto, optimize=optimize, dtype=dtype, quantize=quantize, folded=True)
+    proto, info = finish(proto, optimize=optimize, dtype=dtype, quantize=quantize)
 
     data = proto.SerializeToString()
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

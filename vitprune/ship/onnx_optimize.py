@@ -1,8 +1,8 @@
 """Graph optimisation, float16 conversion and int8 dynamic quantisation of an exported ONNX graph.
 
-Each step maps a ``ModelProto`` to a new one; :func:`finish` chains them in the order that works
-(optimise in float32 -> convert / quantise), and :mod:`vitprune.ship.export_onnx` checks the result
-against PyTorch before anything is written.
+Each step maps a ``ModelProto`` to a new one. :mod:`vitprune.ship.export_onnx` folds, runs onnx's checker,
+then :func:`finish` (optimise in float32 -> convert / quantise), and checks the result against PyTorch
+before anything is written.
 
 - ``optimize="basic"``: onnx-graphsurgeon constant folding + dead-node cleanup + toposort.
 - ``optimize="ort"``: ``basic``, then ONNX Runtime's transformer optimizer
@@ -197,18 +197,16 @@ def check_options(optimize: str, dtype: str, quantize: str) -> None:
                             "takes a float32 graph); pick one")
 
 
-def finish(proto, optimize: str = "basic", dtype: str = "float32", quantize: str = "none", folded: bool = False):
-    """Optimise, then convert / quantise ``proto``; returns ``(ModelProto, info)`` where ``info`` holds
-    ``fused_before`` / ``fused_after`` (:data:`FUSION_OPS` counts) for ``optimize="ort"``.
-    ``folded``: ``proto`` is already constant-folded (``basic`` has nothing left to do).
+def finish(proto, optimize: str = "basic", dtype: str = "float32", quantize: str = "none"):
+    """ORT's optimizer (``optimize="ort"``), then float16 conversion / int8 quantisation of ``proto``, which
+    the caller has constant-folded already (:func:`fold_constants`: all that ``basic`` does) and checked
+    (:func:`check_options`); returns ``(ModelProto, info)`` where ``info`` holds ``fused_before`` /
+    ``fused_after`` (:data:`FUSION_OPS` counts) for ``optimize="ort"``.
 
     Raises:
-        VitpruneError: an unknown option or combination, or ORT cannot infer the graph's shapes.
+        VitpruneError: ORT cannot infer the graph's shapes.
     """
-    check_options(optimize, dtype, quantize)
     info: dict = {}
-    if optimize != "none" and not folded:
-        proto = fold_constants(proto)
     if optimize == "ort":
         proto, info["fused_before"], info["fused_after"] = ort_optimize(proto)
     if dtype == "float16":
